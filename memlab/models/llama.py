@@ -1,0 +1,299 @@
+"""Llama-family decoder in Flax Linen: RMSNorm, RoPE, GQA, SwiGLU, tied or untied
+embeddings, with the layers run under ``nn.scan`` (one compiled body, params
+stacked on a leading layer axis) so that per-layer remat, sharding and offload
+apply to every layer at once.
+
+Parameter paths (the names rules match against)::
+
+    embed/embedding                       [vocab, d_model]
+    layers/attn_norm/scale                [L, d_model]
+    layers/attn/{q,k,v,o}_proj/kernel     [L, in, out]
+    layers/mlp_norm/scale                 [L, d_model]
+    layers/mlp/{gate,up,down}_proj/kernel [L, in, out]
+    final_norm/scale                      [d_model]
+    lm_head/kernel                        [d_model, vocab]   (untied only)
+
+Named activations for remat policies (``jax.ad_checkpoint.checkpoint_name``):
+``qkv``, ``attn_out``, ``mlp_hidden``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Shape and numerics of a Llama-family decoder (the model's ``spec``)."""
+
+    name: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    max_seq_len: int = 4096
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; softmax and norms always run in float32
+
+    def __post_init__(self):
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"LlamaConfig.{f} must be a positive int, got {v!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(
+                f"LlamaConfig: n_heads={self.n_heads} must be a multiple of "
+                f"n_kv_heads={self.n_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
+        for f in ("param_dtype", "dtype"):
+            jnp.dtype(getattr(self, f))  # raises on an unknown dtype name
+
+    # -- exact counts used by the analytic memory estimate ------------------
+    def layer_param_count(self) -> int:
+        d, hd = self.d_model, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
+        return 2 * d + attn + 3 * d * self.d_ff
+
+    def param_count(self) -> int:
+        embed = self.vocab_size * self.d_model
+        head = 0 if self.tie_embeddings else self.d_model * self.vocab_size
+        return embed + head + self.d_model + self.n_layers * self.layer_param_count()
+
+    def param_shapes(self):
+        """The params pytree as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
+        module = Llama(self)
+        return jax.eval_shape(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32)),
+                              jax.random.key(0))["params"]
+
+    def kv_cache_bytes(self, batch: int, seq: int, dtype: Any = None) -> int:
+        itemsize = jnp.dtype(dtype or self.dtype).itemsize
+        return 2 * self.n_layers * batch * seq * self.n_kv_heads * self.head_dim * itemsize
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    @property
+    def group_size(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+class KVCache(NamedTuple):
+    """Dense KV cache: ``k, v: [layers, batch, max_len, kv_heads, head_dim]``;
+    ``lengths: [batch]`` tokens already written per row."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+    @classmethod
+    def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
+        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+        dt = jnp.dtype(dtype or config.dtype)
+        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+# ---------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary embedding, half-split layout.  x: [B, T, H, D], positions: [B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+def attention_reference(q, k, v, q_positions, kv_valid):
+    """Naive grouped-query causal attention.
+
+    q: [B, T, H, D]; k, v: [B, S, Hkv, D]; q_positions: [B, T] absolute positions;
+    kv_valid: [B, S] bool.  Key position s attends iff s <= q_position and valid.
+    """
+    b, t, h, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, h // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(d)
+    s_pos = jnp.arange(k.shape[1])
+    mask = (s_pos[None, None, :] <= q_positions[:, :, None]) & kv_valid[:, None, :]  # [B,T,S]
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, h, d).astype(q.dtype)
+
+
+def _write_rows(cache_layer, new, starts):
+    """Write new [B, T, Hkv, D] into cache_layer [B, S, Hkv, D] at per-row starts."""
+    def one(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
+    return jax.vmap(one)(cache_layer, new, starts)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, layer_kv, lengths):
+        c = self.config
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
+        b, t, _ = x.shape
+        q = dense(c.n_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.n_heads, c.head_dim)
+        k = dense(c.n_kv_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = dense(c.n_kv_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+        if layer_kv is None:
+            keys, values = k, v
+            valid = jnp.ones((b, t), bool)
+            new_kv = None
+        else:
+            keys = _write_rows(layer_kv[0], k, lengths)
+            values = _write_rows(layer_kv[1], v, lengths)
+            valid = jnp.arange(keys.shape[1])[None, :] < (lengths + t)[:, None]
+            new_kv = (keys, values)
+        out = attention_reference(q, keys.astype(q.dtype), values.astype(q.dtype), positions, valid)
+        out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
+        return dense(c.d_model, "o_proj")(out), new_kv
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = lambda n, name: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
+        h = nn.silu(dense(c.d_ff, "gate_proj")(x)) * dense(c.d_ff, "up_proj")(x)
+        h = checkpoint_name(h, "mlp_hidden")
+        return dense(c.d_model, "down_proj")(h)
+
+
+class Block(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, layer_kv, positions, lengths):
+        c = self.config
+        norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
+        h, new_kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, layer_kv, lengths)
+        x = x + h
+        x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
+        return x, new_kv
+
+
+REMAT_POLICIES = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy(name: Optional[str]):
+    """A JAX checkpoint policy by name; ``save:qkv,attn_out`` saves only those names."""
+    if name is None:
+        return None
+    if name.startswith("save:"):
+        names = [n for n in name[5:].split(",") if n]
+        return jax.checkpoint_policies.save_only_these_names(*names)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {name!r} is unknown; choose one of "
+                         f"{sorted(REMAT_POLICIES)} or 'save:<name>,<name>'")
+    return REMAT_POLICIES[name]
+
+
+class Llama(nn.Module):
+    """``apply(params, tokens[B, T], cache=None) -> logits`` or ``(logits, cache)``.
+
+    ``last_only=True`` returns logits for the last position only ([B, 1, V]).
+
+    With a cache, tokens are written at each row's ``cache.lengths`` and attend
+    over everything written so far; positions are ``lengths + arange(T)``.
+    ``remat``: None (no rematerialization) or a policy name (see ``remat_policy``).
+    """
+
+    config: LlamaConfig
+    remat: Optional[str] = None
+
+    @nn.compact
+    def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False):
+        c = self.config
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens must be an integer array [batch, seq]; got shape {tokens.shape} "
+                f"dtype {tokens.dtype}. Tokenize first (model.tokenizer.encode(text).ids).")
+        b, t = tokens.shape
+        if cache is not None:
+            if cache.k.shape[:2] != (c.n_layers, b):
+                raise ValueError(f"cache is for {cache.k.shape[:2]} (layers, batch) but the "
+                                 f"model has {c.n_layers} layers and tokens batch {b}")
+            if t > cache.max_len:
+                raise ValueError(f"{t} tokens do not fit a cache of max_len {cache.max_len}")
+            lengths = cache.lengths
+            layer_kv = (cache.k, cache.v)
+        else:
+            lengths = jnp.zeros((b,), jnp.int32)
+            layer_kv = None
+        positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+
+        embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
+                         param_dtype=c.weight_dtype, name="embed")
+        x = embed(tokens)
+        block = Block
+        if self.remat is not None:
+            block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
+        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers)
+        x, new_kv = layers(c, name="layers")(x, layer_kv, positions, lengths)
+        x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
+        if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
+            x = x[:, -1:]
+        if c.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
+                              param_dtype=c.weight_dtype, name="lm_head")(x)
+        logits = logits.astype(jnp.float32)
+        if cache is None:
+            return logits
+        return logits, KVCache(new_kv[0], new_kv[1], lengths + t)
