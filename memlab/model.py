@@ -66,6 +66,14 @@ class Model:
                 "(a pure function fn(params, *inputs)); got "
                 f"module={type(self.module).__name__}, fn={self.fn!r}.")
 
+    def __repr__(self) -> str:
+        from memlab.memory.bytes import fmt_bytes, tree_bytes
+        leaves = jax.tree_util.tree_leaves(self.params)
+        what = getattr(self.spec, "name", None) or type(self.module or self.fn).__name__
+        passes = ", ".join(p.name for p, _ in self.history) or "none"
+        return (f"Model({what}, {len(leaves)} param arrays, {fmt_bytes(tree_bytes(self.params))}"
+                f"{', abstract' if self.abstract else ''}, passes: {passes})")
+
     # -- the pure function ------------------------------------------------
     @property
     def apply(self) -> ApplyFn:

@@ -160,18 +160,22 @@ def attention_reference(q, k, v, q_positions, kv_valid):
     return out.reshape(b, t, h, d).astype(q.dtype)
 
 
-def _write_rows(cache_layer, new, starts):
-    """Write new [B, T, Hkv, D] into cache_layer [B, S, Hkv, D] at per-row starts."""
-    def one(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n.astype(c.dtype), (s, 0, 0))
-    return jax.vmap(one)(cache_layer, new, starts)
+def write_layer(cache_all, layer, new, positions):
+    """Scatter new [B, T, Hkv, D] into cache_all [L, B, S, Hkv, D] at (layer, b, positions[b, t]).
+
+    A scatter into the scan carry, so XLA updates the cache in place instead of
+    copying it per layer.
+    """
+    b, t = positions.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return cache_all.at[layer, rows, positions].set(new.astype(cache_all.dtype), mode="drop")
 
 
 class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, layer_kv, lengths):
+    def __call__(self, x, positions, kv, layer, lengths):
         c = self.config
         dense = lambda n, name: nn.Dense(  # noqa: E731
             n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
@@ -181,18 +185,16 @@ class Attention(nn.Module):
         v = dense(c.n_kv_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-        if layer_kv is None:
+        if kv is None:
             keys, values = k, v
             valid = jnp.ones((b, t), bool)
-            new_kv = None
         else:
-            keys = _write_rows(layer_kv[0], k, lengths)
-            values = _write_rows(layer_kv[1], v, lengths)
+            kv = (write_layer(kv[0], layer, k, positions), write_layer(kv[1], layer, v, positions))
+            keys, values = kv[0][layer], kv[1][layer]
             valid = jnp.arange(keys.shape[1])[None, :] < (lengths + t)[:, None]
-            new_kv = (keys, values)
         out = attention_reference(q, keys.astype(q.dtype), values.astype(q.dtype), positions, valid)
         out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
-        return dense(c.d_model, "o_proj")(out), new_kv
+        return dense(c.d_model, "o_proj")(out), kv
 
 
 class MLP(nn.Module):
@@ -212,13 +214,15 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, layer_kv, positions, lengths):
+    def __call__(self, carry, positions, lengths):
+        """carry = (hidden [B, T, D], (k, v) full caches or None, layer index)."""
+        x, kv, layer = carry
         c = self.config
         norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
-        h, new_kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, layer_kv, lengths)
+        h, kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, kv, layer, lengths)
         x = x + h
         x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
-        return x, new_kv
+        return (x, kv, layer + 1), None
 
 
 REMAT_POLICIES = {
@@ -270,10 +274,10 @@ class Llama(nn.Module):
             if t > cache.max_len:
                 raise ValueError(f"{t} tokens do not fit a cache of max_len {cache.max_len}")
             lengths = cache.lengths
-            layer_kv = (cache.k, cache.v)
+            kv = (cache.k, cache.v)
         else:
             lengths = jnp.zeros((b,), jnp.int32)
-            layer_kv = None
+            kv = None
         positions = lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
 
         embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
@@ -283,8 +287,8 @@ class Llama(nn.Module):
         if self.remat is not None:
             block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(0, nn.broadcast, nn.broadcast), length=c.n_layers)
-        x, new_kv = layers(c, name="layers")(x, layer_kv, positions, lengths)
+                         in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers)
+        (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths)
         x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
         if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
             x = x[:, -1:]
@@ -296,4 +300,4 @@ class Llama(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        return logits, KVCache(new_kv[0], new_kv[1], lengths + t)
+        return logits, KVCache(kv[0], kv[1], lengths + t)

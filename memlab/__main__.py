@@ -1,0 +1,160 @@
+"""memlab command line (absl flags).
+
+    python -m memlab profile --model=llama2-7b --task=train --batch=1 --seq=2048 --dtype=bfloat16
+    python -m memlab generate --model=smollm2-135m --prompt="The capital of France is"
+    python -m memlab perplexity --model=smollm2-135m --corpus=austen --split=test
+    python -m memlab demo          # the `make demo` job
+    python -m memlab fetch         # download the Austen corpus into ~/.cache/memlab
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app, flags
+
+COMMANDS = ("profile", "generate", "perplexity", "demo", "fetch")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "smollm2-135m", "Model name (see memlab.models.names()).")
+flags.DEFINE_enum("task", "train", ["train", "prefill", "decode"], "Step to profile.")
+flags.DEFINE_integer("batch", 1, "Batch size.")
+flags.DEFINE_integer("seq", 512, "Sequence length (train/prefill) or KV cache length (decode).")
+flags.DEFINE_string("dtype", None, "Weight and compute dtype (default: float32 for real "
+                    "models, bfloat16 for abstract ones).")
+flags.DEFINE_string("optimizer", "adamw", "Optimizer for task=train (state in float32).")
+flags.DEFINE_string("prompt", "The capital of France is", "Prompt for generate.")
+flags.DEFINE_integer("max_new_tokens", 24, "Tokens to generate.")
+flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_string("corpus", "austen", "Corpus: austen, pydoc, or a path to a text file.")
+flags.DEFINE_string("split", "test", "Corpus split for perplexity.")
+flags.DEFINE_integer("eval_seq", 512, "Window length for perplexity.")
+flags.DEFINE_integer("eval_windows", 16, "Number of windows for perplexity (0 = all).")
+flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
+
+
+def _environment() -> dict:
+    import jax
+    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
+            "jax": jax.__version__, "python": platform.python_version(),
+            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+
+
+def _write_json(result: dict, path: str | None) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=str)
+    print(f"wrote {path}")
+
+
+def _load(name: str, dtype: str | None):
+    import memlab as ml
+    if name in ml.models.REAL_WEIGHTS:
+        return ml.models.load(name, dtype=dtype or "float32")
+    return ml.models.load(name, dtype=dtype or "bfloat16")
+
+
+def cmd_profile() -> dict:
+    import memlab as ml
+    model = _load(FLAGS.model, FLAGS.dtype)
+    report = ml.memory.profile(model, FLAGS.task, batch=FLAGS.batch, seq=FLAGS.seq,
+                               optimizer=FLAGS.optimizer)
+    print(report.table())
+    return {"profile": report.to_dict()}
+
+
+def _eval_windows(model, corpus: str, split: str, seq: int, n: int):
+    from memlab import data
+    tokens = data.tokenize(data.load_corpus(corpus), split, model.tokenizer)
+    return data.eval_windows(tokens, seq, max_windows=n or None)
+
+
+def cmd_perplexity() -> dict:
+    from memlab.evaluate import perplexity
+    model = _load(FLAGS.model, FLAGS.dtype)
+    windows = _eval_windows(model, FLAGS.corpus, FLAGS.split, FLAGS.eval_seq, FLAGS.eval_windows)
+    res = perplexity(model, windows, progress=True)
+    print(f"{FLAGS.model} perplexity on {FLAGS.corpus}/{FLAGS.split}: {res['perplexity']:.3f} "
+          f"({res['tokens']} tokens, windows of {FLAGS.eval_seq})")
+    return {"perplexity": res, "corpus": FLAGS.corpus, "split": FLAGS.split,
+            "eval_seq": FLAGS.eval_seq}
+
+
+def cmd_generate() -> dict:
+    from memlab.generate import generate
+    model = _load(FLAGS.model, FLAGS.dtype)
+    text = generate(model, FLAGS.prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
+                    progress=True)
+    print(f"{FLAGS.prompt}{text}")
+    return {"prompt": FLAGS.prompt, "completion": text}
+
+
+def cmd_fetch() -> dict:
+    from memlab import data
+    path = data.fetch_austen()
+    books = data.austen_books()
+    print(f"Austen corpus at {path}: " + ", ".join(f"{t} ({len(x.split())} words)"
+                                                   for t, x in books.items()))
+    return {"path": str(path)}
+
+
+def cmd_demo() -> dict:
+    """Load SmolLM2, profile prefill/decode/train, perplexity on Austen, generate."""
+    import memlab as ml
+    from memlab.evaluate import perplexity
+    from memlab.generate import generate
+
+    t0 = time.perf_counter()
+    print("Loading SmolLM2-135M-Instruct (real weights, dequantized from GGUF to float32)...")
+    model = ml.models.load("smollm2-135m")
+    n = sum(x.size for x in __import__("jax").tree_util.tree_leaves(model.params))
+    print(f"  {n:,} parameters, {ml.memory.fmt_bytes(ml.memory.tree_bytes(model.params))} "
+          f"in float32; loaded in {time.perf_counter() - t0:.1f}s\n")
+    reports = {}
+    for task, batch, seq in (("prefill", 1, 2048), ("decode", 8, 2048), ("train", 4, 512)):
+        r = ml.memory.profile(model, task, batch=batch, seq=seq)
+        reports[task] = r.to_dict()
+        print(r.table(), "\n")
+    bf16 = ml.compose(ml.passes.cast("bfloat16", compute=True))(model)
+    r = ml.memory.profile(bf16, "decode", batch=8, seq=2048, name="smollm2-135m + cast(bf16)")
+    reports["decode_bf16"] = r.to_dict()
+    print(r.table(), "\n")
+
+    windows = _eval_windows(model, "austen", "test", FLAGS.eval_seq, FLAGS.eval_windows)
+    ppl = perplexity(model, windows, progress=True)
+    print(f"Perplexity on held-out Austen (Persuasion), {ppl['tokens']} tokens in windows of "
+          f"{FLAGS.eval_seq}: {ppl['perplexity']:.3f}\n")
+    text = generate(model, FLAGS.prompt, FLAGS.max_new_tokens, progress=True)
+    print(f"Greedy generation:\n  {FLAGS.prompt}{text}\n")
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s")
+    return {"profiles": reports, "perplexity": ppl, "prompt": FLAGS.prompt, "completion": text,
+            "eval_seq": FLAGS.eval_seq}
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in COMMANDS:
+        raise app.UsageError(f"usage: python -m memlab {{{'|'.join(COMMANDS)}}} [--flags]")
+    try:
+        result = globals()[f"cmd_{argv[1]}"]()
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:
+        # user mistakes and missing artifacts: one clear line, no XLA traceback
+        print(f"memlab {argv[1]}: error: {e}", file=sys.stderr)
+        return 2
+    result.update(command=argv[1], environment=_environment(),
+                  flags={k: FLAGS[k].value for k in ("model", "task", "batch", "seq", "dtype",
+                                                      "optimizer")})
+    _write_json(result, FLAGS.json)
+    return 0
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
