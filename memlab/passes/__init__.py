@@ -7,6 +7,8 @@ from memlab.registry import Registry, discover
 
 PASSES = Registry("pass")
 discover(__name__, __path__)
+# Each module's name is its pass's name: expose the factory, not the module.
+globals().update({name: PASSES.get(name) for name in PASSES.names()})
 
 
 def get(name: str):

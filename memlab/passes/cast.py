@@ -39,8 +39,10 @@ def cast(dtype: Any = "bfloat16", rules: Optional[Mapping[str, Any]] = None,
         raise ValueError(f"cast: dtype {dt.name!r} is not supported for weight storage; use one "
                          f"of {_SUPPORTED} (integer and sub-byte formats belong to quantize)")
 
-    def select(**kw):
+    def select():  # fresh hit counts per application
         return Rules(rules, default=True, argname="cast rules")
+
+    select()  # validate the regexes now, not at first use
 
     def transform(model: Model, calib) -> Model:
         params = map_params(_cast_leaf(dt), model.params, select(), "cast")
