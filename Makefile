@@ -22,7 +22,7 @@ data: $(STAMP)
 	$(PY) -m memlab fetch
 
 demo: data
-	$(PY) -m memlab demo
+	$(PY) -m memlab demo --json=results/demo.json
 
 test: data
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
