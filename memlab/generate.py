@@ -6,7 +6,6 @@ the cache, so padding is overwritten by that row's next token and never attended
 """
 from __future__ import annotations
 
-import functools
 from typing import Iterable, Optional, Sequence
 
 import jax

@@ -1,5 +1,4 @@
 """Model / Pass / compose / Rules: the contract every pass relies on."""
-import warnings
 
 import chex
 import flax.linen as nn

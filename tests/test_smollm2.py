@@ -53,7 +53,7 @@ def _numpy_reference_logits(tokens):
     x = W["token_embd.weight"][tokens]
     causal = np.tril(np.ones((T, T), bool))
     for i in range(n_layers):
-        p = lambda n: W[f"blk.{i}.{n}.weight"]  # noqa: E731
+        p = lambda n, i=i: W[f"blk.{i}.{n}.weight"]  # noqa: E731
         h = rms(x, p("attn_norm"))
         q = rope_interleaved((h @ p("attn_q").T).reshape(T, n_heads, hd))
         k = rope_interleaved((h @ p("attn_k").T).reshape(T, n_kv, hd))

@@ -80,17 +80,24 @@ def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
         logits.astype(jnp.float32), targets).mean()
 
 
-def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
-    """``step(params, opt_state, tokens[B, T+1]) -> (params, opt_state, loss)``."""
+def loss_fn(model: Model) -> Callable:
+    """``loss(params, tokens[B, T+1])``: next-token cross-entropy of ``model``."""
     apply = model.apply
 
-    def loss_fn(params, tokens):
+    def loss(params, tokens):
         return next_token_loss(apply(params, tokens[:, :-1]), tokens[:, 1:])
 
+    return loss
+
+
+def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
+    """``step(params, opt_state, tokens[B, T+1]) -> (params, opt_state, loss)``."""
+    loss = loss_fn(model)
+
     def step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        value, grads = jax.value_and_grad(loss)(params, tokens)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, value
 
     return step
 
@@ -152,7 +159,8 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
         compiled, secs = _compile(train_step_fn(abstract_model, tx), (params, opt_state, tokens),
                                   donate=(0, 1))
-        cats = {"params": tree_bytes(params), "gradients": tree_bytes(params),
+        grads = jax.eval_shape(jax.grad(loss_fn(abstract_model)), params, tokens)
+        cats = {"params": tree_bytes(params), "gradients": tree_bytes(grads),
                 "optimizer_state": tree_bytes(opt_state), "inputs": tree_bytes(tokens)}
     else:
         apply = abstract_model.apply

@@ -15,7 +15,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from memlab.model import Model
 from memlab.models.llama import KVCache, Llama, LlamaConfig  # noqa: F401
@@ -62,11 +61,7 @@ def abstract(name_or_config, **overrides) -> Model:
     """The model with ``ShapeDtypeStruct`` params: nothing is allocated."""
     cfg = config(name_or_config, **overrides) if isinstance(name_or_config, str) \
         else dataclasses.replace(name_or_config, **overrides)
-    module = Llama(cfg)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda k: module.init(k, jnp.zeros(tokens.shape, tokens.dtype)),
-                            jax.random.key(0))["params"]
-    return Model(params=shapes, module=module, spec=cfg)
+    return Model(params=cfg.param_shapes(), module=Llama(cfg), spec=cfg)
 
 
 def init(name_or_config, key: Optional[jax.Array] = None, **overrides) -> Model:

@@ -19,6 +19,7 @@ Named activations for remat policies (``jax.ad_checkpoint.checkpoint_name``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -74,9 +75,7 @@ class LlamaConfig:
 
     def param_shapes(self):
         """The params pytree as ``jax.ShapeDtypeStruct`` leaves (nothing allocated)."""
-        module = Llama(self)
-        return jax.eval_shape(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32)),
-                              jax.random.key(0))["params"]
+        return jax.tree_util.tree_map(lambda x: x, _param_shapes(self))  # a fresh tree
 
     def kv_cache_bytes(self, batch: int, seq: int, dtype: Any = None) -> int:
         itemsize = jnp.dtype(dtype or self.dtype).itemsize
@@ -93,6 +92,13 @@ class LlamaConfig:
     @property
     def group_size(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(config: "LlamaConfig"):
+    module = Llama(config)
+    return jax.eval_shape(lambda k: module.init(k, jnp.zeros((1, 1), jnp.int32)),
+                          jax.random.key(0))["params"]
 
 
 class KVCache(NamedTuple):
