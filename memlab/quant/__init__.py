@@ -1,0 +1,11 @@
+"""Quantization: weight formats as QArray pytrees, and methods that choose codes.
+
+Formats (``int8``, ``intn``/``int4``, ``nf4``, ``fp8``, ``fp4``) say how a weight is
+stored; methods (``rtn`` ...; registered by name in ``memlab.quant.METHODS``)
+say how codes are chosen, possibly from calibration data.  ``qmatmul`` is the
+matmul the quantized layers dispatch to.
+"""
+from memlab.quant.qarray import QArray, is_qarray  # noqa: F401
+from memlab.quant.formats import (FP4, FP8, NF4, Int8, IntN, Format, fp4, fp8, int4, int8,  # noqa: F401
+                                  intn, nf4, pack, unpack)
+from memlab.quant.matmul import qmatmul  # noqa: F401

@@ -1,0 +1,401 @@
+"""Weight formats as QArray pytrees with real packing.
+
+* ``int8()``: per-output-channel symmetric int8 (the LLM.int8() vector-wise
+  baseline; seed: "LLM.int8(): 8-bit Matrix Multiplication for Transformers").
+* ``intn(bits, group, symmetric)``: group-wise int2/int3/int4/int8 along the input
+  dimension, symmetric (absmax) or asymmetric (min/max with a zero point), as
+  used by GPTQ and AWQ.  Codes are packed: 2 int4 or 4 int2 per byte, 8 int3 in
+  3 bytes.
+* ``nf4(block, double_quant)``: QLoRA's NormalFloat4 with block-wise absmax and
+  double quantization of the absmax constants (8-bit, second-level block 256):
+  4 + 8/64 + 32/(64*256) = 4.127 bits per parameter (seed: "QLoRA").
+* ``fp8("e4m3"|"e5m2")``: float8 codes with a per-output-channel scale
+  (seed: "ZeroQuant-FP").
+* ``fp4(group)``: E2M1 codes, packed two per byte, with a group-wise scale
+  (seed: "LLM-FP4").
+
+Every format quantizes a ``[..., K, N]`` kernel along K; leading axes are mapped
+one slice at a time (``jax.lax.map``), so quantizing stacked layers never holds
+more than one layer's float temporaries.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from memlab.quant.qarray import QArray
+
+NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+              -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+              0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+              0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0)
+# E2M1 magnitudes; codes 0-7 positive, 8-15 negative (sign bit), as in the OCP MX spec.
+FP4_E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                   -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+# ---------------------------------------------------------------------------
+# packing along axis 0 of a [K, N] code array
+# ---------------------------------------------------------------------------
+def pack(codes: jax.Array, bits: int) -> jax.Array:
+    """Pack unsigned ``bits``-bit codes [K, N] into uint8 along K."""
+    codes = codes.astype(jnp.uint8)
+    k, n = codes.shape
+    if bits == 8:
+        return codes
+    if bits in (4, 2):
+        per = 8 // bits
+        c = codes.reshape(k // per, per, n)
+        out = jnp.zeros((k // per, n), jnp.uint8)
+        for i in range(per):
+            out = out | (c[:, i] << (bits * i))
+        return out
+    if bits == 3:  # 8 codes -> 24 bits -> 3 bytes
+        c = codes.reshape(k // 8, 8, n).astype(jnp.uint32)
+        word = jnp.zeros((k // 8, n), jnp.uint32)
+        for i in range(8):
+            word = word | (c[:, i] << (3 * i))
+        b = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(3)], axis=1)
+        return b.reshape(k // 8 * 3, n).astype(jnp.uint8)
+    raise ValueError(f"pack: bits={bits} is not one of 2, 3, 4, 8")
+
+
+def unpack(packed: jax.Array, bits: int) -> jax.Array:
+    """Inverse of :func:`pack`: uint8 codes [K, N]."""
+    if bits == 8:
+        return packed
+    rows, n = packed.shape
+    if bits in (4, 2):
+        per = 8 // bits
+        mask = (1 << bits) - 1
+        c = jnp.stack([(packed >> (bits * i)) & mask for i in range(per)], axis=1)
+        return c.reshape(rows * per, n)
+    if bits == 3:
+        b = packed.reshape(rows // 3, 3, n).astype(jnp.uint32)
+        word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
+        c = jnp.stack([(word >> (3 * i)) & 7 for i in range(8)], axis=1)
+        return c.reshape(rows // 3 * 8, n).astype(jnp.uint8)
+    raise ValueError(f"unpack: bits={bits} is not one of 2, 3, 4, 8")
+
+
+def _nearest_level(x: jax.Array, levels) -> jax.Array:
+    """Index of the nearest entry of a level table (ties to the lower level)."""
+    lv = np.asarray(levels, np.float64)
+    order = np.argsort(lv, kind="stable")
+    sorted_lv = lv[order]
+    mids = (sorted_lv[1:] + sorted_lv[:-1]) / 2
+    idx = jnp.searchsorted(jnp.asarray(mids, jnp.float32), x, side="left")
+    return jnp.asarray(order, jnp.uint8)[idx]
+
+
+def _map_leading(fn, w: jax.Array):
+    """Apply a [K, N] -> pytree function over leading axes, one slice at a time."""
+    if w.ndim == 2:
+        return fn(w)
+    lead = w.shape[:-2]
+    flat = w.reshape((-1,) + w.shape[-2:])
+    out = jax.lax.map(fn, flat)
+    return jax.tree_util.tree_map(lambda a: a.reshape(lead + a.shape[1:]), out)
+
+
+def _check_kernel(w, fmt, group: int | None = None, multiple: int = 1):
+    if w.ndim < 2:
+        raise ValueError(f"{fmt}: needs a [..., K, N] kernel, got shape {w.shape}; exclude 1-D "
+                         "params (norm scales, biases) with a rule")
+    if not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"{fmt}: weights must be floating point, got {w.dtype}")
+    k = w.shape[-2]
+    if group is not None and k % group:
+        raise ValueError(f"{fmt}: group size {group} does not divide the input dimension "
+                         f"K={k} of shape {w.shape}; choose a group that divides {k}")
+    if k % multiple:
+        raise ValueError(f"{fmt}: input dimension K={k} must be a multiple of {multiple} "
+                         "for packing")
+
+
+class Format:
+    """Base: ``quantize(w) -> QArray``, ``dequantize(q) -> array``."""
+
+    name = "format"
+
+    def logical_shape(self, q: QArray) -> tuple:
+        data = q["data"]
+        return tuple(data.shape[:-2]) + (self.in_features(q), data.shape[-1])
+
+    def in_features(self, q: QArray) -> int:
+        return q["data"].shape[-2]
+
+    def __call__(self, w):
+        return self.quantize(w)
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8(Format):
+    """Per-output-channel symmetric int8: w = q * scale[n]."""
+
+    name = "int8"
+
+    def quantize(self, w):
+        _check_kernel(w, "int8")
+
+        def one(x):
+            x = x.astype(jnp.float32)
+            scale = jnp.max(jnp.abs(x), axis=0) / 127.0
+            scale = jnp.where(scale == 0, 1.0, scale)
+            q = jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8)
+            return {"data": q, "scale": scale}
+        return QArray(_map_leading(one, w), self, w.dtype)
+
+    def dequantize(self, q):
+        return q["data"].astype(jnp.float32) * q["scale"][..., None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class IntN(Format):
+    """Group-wise integer codes along K, symmetric or asymmetric, packed."""
+
+    bits: int = 4
+    group: int = 128
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"intn: bits={self.bits} is not supported; use 2, 3, 4 or 8")
+        if not isinstance(self.group, int) or self.group <= 0:
+            raise ValueError(f"intn: group must be a positive int, got {self.group!r}")
+        per = {2: 4, 3: 8, 4: 2, 8: 1}[self.bits]
+        if self.group % per:
+            raise ValueError(f"intn: group={self.group} must be a multiple of {per} to pack "
+                             f"{self.bits}-bit codes")
+
+    @property
+    def name(self):
+        return f"int{self.bits}-g{self.group}-{'sym' if self.symmetric else 'asym'}"
+
+    def in_features(self, q):
+        return q["scale"].shape[-2] * self.group
+
+    def quantize(self, w):
+        _check_kernel(w, self.name, group=self.group)
+        qmax = (1 << self.bits) - 1
+        g = self.group
+
+        def one(x):
+            k, n = x.shape
+            xg = x.astype(jnp.float32).reshape(k // g, g, n)
+            if self.symmetric:
+                # codes in [0, 2^b - 1] centred at 2^(b-1): w = (c - 2^(b-1)) * s
+                half = 1 << (self.bits - 1)
+                scale = jnp.max(jnp.abs(xg), axis=1) / (half - 1 if self.bits > 2 else half)
+                scale = jnp.where(scale == 0, 1.0, scale)
+                codes = jnp.clip(jnp.round(xg / scale[:, None]) + half, 0, qmax)
+                out = {"scale": scale}
+            else:
+                # include 0 in the range so the zero point is a valid code
+                lo = jnp.minimum(jnp.min(xg, axis=1), 0.0)
+                hi = jnp.maximum(jnp.max(xg, axis=1), 0.0)
+                scale = (hi - lo) / qmax
+                scale = jnp.where(scale == 0, 1.0, scale)
+                zero = jnp.round(-lo / scale)
+                codes = jnp.clip(jnp.round(xg / scale[:, None]) + zero[:, None], 0, qmax)
+                out = {"scale": scale, "zero": jnp.clip(zero, 0, qmax).astype(jnp.uint8)}
+            out["data"] = pack(codes.reshape(k, n).astype(jnp.uint8), self.bits)
+            return out
+        return QArray(_map_leading(one, w), self, w.dtype)
+
+    def codes(self, q):
+        return _map_leading(lambda d: unpack(d, self.bits), q["data"])
+
+    def dequantize(self, q):
+        codes = self.codes(q).astype(jnp.float32)
+        *lead, k, n = codes.shape
+        g = self.group
+        c = codes.reshape(*lead, k // g, g, n)
+        zero = (1 << (self.bits - 1)) if self.symmetric else q["zero"].astype(jnp.float32)[..., None, :]
+        return ((c - zero) * q["scale"][..., None, :]).reshape(*lead, k, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class NF4(Format):
+    """NormalFloat4 with block-wise absmax; optional double quantization of the
+    absmax constants to int8 in blocks of ``dq_block`` (mean subtracted)."""
+
+    block: int = 64
+    double_quant: bool = True
+    dq_block: int = 256
+
+    def __post_init__(self):
+        if self.block <= 0 or self.block % 2:
+            raise ValueError(f"nf4: block={self.block} must be a positive even int")
+
+    @property
+    def name(self):
+        return f"nf4-b{self.block}{'-dq' if self.double_quant else ''}"
+
+    def in_features(self, q):
+        return q["data"].shape[-2] * 2
+
+    def quantize(self, w):
+        _check_kernel(w, self.name, group=self.block)
+        b = self.block
+
+        def one(x):
+            k, n = x.shape
+            xb = x.astype(jnp.float32).reshape(k // b, b, n)
+            absmax = jnp.max(jnp.abs(xb), axis=1)
+            safe = jnp.where(absmax == 0, 1.0, absmax)
+            codes = _nearest_level(xb / safe[:, None], NF4_LEVELS).reshape(k, n)
+            out = {"data": pack(codes, 4)}
+            if self.double_quant:
+                out.update(self._quantize_absmax(absmax))
+            else:
+                out["absmax"] = absmax
+            return out
+        return QArray(_map_leading(one, w), self, w.dtype)
+
+    def _quantize_absmax(self, absmax):
+        flat = absmax.reshape(-1)
+        m = flat.shape[0]
+        nblocks = -(-m // self.dq_block)
+        mean = jnp.mean(flat)
+        centred = jnp.pad(flat - mean, (0, nblocks * self.dq_block - m)).reshape(nblocks, -1)
+        s2 = jnp.max(jnp.abs(centred), axis=1) / 127.0
+        s2 = jnp.where(s2 == 0, 1.0, s2)
+        q2 = jnp.clip(jnp.round(centred / s2[:, None]), -127, 127).astype(jnp.int8)
+        return {"absmax_q": q2.reshape(-1)[:m].reshape(absmax.shape), "absmax_scale": s2,
+                "absmax_mean": mean}
+
+    def absmax(self, q):
+        if not self.double_quant:
+            return q["absmax"]
+        aq = q["absmax_q"]
+
+        def one(aq, s2, mean):
+            flat = aq.reshape(-1).astype(jnp.float32)
+            m = flat.shape[0]
+            scale = jnp.repeat(s2, self.dq_block)[:m]
+            return (flat * scale + mean).reshape(aq.shape)
+        if aq.ndim == 2:
+            return one(aq, q["absmax_scale"], q["absmax_mean"])
+        lead = aq.shape[:-2]
+        out = jax.vmap(one)(aq.reshape((-1,) + aq.shape[-2:]),
+                            q["absmax_scale"].reshape((-1,) + q["absmax_scale"].shape[-1:]),
+                            q["absmax_mean"].reshape(-1))
+        return out.reshape(lead + aq.shape[-2:])
+
+    def dequantize(self, q):
+        codes = _map_leading(lambda d: unpack(d, 4), q["data"])
+        vals = jnp.asarray(NF4_LEVELS, jnp.float32)[codes]
+        *lead, k, n = vals.shape
+        vb = vals.reshape(*lead, k // self.block, self.block, n)
+        return (vb * self.absmax(q)[..., None, :]).reshape(*lead, k, n)
+
+
+_FP8 = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FP8(Format):
+    """float8 codes with a per-output-channel float32 scale."""
+
+    variant: str = "e4m3"
+
+    def __post_init__(self):
+        if self.variant not in _FP8:
+            raise ValueError(f"fp8: variant {self.variant!r} is not one of {sorted(_FP8)}")
+
+    @property
+    def name(self):
+        return f"fp8-{self.variant}"
+
+    def quantize(self, w):
+        _check_kernel(w, self.name)
+        dt, fmax = _FP8[self.variant]
+
+        def one(x):
+            x = x.astype(jnp.float32)
+            scale = jnp.max(jnp.abs(x), axis=0) / fmax
+            scale = jnp.where(scale == 0, 1.0, scale)
+            return {"data": (x / scale).astype(dt), "scale": scale}
+        return QArray(_map_leading(one, w), self, w.dtype)
+
+    def dequantize(self, q):
+        return q["data"].astype(jnp.float32) * q["scale"][..., None, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class FP4(Format):
+    """E2M1 codes (two per byte) with a group-wise float32 absmax/6 scale."""
+
+    group: int = 32
+
+    def __post_init__(self):
+        if self.group <= 0 or self.group % 2:
+            raise ValueError(f"fp4: group={self.group} must be a positive even int")
+
+    @property
+    def name(self):
+        return f"fp4-e2m1-g{self.group}"
+
+    def in_features(self, q):
+        return q["data"].shape[-2] * 2
+
+    def quantize(self, w):
+        _check_kernel(w, self.name, group=self.group)
+        g = self.group
+
+        def one(x):
+            k, n = x.shape
+            xg = x.astype(jnp.float32).reshape(k // g, g, n)
+            scale = jnp.max(jnp.abs(xg), axis=1) / 6.0
+            scale = jnp.where(scale == 0, 1.0, scale)
+            codes = _nearest_level(xg / scale[:, None], FP4_E2M1_LEVELS).reshape(k, n)
+            return {"data": pack(codes, 4), "scale": scale}
+        return QArray(_map_leading(one, w), self, w.dtype)
+
+    def dequantize(self, q):
+        codes = _map_leading(lambda d: unpack(d, 4), q["data"])
+        vals = jnp.asarray(FP4_E2M1_LEVELS, jnp.float32)[codes]
+        *lead, k, n = vals.shape
+        vb = vals.reshape(*lead, k // self.group, self.group, n)
+        return (vb * q["scale"][..., None, :]).reshape(*lead, k, n)
+
+
+# -- constructors (the names users type) -------------------------------------
+def int8() -> Int8:
+    return Int8()
+
+
+def intn(bits: int = 4, group: int = 128, symmetric: bool = False) -> IntN:
+    return IntN(bits, group, symmetric)
+
+
+def int4(group: int = 128, symmetric: bool = False) -> IntN:
+    return IntN(4, group, symmetric)
+
+
+def nf4(block: int = 64, double_quant: bool = True) -> NF4:
+    return NF4(block, double_quant)
+
+
+def fp8(variant: str = "e4m3") -> FP8:
+    return FP8(variant)
+
+
+def fp4(group: int = 32) -> FP4:
+    return FP4(group)
+
+
+def fp4_levels_match_ml_dtypes() -> bool:
+    """Sanity: our E2M1 table equals ml_dtypes' float4_e2m1fn values."""
+    ref = np.arange(16, dtype=np.uint8).view(ml_dtypes.float4_e2m1fn) if hasattr(
+        ml_dtypes, "float4_e2m1fn") else None
+    if ref is None:
+        return True
+    return np.array_equal(ref.astype(np.float32), np.asarray(FP4_E2M1_LEVELS, np.float32))
