@@ -292,7 +292,7 @@ class Llama(nn.Module):
         block = Block
         if self.remat is not None:
             block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
-        layers = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+        layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers)
         (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths)
         x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)

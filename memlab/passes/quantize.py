@@ -2,8 +2,9 @@
 
     ml.passes.quantize(ml.quant.nf4(block=64), rules={r"embed": None, r"lm_head": None})
 
-``method`` is a format (round-to-nearest) or a registered method name / callable
-``(path, w, calib_stats) -> QArray``.  By default every ``.../kernel`` leaf with
+``method`` is a format (round-to-nearest) or a method from
+``memlab.quant.methods`` (AWQ, GPTQ, ...); methods that calibrate get input
+statistics of every dense layer from ``plan(model, calib=batches)``.  By default every ``.../kernel`` leaf with
 at least two dimensions is quantized; ``rules`` (regex -> format/method or None,
 first match wins) override that per path.  Works on memlab models and on plain
 Flax Linen models: the wrapper intercepts ``nn.Dense`` calls whose kernel is a
@@ -55,33 +56,45 @@ def _is_target(path: str, leaf) -> bool:
     return path.endswith("kernel") and getattr(leaf, "ndim", 0) >= 2
 
 
-def _quantizer(method):
+def _as_method(method):
+    """A format means round-to-nearest; methods have quantize(w, stats)."""
     if isinstance(method, Format):
-        return lambda path, w: method.quantize(w)
-    if callable(method):
-        return lambda path, w: method(w)
-    raise ValueError(f"quantize: {method!r} is not a format (e.g. ml.quant.nf4()) or a callable")
+        from memlab.quant.methods.rtn import RTN
+        return RTN(method)
+    if hasattr(method, "quantize") and hasattr(method, "needs_calibration"):
+        return method
+    raise ValueError(f"quantize: {method!r} is not a format (e.g. ml.quant.nf4()) or a method "
+                     "(e.g. ml.quant.methods.get('gptq')(ml.quant.int4(128)))")
+
+
+def _fake_stats(shape):
+    *lead, k, _ = shape
+    lead = tuple(lead)
+    return {"xtx": jnp.eye(k, dtype=jnp.float32) * jnp.ones(lead + (1, 1)),
+            "absmax": jnp.ones(lead + (k,)), "abssum": jnp.ones(lead + (k,)),
+            "count": jnp.ones(lead)}
 
 
 @PASSES.register("quantize")
 def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: bool = False) -> Pass:
-    _quantizer(method)  # validate now
-    for cfg in (rules or {}).values():
-        if cfg is not None:
-            _quantizer(cfg)
+    method = _as_method(method)  # validate now
+    rules = {k: (None if v is None else _as_method(v)) for k, v in (rules or {}).items()}
 
     def select():
         return Rules(rules, argname="quantize rules")
 
     select()
 
-    def quantize_leaf(path, leaf, cfg):
+    def quantize_leaf(path, leaf, cfg, stats):
         if isinstance(leaf, QArray):
             return leaf
         if isinstance(leaf, jax.ShapeDtypeStruct):  # abstract model: shapes of the result
-            zeros = lambda: jnp.zeros(leaf.shape, leaf.dtype)  # noqa: E731
-            return jax.eval_shape(lambda: _quantizer(cfg)(path, zeros()))
-        out = _quantizer(cfg)(path, leaf)
+            return jax.eval_shape(lambda: cfg.quantize(jnp.zeros(leaf.shape, leaf.dtype),
+                                                       _fake_stats(leaf.shape)))
+        if cfg.needs_calibration and path not in stats:
+            raise ValueError(f"quantize: no calibration statistics for {path!r}; calibration "
+                             "records inputs of nn.Dense layers only")
+        out = cfg.quantize(leaf, stats.get(path))
         if donate and isinstance(leaf, jax.Array):
             jax.block_until_ready(out)
             leaf.delete()
@@ -91,14 +104,24 @@ def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: boo
         rules_ = select()
         flat, treedef = jax.tree_util.tree_flatten_with_path(
             model.params, is_leaf=lambda x: isinstance(x, QArray))
-        new_leaves = []
-        for p, leaf in flat:  # one tensor at a time (stacked layers: one layer at a time)
+        plan = []
+        for p, leaf in flat:
             path = path_str(p)
             cfg = rules_.lookup(path)  # explicit rules first, then kernels get `method`
             if cfg is Rules.NO_MATCH:
                 cfg = method if _is_target(path, leaf) else None
-            new_leaves.append(leaf if cfg is None else quantize_leaf(path, leaf, cfg))
+            plan.append((path, leaf, cfg))
         rules_.warn_unmatched("quantize")
+        stats = {}
+        if not model.abstract and any(c is not None and c.needs_calibration for _, _, c in plan):
+            if calib is None:
+                raise ValueError(f"quantize: {method.name} needs calibration data; call the "
+                                 "pass as plan(model, calib=batches) with a few token batches")
+            from memlab.quant import calibrate
+            stats = calibrate.collect(model, calib)
+        # one tensor at a time (stacked layers: one layer at a time inside the method)
+        new_leaves = [leaf if cfg is None else quantize_leaf(path, leaf, cfg, stats)
+                      for path, leaf, cfg in plan]
         params = jax.tree_util.tree_unflatten(treedef, new_leaves)
         out = model.replace(params=params)
         if dispatch_quantized not in model.wrappers:
@@ -112,10 +135,10 @@ def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: boo
         from memlab.memory.bytes import tree_bytes
         before = tree_bytes(shapes())
         after = tree_bytes(transform(Model(params=shapes(), fn=lambda p: p), None).params)
+        # (abstract params: methods are traced with placeholder statistics, shapes only)
         out = dict(current)
         out["params"] = out.get("params", before) - before + after
         return out
 
-    name = getattr(method, "name", getattr(method, "__name__", str(method)))
-    return Pass(f"quantize({name})", transform, estimate)
+    return Pass(f"quantize({method.name})", transform, estimate)
 

@@ -9,3 +9,4 @@ from memlab.quant.qarray import QArray, is_qarray  # noqa: F401
 from memlab.quant.formats import (FP4, FP8, NF4, Int8, IntN, Format, fp4, fp8, int4, int8,  # noqa: F401
                                   intn, nf4, pack, unpack)
 from memlab.quant.matmul import qmatmul  # noqa: F401
+from memlab.quant import calibrate, methods  # noqa: F401,E402

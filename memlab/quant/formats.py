@@ -183,41 +183,55 @@ class IntN(Format):
 
     def quantize(self, w):
         _check_kernel(w, self.name, group=self.group)
-        qmax = (1 << self.bits) - 1
         g = self.group
 
         def one(x):
-            k, n = x.shape
-            xg = x.astype(jnp.float32).reshape(k // g, g, n)
-            if self.symmetric:
-                # codes in [0, 2^b - 1] centred at 2^(b-1): w = (c - 2^(b-1)) * s
-                half = 1 << (self.bits - 1)
-                scale = jnp.max(jnp.abs(xg), axis=1) / (half - 1 if self.bits > 2 else half)
-                scale = jnp.where(scale == 0, 1.0, scale)
-                codes = jnp.clip(jnp.round(xg / scale[:, None]) + half, 0, qmax)
-                out = {"scale": scale}
-            else:
-                # include 0 in the range so the zero point is a valid code
-                lo = jnp.minimum(jnp.min(xg, axis=1), 0.0)
-                hi = jnp.maximum(jnp.max(xg, axis=1), 0.0)
-                scale = (hi - lo) / qmax
-                scale = jnp.where(scale == 0, 1.0, scale)
-                zero = jnp.round(-lo / scale)
-                codes = jnp.clip(jnp.round(xg / scale[:, None]) + zero[:, None], 0, qmax)
-                out = {"scale": scale, "zero": jnp.clip(zero, 0, qmax).astype(jnp.uint8)}
-            out["data"] = pack(codes.reshape(k, n).astype(jnp.uint8), self.bits)
-            return out
+            # symmetric: codes centred at 2^(b-1), w = (c - 2^(b-1)) * s;
+            # asymmetric: the range includes 0 so the zero point is a valid code.
+            scale, zero = self.group_params(x)
+            rows = lambda a: jnp.repeat(a, g, axis=0)  # noqa: E731
+            codes = self.quantize_with(x.astype(jnp.float32), rows(scale), rows(zero))
+            return self.from_codes(codes, scale, zero).arrays
         return QArray(_map_leading(one, w), self, w.dtype)
 
     def codes(self, q):
         return _map_leading(lambda d: unpack(d, self.bits), q["data"])
+
+    def group_params(self, x: jax.Array):
+        """Scale (and zero point) per group of a [K, N] float weight: ([K/g, N], [K/g, N])."""
+        k, n = x.shape
+        xg = x.astype(jnp.float32).reshape(k // self.group, self.group, n)
+        qmax = (1 << self.bits) - 1
+        if self.symmetric:
+            half = 1 << (self.bits - 1)
+            scale = jnp.max(jnp.abs(xg), axis=1) / (half - 1 if self.bits > 2 else half)
+            return jnp.where(scale == 0, 1.0, scale), jnp.full(scale.shape, half, jnp.float32)
+        lo = jnp.minimum(jnp.min(xg, axis=1), 0.0)
+        hi = jnp.maximum(jnp.max(xg, axis=1), 0.0)
+        scale = jnp.where(hi - lo == 0, 1.0, (hi - lo) / qmax)
+        return scale, jnp.clip(jnp.round(-lo / scale), 0, qmax)
+
+    def quantize_with(self, x: jax.Array, scale: jax.Array, zero: jax.Array) -> jax.Array:
+        """Codes of x [R, N] given per-row-group scale/zero [R, N] (broadcast rows)."""
+        qmax = (1 << self.bits) - 1
+        return jnp.clip(jnp.round(x / scale) + zero, 0, qmax)
+
+    def from_codes(self, codes: jax.Array, scale: jax.Array, zero: jax.Array,
+                   dtype=jnp.float32) -> QArray:
+        """A QArray from [K, N] codes and [K/g, N] scale and zero point."""
+        arrays = {"data": pack(codes.astype(jnp.uint8), self.bits),
+                  "scale": scale.astype(jnp.float32)}
+        if not self.symmetric:
+            arrays["zero"] = zero.astype(jnp.uint8)
+        return QArray(arrays, self, dtype)
 
     def dequantize(self, q):
         codes = self.codes(q).astype(jnp.float32)
         *lead, k, n = codes.shape
         g = self.group
         c = codes.reshape(*lead, k // g, g, n)
-        zero = (1 << (self.bits - 1)) if self.symmetric else q["zero"].astype(jnp.float32)[..., None, :]
+        zero = (1 << (self.bits - 1)) if self.symmetric else \
+            q["zero"].astype(jnp.float32)[..., None, :]
         return ((c - zero) * q["scale"][..., None, :]).reshape(*lead, k, n)
 
 
@@ -365,6 +379,39 @@ class FP4(Format):
         *lead, k, n = vals.shape
         vb = vals.reshape(*lead, k // self.group, self.group, n)
         return (vb * q["scale"][..., None, :]).reshape(*lead, k, n)
+
+
+@dataclasses.dataclass(frozen=True)
+class Scaled(Format):
+    """An inner format applied to ``diag(s) @ W``; ``W ≈ inner(diag(s) W) / s``.
+
+    Activation-aware scaling (AWQ, SmoothQuant): the per-input-channel ``in_scale``
+    is stored with the weight and the matmul computes ``(x / s) @ Q(diag(s) W)``.
+    """
+
+    inner: Any = None
+
+    @property
+    def name(self):
+        return f"scaled({self.inner.name})"
+
+    def logical_shape(self, q):
+        return self.inner.logical_shape(q)
+
+    def in_features(self, q):
+        return self.inner.in_features(q)
+
+    def wrap(self, inner_q: QArray, in_scale: jax.Array) -> QArray:
+        arrays = dict(inner_q.arrays)
+        arrays["in_scale"] = in_scale.astype(jnp.float32)
+        return QArray(arrays, self, inner_q.dtype)
+
+    def inner_qarray(self, q: QArray) -> QArray:
+        arrays = {k: v for k, v in q.arrays.items() if k != "in_scale"}
+        return QArray(arrays, self.inner, q.dtype)
+
+    def dequantize(self, q):
+        return self.inner.dequantize(self.inner_qarray(q)) / q["in_scale"][..., :, None]
 
 
 # -- constructors (the names users type) -------------------------------------

@@ -1,0 +1,53 @@
+"""Quantization methods: how codes are chosen, one module each, registered by name.
+
+A method is a frozen dataclass with ``format``, ``needs_calibration`` and
+``quantize(w, stats) -> QArray`` where ``w`` is a ``[..., K, N]`` kernel and
+``stats`` its calibration statistics (``memlab.quant.calibrate``) or None.
+``memlab.quant.methods.get("gptq")(format=..., ...)`` builds one.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from memlab.quant.qarray import QArray
+from memlab.registry import Registry, discover
+
+METHODS = Registry("quantization method")
+
+
+def per_matrix(fn, w, stats):
+    """Run ``fn(w2d, stats2d) -> QArray`` over leading (layer) axes, one matrix at a time."""
+    if w.ndim == 2:
+        return fn(w, stats)
+    lead = w.shape[:-2]
+    flat_w = w.reshape((-1,) + w.shape[-2:])
+    flat_s = None if stats is None else {k: v.reshape((-1,) + v.shape[len(lead):])
+                                         for k, v in stats.items()}
+    outs = [fn(flat_w[i], None if flat_s is None else {k: v[i] for k, v in flat_s.items()})
+            for i in range(flat_w.shape[0])]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *outs)
+    return jax.tree_util.tree_map(lambda a: a.reshape(lead + a.shape[1:]), stacked)
+
+
+def get(name: str):
+    return METHODS.get(name)
+
+
+def names() -> list[str]:
+    return METHODS.names()
+
+
+def hessian(stats) -> jax.Array:
+    """Mean X^T X over calibration tokens."""
+    return stats["xtx"] / jnp.maximum(stats["count"], 1.0)
+
+
+def output_error(w, w_hat, h) -> jax.Array:
+    """Mean squared output error  tr((W - Ŵ)^T H (W - Ŵ)) / N  for inputs with E[xx^T] = H."""
+    d = (w - w_hat).astype(jnp.float32)
+    return jnp.sum(d * (h @ d)) / d.shape[-1]
+
+
+discover(__name__, __path__)
+__all__ = ["METHODS", "QArray", "get", "names", "per_matrix", "hessian", "output_error"]
