@@ -134,6 +134,11 @@ class Format:
     def __call__(self, w):
         return self.quantize(w)
 
+    def matmul(self, x: jax.Array, q: QArray, dtype) -> jax.Array:
+        """x @ W for a 2-D QArray; weight-only formats dequantize (XLA fuses it)."""
+        w = self.dequantize(q).astype(dtype)
+        return jnp.dot(x.astype(dtype), w, preferred_element_type=jnp.float32).astype(dtype)
+
 
 @dataclasses.dataclass(frozen=True)
 class Int8(Format):
@@ -414,6 +419,119 @@ class Scaled(Format):
         return self.inner.dequantize(self.inner_qarray(q)) / q["in_scale"][..., :, None]
 
 
+@dataclasses.dataclass(frozen=True)
+class WithOutliers(Format):
+    """An inner format plus a fixed number of exact float16 outlier weights stored
+    sparsely (flat index int32 + value), as in SpQR's dense-and-sparse layout."""
+
+    inner: Any = None
+
+    @property
+    def name(self):
+        return f"{self.inner.name}+outliers"
+
+    def logical_shape(self, q):
+        return self.inner.logical_shape(q)
+
+    def in_features(self, q):
+        return self.inner.in_features(q)
+
+    def wrap(self, inner_q: QArray, idx: jax.Array, val: jax.Array) -> QArray:
+        arrays = dict(inner_q.arrays)
+        arrays["outlier_idx"] = idx.astype(jnp.int32)
+        arrays["outlier_val"] = val.astype(jnp.float16)
+        return QArray(arrays, self, inner_q.dtype)
+
+    def dequantize(self, q):
+        inner = QArray({k: v for k, v in q.arrays.items() if not k.startswith("outlier_")},
+                       self.inner, q.dtype)
+        dense = self.inner.dequantize(inner)
+
+        def put(d, idx, val):
+            shape = d.shape
+            return d.reshape(-1).at[idx].set(val.astype(d.dtype)).reshape(shape)
+        idx, val = q["outlier_idx"], q["outlier_val"]
+        if dense.ndim == 2:
+            return put(dense, idx, val)
+        lead = dense.shape[:-2]
+        out = jax.vmap(put)(dense.reshape((-1,) + dense.shape[-2:]), idx.reshape(-1, idx.shape[-1]),
+                            val.reshape(-1, val.shape[-1]))
+        return out.reshape(dense.shape)
+
+
+def quantize_per_token(x: jax.Array):
+    """Dynamic symmetric int8 per row: (int8 codes, float32 scale [rows, 1])."""
+    x = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x), axis=-1, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _int8_matmul(x2, data, w_scale):
+    """Per-token int8 activations x per-channel int8 weights, int32 accumulation."""
+    xq, xs = quantize_per_token(x2)
+    acc = jnp.dot(xq, data, preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * xs * w_scale
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8(Format):
+    """int8 weights (per output channel) and int8 activations quantized per token at
+    run time (SmoothQuant's W8A8).  With ``in_scale`` (from SmoothQuant) the input is
+    divided by the smoothing factors first: ``(x / s) @ Q(diag(s) W)``."""
+
+    name = "w8a8"
+
+    def quantize(self, w, in_scale=None):
+        base = Int8().quantize(w if in_scale is None else w * in_scale[..., :, None])
+        arrays = dict(base.arrays)
+        if in_scale is not None:
+            arrays["in_scale"] = in_scale.astype(jnp.float32)
+        return QArray(arrays, self, w.dtype)
+
+    def dequantize(self, q):
+        w = q["data"].astype(jnp.float32) * q["scale"][..., None, :]
+        return w / q["in_scale"][..., :, None] if "in_scale" in q.arrays else w
+
+    def matmul(self, x, q, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        if "in_scale" in q.arrays:
+            x2 = x2 / q["in_scale"]
+        y = _int8_matmul(x2, q["data"], q["scale"])
+        return y.reshape(x.shape[:-1] + (y.shape[-1],)).astype(dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMInt8(Format):
+    """LLM.int8(): vector-wise int8 matmul with mixed-precision decomposition.
+
+    Input feature columns holding any |x| > ``threshold`` (outlier features) are
+    multiplied in 16-bit with the dequantized weight rows; every other column goes
+    through per-token x per-channel int8.  Decided per batch at run time."""
+
+    threshold: float = 6.0
+
+    @property
+    def name(self):
+        return f"llm.int8-t{self.threshold:g}"
+
+    def quantize(self, w):
+        return QArray(Int8().quantize(w).arrays, self, w.dtype)
+
+    def dequantize(self, q):
+        return q["data"].astype(jnp.float32) * q["scale"][..., None, :]
+
+    def matmul(self, x, q, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
+        outlier = jnp.any(jnp.abs(x2) > self.threshold, axis=0)  # [K]
+        regular = jnp.where(outlier[None, :], 0.0, x2)
+        y = _int8_matmul(regular, q["data"], q["scale"])
+        x_out = jnp.where(outlier[None, :], x2, 0.0).astype(jnp.float16)
+        w16 = self.dequantize(q).astype(jnp.float16)
+        y = y + jnp.dot(x_out, w16, preferred_element_type=jnp.float32)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],)).astype(dtype)
+
+
 # -- constructors (the names users type) -------------------------------------
 def int8() -> Int8:
     return Int8()
@@ -437,6 +555,14 @@ def fp8(variant: str = "e4m3") -> FP8:
 
 def fp4(group: int = 32) -> FP4:
     return FP4(group)
+
+
+def w8a8() -> W8A8:
+    return W8A8()
+
+
+def llm_int8(threshold: float = 6.0) -> LLMInt8:
+    return LLMInt8(threshold)
 
 
 def fp4_levels_match_ml_dtypes() -> bool:

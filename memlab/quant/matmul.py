@@ -24,5 +24,4 @@ def qmatmul(x: jax.Array, w, dtype=None) -> jax.Array:
     if x.shape[-1] != w.shape[0]:
         raise ValueError(f"qmatmul: x has {x.shape[-1]} features but the kernel expects "
                          f"{w.shape[0]} (kernel shape {w.shape})")
-    wf = w.dequantize(dtype)
-    return jnp.dot(x.astype(dtype), wf, preferred_element_type=jnp.float32).astype(dtype)
+    return w.format.matmul(x, w, dtype)
