@@ -7,7 +7,11 @@ perplexity on held-out Austen (Persuasion) relative to the float baseline (the
 GGUF's dequantized weights: they were stored as Q4_1 with blocks of 32, so
 asymmetric int4 with group 32 would re-quantize them losslessly; groups here
 are 64 and 192), and time to quantize.  Directions to show: AWQ and GPTQ beat
-RTN at int4 and int3; NF4 beats absmax int4.  Writes results/quantize.json and
+RTN at int4 and int3; NF4 beats absmax int4; LLM.int8() and SmoothQuant keep
+perplexity where naive W8A8 (per-token int8 activations) degrades -- SmolLM2's
+MLP down-projection inputs carry outlier features up to |x| ~ 100; SpQR-style
+outliers beat RTN at the same small groups.  Calibration statistics are
+collected once and shared; its time is added to each calibrated method's.  Writes results/quantize.json and
 results/quantize.png (perplexity vs bits/param).
 """
 import json
@@ -42,6 +46,11 @@ def configs():
     out["rtn-nf4-b64"] = m.get("rtn")(q.nf4(64, double_quant=False))
     out["rtn-nf4-b64-dq"] = m.get("rtn")(q.nf4(64, double_quant=True))
     out["rtn-int8"] = m.get("rtn")(q.int8())
+    out["w8a8-naive"] = m.get("rtn")(q.w8a8())
+    out["llm.int8-t6"] = m.get("rtn")(q.llm_int8(6.0))
+    out["smoothquant-a0.5"] = m.get("smoothquant")(0.5)
+    out["spqr-int3-g16-o1%"] = m.get("spqr")(3, 16, 0.01)
+    out["rtn-int3-g16"] = m.get("rtn")(q.intn(3, 16))
     out["rtn-fp8-e4m3"] = m.get("rtn")(q.fp8("e4m3"))
     out["rtn-fp4-g32"] = m.get("rtn")(q.fp4(32))
     return out
@@ -56,6 +65,9 @@ def main(_):
                                 max_windows=FLAGS.windows)
     calib = [b[:, :-1] for b, _ in zip(data.train_batches(
         data.tokenize(corpus, "train", model.tokenizer), 4, 256, seed=0), range(FLAGS.calib_batches))]
+    t0 = time.perf_counter()
+    stats = ml.quant.calibrate.collect(model, calib)  # once, shared by every calibrated method
+    calib_seconds = time.perf_counter() - t0
     kernels_float = sum(x.size for p, x in jax.tree_util.tree_flatten_with_path(model.params)[0]
                         if ml.path_str(p).startswith("layers") and x.ndim == 3)
     base = perplexity(model, windows, progress=True)["perplexity"]
@@ -67,9 +79,9 @@ def main(_):
         todo = {k: v for k, v in todo.items() if k in FLAGS.configs}
     for name, method in todo.items():
         t0 = time.perf_counter()
-        qm = ml.passes.quantize(method)(model, calib=calib)
+        qm = ml.passes.quantize(method)(model, calib=stats)
         jax.block_until_ready(qm.params)
-        secs = time.perf_counter() - t0
+        secs = time.perf_counter() - t0 + (calib_seconds if method.needs_calibration else 0.0)
         layer_bytes = sum(ml.memory.tree_bytes(v) for k, v in qm.params["layers"].items()
                           if k in ("attn", "mlp"))
         ppl = perplexity(qm, windows, progress=True)["perplexity"]
@@ -102,7 +114,8 @@ def _plot(rows, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in rows[1:]:
         family = r["config"].split("-")[0]
-        color = {"rtn": "tab:gray", "awq": "tab:blue", "gptq": "tab:red"}.get(family, "k")
+        color = {"rtn": "tab:gray", "awq": "tab:blue", "gptq": "tab:red",
+                 "spqr": "tab:green"}.get(family, "k")
         ax.scatter(r["bits_per_param"], r["perplexity"], color=color, s=18)
         ax.annotate(r["config"], (r["bits_per_param"], r["perplexity"]), fontsize=6)
     ax.axhline(rows[0]["perplexity"], color="k", ls="--", lw=0.8, label="float baseline")

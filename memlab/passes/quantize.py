@@ -118,7 +118,8 @@ def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: boo
                 raise ValueError(f"quantize: {method.name} needs calibration data; call the "
                                  "pass as plan(model, calib=batches) with a few token batches")
             from memlab.quant import calibrate
-            stats = calibrate.collect(model, calib)
+            # calib: batches, or statistics already collected with calibrate.collect
+            stats = calib if isinstance(calib, dict) else calibrate.collect(model, calib)
         # one tensor at a time (stacked layers: one layer at a time inside the method)
         new_leaves = [leaf if cfg is None else quantize_leaf(path, leaf, cfg, stats)
                       for path, leaf, cfg in plan]
