@@ -31,6 +31,9 @@ flags.DEFINE_integer("windows", 16, "Evaluation windows from the test book.")
 flags.DEFINE_integer("calib_batches", 8, "Calibration batches (4 x 256 tokens each, train books).")
 flags.DEFINE_list("configs", [], "Subset of configuration names to run (default: all).")
 flags.DEFINE_string("out", "results/quantize.json", "Output JSON.")
+flags.DEFINE_enum("part", "all", ["all", "smollm2", "minilm"], "Which model(s) to run; a part "
+                  "updates its own key in the output JSON.")
+flags.DEFINE_integer("sentences", 256, "Held-out sentences for the MiniLM embedding comparison.")
 
 
 def configs():
@@ -56,7 +59,89 @@ def configs():
     return out
 
 
+def _write(key, payload):
+    out = {}
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            out = json.load(f)
+        if "rows" in out:  # older single-model layout
+            out = {"smollm2": out}
+    out[key] = payload
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"wrote {FLAGS.out} [{key}]")
+
+
 def main(_):
+    if FLAGS.part in ("all", "smollm2"):
+        run_smollm2()
+    if FLAGS.part in ("all", "minilm"):
+        run_minilm()
+
+
+def _sentences(text, n, min_words=6):
+    import re
+    sents = [s.strip().replace("\n", " ") for s in re.split(r"(?<=[.!?])\s+", text)]
+    return [s for s in sents if len(s.split()) >= min_words][:n]
+
+
+def run_minilm():
+    """Real fp32 weights: relative weight MSE and sentence-embedding cosine similarity."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from memlab.models import bert
+
+    model = bert.load_minilm()
+    corpus = data.load_corpus("austen")
+    held_out = _sentences(corpus.text("test"), FLAGS.sentences)
+    calib_text = _sentences(corpus.text("train"), 512)
+    ids, mask = bert.encode_batch(model.tokenizer, held_out)
+    embed = jax.jit(lambda m, i, k: m(i, k))
+    ref = np.asarray(embed(model, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+    # the encoder takes (ids, mask): calibration batches are tuples of its inputs
+    calib = [bert.encode_batch(model.tokenizer, calib_text[i:i + 64]) for i in range(0, 512, 64)]
+    stats = None
+    q, m = ml.quant, ml.quant.methods
+    cfgs = {"rtn-int8": m.get("rtn")(q.int8()),
+            "rtn-nf4-b64": m.get("rtn")(q.nf4(64, False)),
+            "rtn-int4-g64-sym(absmax)": m.get("rtn")(q.int4(64, symmetric=True))}
+    for bits in (4, 3):
+        for group in (64, 192):
+            fmt = q.intn(bits, group)
+            for name in ("rtn", "awq", "gptq"):
+                cfgs[f"{name}-int{bits}-g{group}"] = m.get(name)(fmt)
+    kernels = {ml.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(model.params)[0]
+               if ml.path_str(p).endswith("kernel")}
+    n_kernel = sum(x.size for x in kernels.values())
+    rows = []
+    for name, method in cfgs.items():
+        if method.needs_calibration and stats is None:
+            stats = ml.quant.calibrate.collect(model, calib)
+        t0 = time.perf_counter()
+        qm = ml.passes.quantize(method)(model, calib=stats)
+        secs = time.perf_counter() - t0
+        qk = {ml.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+            qm.params, is_leaf=lambda a: isinstance(a, ml.quant.QArray))[0]
+            if ml.path_str(p).endswith("kernel")}
+        num = sum(float(jnp.sum((qk[k].dequantize() - kernels[k]) ** 2)) for k in kernels)
+        den = sum(float(jnp.sum(kernels[k] ** 2)) for k in kernels)
+        got = np.asarray(embed(qm, jnp.asarray(ids), jnp.asarray(mask)), np.float64)
+        cos = float(np.mean(np.sum(got * ref, -1) / np.linalg.norm(got, axis=-1)
+                            / np.linalg.norm(ref, axis=-1)))
+        bits = 8 * sum(ml.memory.tree_bytes(qk[k]) for k in kernels) / n_kernel
+        rows.append({"config": name, "method": method.name, "bits_per_param": bits,
+                     "relative_weight_mse": num / den, "embedding_cosine": cos, "seconds": secs})
+        print(f"minilm {name:<26} {bits:6.3f} bits  weight rel-MSE {num / den:.2e}  "
+              f"cos {cos:.5f}", flush=True)
+    _write("minilm", {"model": "all-MiniLM-L6-v2 (fp32 safetensors)",
+                      "eval": f"{len(held_out)} held-out Persuasion sentences, mean cosine to fp32",
+                      "calibration": "512 training-book sentences",
+                      "device": jax.devices()[0].device_kind, "rows": rows})
+
+
+def run_smollm2():
     import jax
 
     model = ml.models.load("smollm2-135m")
@@ -91,7 +176,7 @@ def main(_):
         rows.append(row)
         print(f"{name:<28} {row['bits_per_param']:6.3f} bits  ppl {ppl:8.3f}  "
               f"({ppl - base:+.3f})  quantized in {secs:.1f}s", flush=True)
-    out = {"experiment": "quantize", "model": "smollm2-135m",
+    out = {"model": "smollm2-135m",
            "baseline_note": "float = GGUF Q4_1/Q8_0 weights dequantized to float32",
            "corpus": "austen/test (Persuasion)",
            "settings": {"seq": FLAGS.seq, "windows": FLAGS.windows,
@@ -99,11 +184,8 @@ def main(_):
            "device": jax.devices()[0].device_kind,
            "versions": {"jax": jax.__version__, "python": platform.python_version()},
            "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(out, f, indent=2)
+    _write("smollm2", out)
     _plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")
-    print(f"wrote {FLAGS.out}")
 
 
 def _plot(rows, path):

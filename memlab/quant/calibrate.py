@@ -40,15 +40,19 @@ def _sow_interceptor(next_fun, args, kwargs, context):
 
 
 def collect(model: Model, batches: Iterable, max_batches: int | None = None) -> dict:
-    """Per-kernel-path input statistics over ``batches`` (each an input array)."""
+    """Per-kernel-path input statistics over ``batches``.
+
+    Each batch is the model's input array, or a tuple of its positional inputs
+    (e.g. ``(ids, mask)`` for an encoder).
+    """
     if model.module is None:
         raise ValueError("calibration needs a Flax Linen model (Model(module=..., params=...))")
     apply = model.apply
 
     @jax.jit
-    def one(params, batch):
+    def one(params, args):
         with nn.intercept_methods(_sow_interceptor):
-            _, state = apply(params, batch, mutable=["intermediates"])
+            _, state = apply(params, *args, mutable=["intermediates"])
         return state["intermediates"]
 
     total = None
@@ -56,7 +60,8 @@ def collect(model: Model, batches: Iterable, max_batches: int | None = None) -> 
     for batch in batches:
         if max_batches is not None and n >= max_batches:
             break
-        inter = one(model.params, jnp.asarray(batch))
+        args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+        inter = one(model.params, tuple(jnp.asarray(a) for a in args))
         if total is None:
             total = inter
         else:

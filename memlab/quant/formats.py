@@ -21,7 +21,6 @@ more than one layer's float temporaries.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import jax
@@ -453,7 +452,6 @@ class WithOutliers(Format):
         idx, val = q["outlier_idx"], q["outlier_val"]
         if dense.ndim == 2:
             return put(dense, idx, val)
-        lead = dense.shape[:-2]
         out = jax.vmap(put)(dense.reshape((-1,) + dense.shape[-2:]), idx.reshape(-1, idx.shape[-1]),
                             val.reshape(-1, val.shape[-1]))
         return out.reshape(dense.shape)
