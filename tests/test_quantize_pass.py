@@ -74,3 +74,31 @@ def test_donate_frees_float_leaves(tiny):
     q = ml.passes.quantize(ml.quant.int8(), donate=True)(model)
     assert leaf.is_deleted()
     assert isinstance(q.params["layers"]["mlp"]["up_proj"]["kernel"], QArray)
+
+
+@pytest.mark.slow
+def test_streaming_quantized_load_equals_the_pass_and_never_holds_the_float_model(smollm2):
+    import subprocess
+    import sys
+
+    streamed = ml.models.load("smollm2-135m", quantize=ml.quant.int4(64))
+    passed = ml.passes.quantize(ml.quant.int4(64))(smollm2)
+    chex.assert_trees_all_equal(streamed.params, passed.params)  # bit-exact, same tree
+    assert [p.name for p, _ in streamed.history] == [p.name for p, _ in passed.history]
+
+    def peak_rss_mib(expr):
+        # VmHWM: this process's own peak RSS (ru_maxrss would inherit the parent's)
+        code = ("import jax, memlab as ml\n"
+                f"m = ml.models.load('smollm2-135m', quantize={expr})\n"
+                "jax.block_until_ready(m.params)\n"
+                "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+                "print(int(hwm.split()[1]) / 1024)")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300, check=True)
+        return float(out.stdout.strip().splitlines()[-1])
+
+    float_peak, nf4_peak = peak_rss_mib("None"), peak_rss_mib("ml.quant.nf4(64)")
+    # float32 weights are 513 MiB, NF4 160 MiB: streaming saves most of the difference
+    assert float_peak - nf4_peak > 250, (float_peak, nf4_peak)
+    with pytest.raises(ValueError, match="cannot calibrate"):
+        ml.models.load("smollm2-135m", quantize=ml.quant.methods.get("gptq")(ml.quant.int4(64)))

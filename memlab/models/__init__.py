@@ -94,38 +94,65 @@ def weights_path(name: str) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _read_real(name: str):
+def _read_meta(name: str):
     from memlab.models import gguf_io
 
     reader = gguf_io.open_reader(weights_path(name))
-    cfg = gguf_io.read_config(reader, name)
-    params = gguf_io.read_params(reader, cfg)
-    tokenizer = gguf_io.read_tokenizer(reader)
-    return cfg, params, tokenizer, gguf_io.special_ids(reader)
+    return (gguf_io.read_config(reader, name), gguf_io.read_tokenizer(reader),
+            gguf_io.special_ids(reader))
 
 
-def load(name: str, dtype: str = "float32", abstract_ok: bool = True) -> Model:
+def load(name: str, dtype: str = "float32", abstract_ok: bool = True, quantize=None) -> Model:
     """Load a named model.
 
     ``smollm2-135m`` returns real weights (dequantized from the GGUF to float32,
     then cast to ``dtype``) with its tokenizer on ``model.tokenizer``.  Abstract-only
     names return ``abstract(name, param_dtype=dtype, dtype=dtype)`` unless
     ``abstract_ok=False``, which raises.
+
+    ``quantize=`` a format or calibration-free method quantizes each layer kernel
+    as it is read, so the float model never exists whole: peak memory is the
+    quantized model plus one tensor (the same result as the quantize pass).
     """
     cfg = _check_name(name)
     jnp.dtype(dtype)
     if name not in REAL_WEIGHTS:
         if not abstract_ok:
             weights_path(name)  # raises the explanatory error
-        return abstract(name, param_dtype=dtype, dtype=dtype)
-    file_cfg, params, tokenizer, special = _read_real(name)
+        model = abstract(name, param_dtype=dtype, dtype=dtype)
+        return model if quantize is None else _quantize_pass(quantize)(model)
+    from memlab.models import gguf_io
+
+    file_cfg, tokenizer, special = _read_meta(name)
     if (file_cfg.n_layers, file_cfg.d_model, file_cfg.vocab_size) != \
             (cfg.n_layers, cfg.d_model, cfg.vocab_size):
         raise ValueError(f"weights file for {name!r} does not match its config: {file_cfg}")
     cfg = dataclasses.replace(cfg, param_dtype=dtype, dtype=dtype)
-    params = jax.tree_util.tree_map(lambda w: jnp.asarray(w, dtype=dtype), params)
-    return Model(params=params, module=Llama(cfg), spec=cfg, tokenizer=tokenizer,
-                 extras=tuple(sorted({"special_tokens": tuple(sorted(special.items()))}.items())))
+    convert = lambda path, w: jnp.asarray(w, dtype)  # noqa: E731
+    qpass = None
+    if quantize is not None:
+        qpass = _quantize_pass(quantize)
+        method = qpass.method
+        if method.needs_calibration:
+            raise ValueError(f"load(quantize=...) streams one tensor at a time and cannot "
+                             f"calibrate; {method.name} needs data: load the float model and "
+                             "apply ml.passes.quantize(method)(model, calib=batches)")
+
+        def convert(path, w):
+            arr = jnp.asarray(w, dtype)
+            return method.quantize(arr) if path.endswith("kernel") and w.ndim == 2 else arr
+    params = gguf_io.read_params(gguf_io.open_reader(weights_path(name)), cfg, convert)
+    model = Model(params=params, module=Llama(cfg), spec=cfg, tokenizer=tokenizer,
+                  extras=(("special_tokens", tuple(sorted(special.items()))),))
+    if qpass is not None:  # what the pass would have produced: dispatch + history
+        from memlab.passes.quantize import dispatch_quantized
+        model = model.replace(wrappers=(dispatch_quantized,), history=((qpass, cfg),))
+    return model
+
+
+def _quantize_pass(quantize):
+    from memlab import passes
+    return passes.quantize(quantize)
 
 
 def names() -> list[str]:

@@ -8,7 +8,7 @@ half-split layout memlab's :func:`memlab.models.llama.rope` uses.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -77,20 +77,36 @@ def dequantized(reader, tensor) -> np.ndarray:
     return np.asarray(w, np.float32).reshape(tuple(int(s) for s in reversed(tensor.shape)))
 
 
-def read_params(reader, config: LlamaConfig, dtype=np.float32) -> dict:
-    """memlab's params pytree (numpy) from a GGUF reader, layer weights stacked."""
+def read_params(reader, config: LlamaConfig, convert: Optional[Callable] = None) -> dict:
+    """memlab's params pytree from a GGUF reader, one tensor at a time.
+
+    ``convert(path, w)`` turns each float32 numpy tensor (matrices already as
+    ``[in, out]``) into what is stored -- by default a float32 ``jax.Array``; the
+    loader passes a quantizer here so the float model is never held whole.  Layer
+    tensors are stacked along a leading layer axis afterwards.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    convert = convert or (lambda path, w: jnp.asarray(w))
     layers: dict = {}
-    top: dict = {}
-    seen = set()
+    params: dict = {}
+
+    def put(path, value):
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = value
+
     for t in reader.tensors:
         name = t.name
         w = dequantized(reader, t)
         if name == "token_embd.weight":
-            top[("embed", "embedding")] = w
+            put(("embed", "embedding"), convert("embed/embedding", w))
         elif name == "output_norm.weight":
-            top[("final_norm", "scale")] = w
+            put(("final_norm", "scale"), convert("final_norm/scale", w))
         elif name == "output.weight":
-            top[("lm_head", "kernel")] = w.T
+            put(("lm_head", "kernel"), convert("lm_head/kernel", np.ascontiguousarray(w.T)))
         elif name.startswith("blk."):
             _, idx, rest = name.split(".", 2)
             if rest not in _LAYER_MAP:
@@ -100,26 +116,19 @@ def read_params(reader, config: LlamaConfig, dtype=np.float32) -> dict:
                 w = unpermute_rope(w, config.n_heads)
             elif rest == "attn_k.weight":
                 w = unpermute_rope(w, config.n_kv_heads)
-            layers.setdefault(path, [None] * config.n_layers)[int(idx)] = w.T if matrix else w
+            w = np.ascontiguousarray(w.T) if matrix else w
+            layers.setdefault(path, [None] * config.n_layers)[int(idx)] = \
+                convert("layers/" + "/".join(path), w)
         else:
             raise ValueError(f"unexpected GGUF tensor {name!r} for a llama model")
-        seen.add(name)
+        del w
 
-    params: dict = {}
-
-    def put(path, value):
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = np.ascontiguousarray(value, dtype=dtype)
-
-    for path, w in top.items():
-        put(path, w)
     for path, ws in layers.items():
         missing = [i for i, w in enumerate(ws) if w is None]
         if missing:
             raise ValueError(f"GGUF file lacks layers {missing} of {'/'.join(path)}")
-        put(("layers",) + path, np.stack(ws))
+        put(("layers",) + path, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ws))
+        ws.clear()
     return params
 
 

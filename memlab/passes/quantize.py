@@ -141,5 +141,15 @@ def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: boo
         out["params"] = out.get("params", before) - before + after
         return out
 
-    return Pass(f"quantize({method.name})", transform, estimate)
+    p = Pass(f"quantize({method.name})", transform, estimate)
+    return _QuantizePass(*p, method=method)
+
+
+class _QuantizePass(Pass):
+    """The quantize Pass, also exposing its method (e.g. for streaming loaders)."""
+
+    def __new__(cls, *fields, method=None):
+        self = super().__new__(cls, *fields)
+        self.method = method
+        return self
 
