@@ -7,6 +7,8 @@ from nbclient import NotebookClient
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.endswith(".ipynb"))
+# what each notebook must print, so a silently broken cell cannot pass
+EXPECT = {"tour.ipynb": ["Paris", "kv_cache"], "quantize.ipynb": ["4.127", "Paris", "llm.int8()"]}
 
 
 @pytest.mark.slow
@@ -20,4 +22,5 @@ def test_notebook_executes(name):
     assert not errors, errors
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
-    assert "Paris" in text and "kv_cache" in text
+    for needle in EXPECT.get(name, []):
+        assert needle in text, (name, needle)
