@@ -159,6 +159,11 @@ class Int8(Format):
     def dequantize(self, q):
         return q["data"].astype(jnp.float32) * q["scale"][..., None, :]
 
+    def kernel_matmul(self, x2, q, backend):
+        from memlab.quant.matmul import pallas_kernels
+        k = pallas_kernels()
+        return None if k is None else k.int8_matmul(x2, q["data"], q["scale"], backend=backend)
+
 
 @dataclasses.dataclass(frozen=True)
 class IntN(Format):
@@ -200,6 +205,16 @@ class IntN(Format):
 
     def codes(self, q):
         return _map_leading(lambda d: unpack(d, self.bits), q["data"])
+
+    def kernel_matmul(self, x2, q, backend):
+        from memlab.quant.matmul import pallas_kernels
+        k = pallas_kernels()
+        if k is None or self.bits != 4:
+            return None
+        zero = (jnp.full(q["scale"].shape, 8.0, jnp.float32) if self.symmetric
+                else q["zero"].astype(jnp.float32))
+        return k.int4_matmul(x2, q["data"], q["scale"], zero, group_size=self.group,
+                             backend=backend)
 
     def group_params(self, x: jax.Array):
         """Scale (and zero point) per group of a [K, N] float weight: ([K/g, N], [K/g, N])."""
@@ -306,6 +321,14 @@ class NF4(Format):
                             q["absmax_scale"].reshape((-1,) + q["absmax_scale"].shape[-1:]),
                             q["absmax_mean"].reshape(-1))
         return out.reshape(lead + aq.shape[-2:])
+
+    def kernel_matmul(self, x2, q, backend):
+        from memlab.quant.matmul import pallas_kernels
+        k = pallas_kernels()
+        if k is None:
+            return None
+        return k.nf4_matmul(x2, q["data"], self.absmax(q).astype(jnp.float32),
+                            block_size=self.block, backend=backend)
 
     def dequantize(self, q):
         codes = _map_leading(lambda d: unpack(d, 4), q["data"])
@@ -416,6 +439,12 @@ class Scaled(Format):
 
     def dequantize(self, q):
         return self.inner.dequantize(self.inner_qarray(q)) / q["in_scale"][..., :, None]
+
+    def kernel_matmul(self, x2, q, backend):
+        fused = getattr(self.inner, "kernel_matmul", None)
+        if fused is None:
+            return None
+        return fused(x2 / q["in_scale"].astype(x2.dtype), self.inner_qarray(q), backend)
 
 
 @dataclasses.dataclass(frozen=True)
