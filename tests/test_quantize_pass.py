@@ -102,3 +102,20 @@ def test_streaming_quantized_load_equals_the_pass_and_never_holds_the_float_mode
     assert float_peak - nf4_peak > 250, (float_peak, nf4_peak)
     with pytest.raises(ValueError, match="cannot calibrate"):
         ml.models.load("smollm2-135m", quantize=ml.quant.methods.get("gptq")(ml.quant.int4(64)))
+
+
+@pytest.mark.parametrize("fmt", [ml.quant.int8(), ml.quant.int4(32), ml.quant.int4(32, True),
+                                 ml.quant.nf4(32)], ids=lambda f: f.name)
+def test_pallas_kernel_dispatch_matches_the_xla_path(tiny, fmt):
+    """The quantized model routed through the Pallas dequant-matmul kernels
+    (interpret mode here; Triton/Mosaic on GPU/TPU) equals the XLA path."""
+    q = ml.passes.quantize(fmt)(tiny)
+    tokens = jax.random.randint(jax.random.key(11), (2, 7), 0, 256)
+    with ml.quant.kernel_mode("interpret"):
+        assert ml.quant.kernel_backend() == "interpret"
+        fused = q(tokens)
+    assert ml.quant.kernel_backend() is None  # CPU default: XLA path
+    chex.assert_trees_all_close(fused, q(tokens), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="kernel_mode: 'fast'"):
+        with ml.quant.kernel_mode("fast"):
+            pass
