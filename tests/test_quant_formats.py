@@ -148,3 +148,30 @@ def test_orbax_roundtrip_is_bit_exact(tmp_path, tiny):
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), q.params))
     chex.assert_trees_all_equal(restored, q.params)
     chex.assert_trees_all_equal_dtypes(restored, q.params)
+
+
+def test_all_zero_groups_and_non_finite_weights():
+    w = _w(8, (128, 16))
+    w[:64, 3] = 0.0  # an all-zero group for every group size <= 64
+    for fmt in (ml.quant.int4(64), ml.quant.int4(64, True), ml.quant.nf4(64), ml.quant.int8(),
+                ml.quant.fp8(), ml.quant.fp4(32), ml.quant.intn(3, 64)):
+        q = fmt.quantize(jnp.asarray(w))
+        assert all(bool(jnp.all(jnp.isfinite(a))) for a in jax.tree_util.tree_leaves(q)
+                   if jnp.issubdtype(a.dtype, jnp.floating)), fmt.name
+        np.testing.assert_array_equal(np.asarray(q.dequantize())[:64, 3], 0.0)
+    w[5, 5] = np.nan
+    with pytest.raises(ValueError, match="contain NaN or Inf"):
+        ml.quant.int4(64).quantize(jnp.asarray(w))
+
+
+def test_checkpoint_restore_checks_formats(tmp_path, tiny):
+    q = ml.passes.quantize(ml.quant.nf4(block=16))(tiny)
+    ml.quant.checkpoint.save(tmp_path / "ck", q.params)
+    restored = ml.quant.checkpoint.restore(tmp_path / "ck", q.params)
+    chex.assert_trees_all_equal(restored, q.params)
+    other = ml.passes.quantize(ml.quant.int4(16))(tiny)
+    with pytest.raises(ValueError, match="stores 'embed/embedding'|stores 'layers/.*' as nf4-b16-dq "
+                                         "but the target expects int4-g16-asym"):
+        ml.quant.checkpoint.restore(tmp_path / "ck", other.params)
+    with pytest.raises(ValueError, match="not a memlab quantized checkpoint"):
+        ml.quant.checkpoint.restore(tmp_path, q.params)

@@ -156,3 +156,10 @@ def test_method_argument_errors():
         M("smoothquant")(1.5)
     with pytest.raises(ValueError, match="unknown quantization method 'awk'"):
         M("awk")
+
+
+def test_mismatched_calibration_shapes_are_rejected():
+    x, w, stats = _data(12, k=64, n=16)
+    wrong = dict(stats, absmax=stats["absmax"][:32])
+    with pytest.raises(ValueError, match="statistic 'absmax' has shape \\(32,\\) but the kernel"):
+        M("awq")(ml.quant.int4(32)).quantize(jnp.asarray(w), wrong)

@@ -9,4 +9,4 @@ from memlab.quant.qarray import QArray, is_qarray  # noqa: F401
 from memlab.quant.formats import (FP4, FP8, NF4, W8A8, Int8, IntN, LLMInt8, Format, Scaled,  # noqa: F401
                                   fp4, fp8, int4, int8, intn, llm_int8, nf4, pack, unpack, w8a8)
 from memlab.quant.matmul import kernel_backend, kernel_mode, qmatmul  # noqa: F401
-from memlab.quant import calibrate, methods  # noqa: F401,E402
+from memlab.quant import calibrate, checkpoint, methods  # noqa: F401,E402

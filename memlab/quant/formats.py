@@ -109,6 +109,10 @@ def _check_kernel(w, fmt, group: int | None = None, multiple: int = 1):
                          "params (norm scales, biases) with a rule")
     if not jnp.issubdtype(w.dtype, jnp.floating):
         raise ValueError(f"{fmt}: weights must be floating point, got {w.dtype}")
+    if isinstance(w, jax.Array) and not isinstance(w, jax.core.Tracer):
+        if not bool(jnp.all(jnp.isfinite(w))):
+            raise ValueError(f"{fmt}: the weights contain NaN or Inf ({int(jnp.sum(~jnp.isfinite(w)))}"
+                             " values); fix or mask them before quantizing: scales would be NaN")
     k = w.shape[-2]
     if group is not None and k % group:
         raise ValueError(f"{fmt}: group size {group} does not divide the input dimension "

@@ -18,6 +18,15 @@ METHODS = Registry("quantization method")
 
 def per_matrix(fn, w, stats):
     """Run ``fn(w2d, stats2d) -> QArray`` over leading (layer) axes, one matrix at a time."""
+    if stats is not None:
+        k = w.shape[-2]
+        for name, v in stats.items():
+            want = {"xtx": w.shape[:-2] + (k, k), "absmax": w.shape[:-2] + (k,),
+                    "abssum": w.shape[:-2] + (k,), "count": w.shape[:-2]}.get(name)
+            if want is not None and tuple(v.shape) != want:
+                raise ValueError(f"calibration statistic {name!r} has shape {tuple(v.shape)} but "
+                                 f"the kernel {tuple(w.shape)} needs {want}: the statistics were "
+                                 "collected on a different model or layer")
     if w.ndim == 2:
         return fn(w, stats)
     lead = w.shape[:-2]
