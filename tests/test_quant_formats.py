@@ -175,3 +175,19 @@ def test_checkpoint_restore_checks_formats(tmp_path, tiny):
         ml.quant.checkpoint.restore(tmp_path / "ck", other.params)
     with pytest.raises(ValueError, match="not a memlab quantized checkpoint"):
         ml.quant.checkpoint.restore(tmp_path, q.params)
+
+
+ALL_FORMATS = [ml.quant.int8(), ml.quant.intn(2, 32), ml.quant.intn(3, 32, True), ml.quant.int4(32),
+               ml.quant.int4(32, True), ml.quant.intn(8, 32), ml.quant.nf4(32), ml.quant.nf4(32, False),
+               ml.quant.fp8("e4m3"), ml.quant.fp8("e5m2"), ml.quant.fp4(32), ml.quant.w8a8(),
+               ml.quant.llm_int8()]
+
+
+@pytest.mark.parametrize("fmt", ALL_FORMATS, ids=lambda f: f.name)
+def test_every_format_roundtrips_bit_exactly_through_orbax(tmp_path, fmt):
+    q = fmt.quantize(jnp.asarray(_w(13, (2, 64, 24))))
+    ml.quant.checkpoint.save(tmp_path / "ck", {"w": q})
+    back = ml.quant.checkpoint.restore(tmp_path / "ck", {"w": q})["w"]
+    chex.assert_trees_all_equal(back, q)
+    chex.assert_trees_all_equal_dtypes(back, q)
+    np.testing.assert_array_equal(np.asarray(back.dequantize()), np.asarray(q.dequantize()))
