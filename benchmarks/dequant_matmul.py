@@ -8,9 +8,6 @@ the device's peak); prefill shapes report TFLOP/s.  On CPU the script runs
 small shapes through the XLA path only, to check it end to end -- CPU timings
 are not speed claims.  Results are JSON with the device name.
 """
-import json
-import os
-import platform
 import time
 
 import jax
@@ -49,6 +46,7 @@ def _cases(on_gpu):
 
 def main(_):
     import memlab as ml
+    from memlab import results
     from memlab.quant import qmatmul
 
     dev = jax.devices()[0]
@@ -82,14 +80,10 @@ def main(_):
                 row["TFLOPs"] = {kk: 2 * m * k * n / v / 1e12 for kk, v in row["seconds"].items()}
             rows.append(row)
             print(m, k, n, name, {kk: f"{v * 1e6:.1f}us" for kk, v in row["seconds"].items()})
-    out = {"benchmark": "dequant_matmul", "device": dev.device_kind, "platform": dev.platform,
-           "hbm_peak_Bps": peak, "jax": jax.__version__, "python": platform.python_version(),
-           "note": None if on_gpu else "CPU run: checks the script end to end; timings are not claims",
-           "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {FLAGS.out}")
+    results.write(FLAGS.out, {
+        "benchmark": "dequant_matmul", "hbm_peak_Bps": peak,
+        "note": None if on_gpu else "CPU run: checks the script end to end; timings are not claims",
+        "rows": rows})
 
 
 if __name__ == "__main__":

@@ -6,15 +6,12 @@ Writes results/baseline.json (every setting, device, versions, numbers): the
 float baseline later experiments report degradation against, and the first
 measured pass (bf16 weights: exact bytes halved, perplexity change).
 """
-import json
-import os
-import platform
 import time
 
 from absl import app, flags
 
 import memlab as ml
-from memlab import data
+from memlab import data, results
 from memlab.evaluate import perplexity
 
 FLAGS = flags.FLAGS
@@ -25,8 +22,6 @@ flags.DEFINE_string("out", "results/baseline.json", "Output JSON.")
 
 
 def main(_):
-    import jax
-
     model = ml.models.load("smollm2-135m")
     tokens = data.tokenize(data.load_corpus("austen"), "test", model.tokenizer)
     windows = data.eval_windows(tokens, FLAGS.seq, max_windows=FLAGS.windows or None)
@@ -51,15 +46,11 @@ def main(_):
     for r in rows:
         print(f"{r['variant']:<28} {ml.memory.fmt_bytes(r['param_bytes']):>11} "
               f"{r['perplexity']:8.3f} {r['perplexity'] - base['perplexity']:+8.3f}")
-    out = {"experiment": "baseline", "model": "smollm2-135m", "corpus": "austen/test (Persuasion)",
-           "settings": {"seq": FLAGS.seq, "windows": FLAGS.windows, "batch": FLAGS.batch},
-           "device": jax.devices()[0].device_kind, "versions": {
-               "jax": jax.__version__, "memlab": ml.__version__, "python": platform.python_version()},
-           "rows": rows}
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {FLAGS.out}")
+    results.write(FLAGS.out, {
+        "experiment": "baseline", "model": "smollm2-135m", "memlab": ml.__version__,
+        "corpus": "austen/test (Persuasion)",
+        "settings": {"seq": FLAGS.seq, "windows": FLAGS.windows, "batch": FLAGS.batch},
+        "rows": rows})
 
 
 if __name__ == "__main__":

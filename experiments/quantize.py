@@ -14,15 +14,13 @@ outliers beat RTN at the same small groups.  Calibration statistics are
 collected once and shared; its time is added to each calibrated method's.  Writes results/quantize.json and
 results/quantize.png (perplexity vs bits/param).
 """
-import json
 import os
-import platform
 import time
 
 from absl import app, flags
 
 import memlab as ml
-from memlab import data
+from memlab import data, results
 from memlab.evaluate import perplexity
 
 FLAGS = flags.FLAGS
@@ -57,20 +55,6 @@ def configs():
     out["rtn-fp8-e4m3"] = m.get("rtn")(q.fp8("e4m3"))
     out["rtn-fp4-g32"] = m.get("rtn")(q.fp4(32))
     return out
-
-
-def _write(key, payload):
-    out = {}
-    if os.path.exists(FLAGS.out):
-        with open(FLAGS.out) as f:
-            out = json.load(f)
-        if "rows" in out:  # older single-model layout
-            out = {"smollm2": out}
-    out[key] = payload
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"wrote {FLAGS.out} [{key}]")
 
 
 def main(_):
@@ -135,10 +119,11 @@ def run_minilm():
                      "relative_weight_mse": num / den, "embedding_cosine": cos, "seconds": secs})
         print(f"minilm {name:<26} {bits:6.3f} bits  weight rel-MSE {num / den:.2e}  "
               f"cos {cos:.5f}", flush=True)
-    _write("minilm", {"model": "all-MiniLM-L6-v2 (fp32 safetensors)",
-                      "eval": f"{len(held_out)} held-out Persuasion sentences, mean cosine to fp32",
-                      "calibration": "512 training-book sentences",
-                      "device": jax.devices()[0].device_kind, "rows": rows})
+    results.write(FLAGS.out, {"model": "all-MiniLM-L6-v2 (fp32 safetensors)",
+                              "eval": f"{len(held_out)} held-out Persuasion sentences, "
+                                      "mean cosine to fp32",
+                              "calibration": "512 training-book sentences", "rows": rows},
+                  key="minilm")
 
 
 def run_smollm2():
@@ -181,10 +166,8 @@ def run_smollm2():
            "corpus": "austen/test (Persuasion)",
            "settings": {"seq": FLAGS.seq, "windows": FLAGS.windows,
                         "calib_batches": FLAGS.calib_batches, "calib_tokens": FLAGS.calib_batches * 4 * 256},
-           "device": jax.devices()[0].device_kind,
-           "versions": {"jax": jax.__version__, "python": platform.python_version()},
            "rows": rows}
-    _write("smollm2", out)
+    results.write(FLAGS.out, out, key="smollm2")
     _plot(rows, os.path.splitext(FLAGS.out)[0] + ".png")
 
 

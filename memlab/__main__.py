@@ -8,9 +8,6 @@
 """
 from __future__ import annotations
 
-import json
-import os
-import platform
 import sys
 import time
 
@@ -34,22 +31,6 @@ flags.DEFINE_string("split", "test", "Corpus split for perplexity.")
 flags.DEFINE_integer("eval_seq", 512, "Window length for perplexity.")
 flags.DEFINE_integer("eval_windows", 16, "Number of windows for perplexity (0 = all).")
 flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
-
-
-def _environment() -> dict:
-    import jax
-    return {"device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
-            "jax": jax.__version__, "python": platform.python_version(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
-
-
-def _write_json(result: dict, path: str | None) -> None:
-    if not path:
-        return
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2, default=str)
-    print(f"wrote {path}")
 
 
 def _load(name: str, dtype: str | None):
@@ -145,10 +126,12 @@ def main(argv):
         # user mistakes and missing artifacts: one clear line, no XLA traceback
         print(f"memlab {argv[1]}: error: {e}", file=sys.stderr)
         return 2
-    result.update(command=argv[1], environment=_environment(),
+    result.update(command=argv[1],
                   flags={k: FLAGS[k].value for k in ("model", "task", "batch", "seq", "dtype",
                                                       "optimizer")})
-    _write_json(result, FLAGS.json)
+    if FLAGS.json:
+        from memlab import results
+        results.write(FLAGS.json, result)
     return 0
 
 

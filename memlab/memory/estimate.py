@@ -43,6 +43,22 @@ def bytes_by_category(spec, task: str, batch: int, seq: int,
     return out
 
 
+def replay_on_shapes(current: dict, spec, transform_params, categories=("params",)) -> dict:
+    """Exact estimate of a pass that changes params: run it on the spec's abstract
+    params (``spec.param_shapes()``) and move the byte difference into ``categories``."""
+    from memlab.memory.bytes import tree_bytes
+
+    out = dict(current)
+    shapes = getattr(spec, "param_shapes", None)
+    if shapes is None:
+        return out
+    delta = tree_bytes(transform_params(shapes())) - tree_bytes(shapes())
+    for cat in categories:
+        if cat in out:
+            out[cat] += delta
+    return out
+
+
 def base_spec(model):
     """The spec the model had before any pass (what the base estimate starts from)."""
     history = getattr(model, "history", ())

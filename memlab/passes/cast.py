@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional
 import jax
 import jax.numpy as jnp
 
+from memlab.memory.estimate import replay_on_shapes
 from memlab.model import Model, Pass, Rules, map_params
 from memlab.passes import PASSES
 
@@ -57,15 +58,9 @@ def cast(dtype: Any = "bfloat16", rules: Optional[Mapping[str, Any]] = None,
         return out
 
     def estimate(current, spec, workload):
-        shapes = getattr(spec, "param_shapes", None)
-        if shapes is None:
-            return current
-        before = _bytes(shapes())
-        after = _bytes(map_params(_cast_leaf(dt), shapes(), select(), "cast estimate"))
-        out = dict(current)
-        for cat in ("params", "gradients"):
-            if cat in out:
-                out[cat] = out[cat] - before + after
+        out = replay_on_shapes(current, spec,
+                               lambda p: map_params(_cast_leaf(dt), p, select(), "cast estimate"),
+                               categories=("params", "gradients"))
         if compute and "kv_cache" in out:
             new_spec = dataclasses.replace(spec, dtype=dt.name)
             b, s = workload.batch, workload.seq
@@ -74,7 +69,3 @@ def cast(dtype: Any = "bfloat16", rules: Optional[Mapping[str, Any]] = None,
 
     return Pass(f"cast({dt.name})", transform, estimate)
 
-
-def _bytes(tree) -> int:
-    from memlab.memory.bytes import tree_bytes
-    return tree_bytes(tree)

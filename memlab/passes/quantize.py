@@ -130,16 +130,10 @@ def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: boo
         return out
 
     def estimate(current, spec, workload):
-        shapes = getattr(spec, "param_shapes", None)
-        if shapes is None:
-            return current
-        from memlab.memory.bytes import tree_bytes
-        before = tree_bytes(shapes())
-        after = tree_bytes(transform(Model(params=shapes(), fn=lambda p: p), None).params)
-        # (abstract params: methods are traced with placeholder statistics, shapes only)
-        out = dict(current)
-        out["params"] = out.get("params", before) - before + after
-        return out
+        # abstract params: methods are traced with placeholder statistics, shapes only
+        from memlab.memory.estimate import replay_on_shapes
+        return replay_on_shapes(current, spec,
+                                lambda p: transform(Model(params=p, fn=lambda q: q), None).params)
 
     p = Pass(f"quantize({method.name})", transform, estimate)
     return _QuantizePass(*p, method=method)

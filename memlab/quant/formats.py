@@ -122,6 +122,27 @@ def _check_kernel(w, fmt, group: int | None = None, multiple: int = 1):
                          "for packing")
 
 
+def _codebook_quantize(x: jax.Array, levels, block: int, divisor: float = 1.0):
+    """Nearest-level 4-bit codes of x [K, N] in blocks along K, scale = absmax / divisor.
+
+    Returns (packed codes [K/2, N], absmax [K/block, N])."""
+    k, n = x.shape
+    xb = x.astype(jnp.float32).reshape(k // block, block, n)
+    absmax = jnp.max(jnp.abs(xb), axis=1)
+    scale = jnp.where(absmax == 0, 1.0, absmax / divisor)
+    codes = _nearest_level(xb / scale[:, None], levels).reshape(k, n)
+    return pack(codes, 4), absmax
+
+
+def _codebook_dequantize(packed: jax.Array, levels, scale: jax.Array, block: int):
+    """levels[code] * scale for packed 4-bit codes [..., K/2, N] and scale [..., K/block, N]."""
+    codes = _map_leading(lambda d: unpack(d, 4), packed)
+    vals = jnp.asarray(levels, jnp.float32)[codes]
+    *lead, k, n = vals.shape
+    vb = vals.reshape(*lead, k // block, block, n)
+    return (vb * scale[..., None, :]).reshape(*lead, k, n)
+
+
 class Format:
     """Base: ``quantize(w) -> QArray``, ``dequantize(q) -> array``."""
 
@@ -280,15 +301,10 @@ class NF4(Format):
 
     def quantize(self, w):
         _check_kernel(w, self.name, group=self.block)
-        b = self.block
 
         def one(x):
-            k, n = x.shape
-            xb = x.astype(jnp.float32).reshape(k // b, b, n)
-            absmax = jnp.max(jnp.abs(xb), axis=1)
-            safe = jnp.where(absmax == 0, 1.0, absmax)
-            codes = _nearest_level(xb / safe[:, None], NF4_LEVELS).reshape(k, n)
-            out = {"data": pack(codes, 4)}
+            packed, absmax = _codebook_quantize(x, NF4_LEVELS, self.block)
+            out = {"data": packed}
             if self.double_quant:
                 out.update(self._quantize_absmax(absmax))
             else:
@@ -335,11 +351,7 @@ class NF4(Format):
                             block_size=self.block, backend=backend)
 
     def dequantize(self, q):
-        codes = _map_leading(lambda d: unpack(d, 4), q["data"])
-        vals = jnp.asarray(NF4_LEVELS, jnp.float32)[codes]
-        *lead, k, n = vals.shape
-        vb = vals.reshape(*lead, k // self.block, self.block, n)
-        return (vb * self.absmax(q)[..., None, :]).reshape(*lead, k, n)
+        return _codebook_dequantize(q["data"], NF4_LEVELS, self.absmax(q), self.block)
 
 
 _FP8 = {"e4m3": (jnp.float8_e4m3fn, 448.0), "e5m2": (jnp.float8_e5m2, 57344.0)}
@@ -393,23 +405,14 @@ class FP4(Format):
 
     def quantize(self, w):
         _check_kernel(w, self.name, group=self.group)
-        g = self.group
 
-        def one(x):
-            k, n = x.shape
-            xg = x.astype(jnp.float32).reshape(k // g, g, n)
-            scale = jnp.max(jnp.abs(xg), axis=1) / 6.0
-            scale = jnp.where(scale == 0, 1.0, scale)
-            codes = _nearest_level(xg / scale[:, None], FP4_E2M1_LEVELS).reshape(k, n)
-            return {"data": pack(codes, 4), "scale": scale}
+        def one(x):  # largest E2M1 magnitude is 6: scale = absmax / 6
+            packed, absmax = _codebook_quantize(x, FP4_E2M1_LEVELS, self.group, divisor=6.0)
+            return {"data": packed, "scale": jnp.where(absmax == 0, 1.0, absmax / 6.0)}
         return QArray(_map_leading(one, w), self, w.dtype)
 
     def dequantize(self, q):
-        codes = _map_leading(lambda d: unpack(d, 4), q["data"])
-        vals = jnp.asarray(FP4_E2M1_LEVELS, jnp.float32)[codes]
-        *lead, k, n = vals.shape
-        vb = vals.reshape(*lead, k // self.group, self.group, n)
-        return (vb * q["scale"][..., None, :]).reshape(*lead, k, n)
+        return _codebook_dequantize(q["data"], FP4_E2M1_LEVELS, q["scale"], self.group)
 
 
 @dataclasses.dataclass(frozen=True)
