@@ -39,6 +39,13 @@ def per_matrix(fn, w, stats):
     return jax.tree_util.tree_map(lambda a: a.reshape(lead + a.shape[1:]), stacked)
 
 
+def require_stats(method_name: str, stats) -> None:
+    """Calibrated methods called without statistics: one clear error for all of them."""
+    if stats is None:
+        raise ValueError(f"{method_name} needs calibration statistics: pass calib= batches to "
+                         "the pass, or memlab.quant.calibrate.collect(model, batches)")
+
+
 def get(name: str):
     return METHODS.get(name)
 
@@ -59,4 +66,5 @@ def output_error(w, w_hat, h) -> jax.Array:
 
 
 discover(__name__, __path__)
-__all__ = ["METHODS", "QArray", "get", "names", "per_matrix", "hessian", "output_error"]
+__all__ = ["METHODS", "QArray", "get", "names", "per_matrix", "require_stats", "hessian",
+           "output_error"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from memlab.quant.formats import Scaled
-from memlab.quant.methods import METHODS, hessian, output_error, per_matrix
+from memlab.quant.methods import METHODS, require_stats, hessian, output_error, per_matrix
 
 
 @METHODS.register("awq")
@@ -32,8 +32,7 @@ class AWQ:
         return f"awq-{self.format.name}"
 
     def quantize(self, w, stats):
-        if stats is None:
-            raise ValueError("awq needs calibration statistics: pass calib= batches to the pass")
+        require_stats("awq", stats)
         fmt = self.format
         wrapper = Scaled(fmt)
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from memlab.quant.formats import IntN
-from memlab.quant.methods import METHODS, hessian, per_matrix
+from memlab.quant.methods import METHODS, require_stats, hessian, per_matrix
 
 
 @METHODS.register("gptq")
@@ -36,8 +36,7 @@ class GPTQ:
         return f"gptq-{self.format.name}{'-act' if self.act_order else ''}"
 
     def quantize(self, w, stats):
-        if stats is None:
-            raise ValueError("gptq needs calibration statistics: pass calib= batches to the pass")
+        require_stats("gptq", stats)
         return per_matrix(jax.jit(self._one), w, stats)
 
     def _one(self, w, st):

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from memlab.quant.formats import W8A8
-from memlab.quant.methods import METHODS, per_matrix
+from memlab.quant.methods import METHODS, require_stats, per_matrix
 
 
 @METHODS.register("smoothquant")
@@ -34,8 +34,7 @@ class SmoothQuant:
         return f"smoothquant-a{self.alpha:g}"
 
     def quantize(self, w, stats):
-        if stats is None:
-            raise ValueError("smoothquant needs calibration statistics: pass calib= batches")
+        require_stats("smoothquant", stats)
 
         def one(w2, st):
             w2 = w2.astype(jnp.float32)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from memlab.quant.formats import IntN, WithOutliers
-from memlab.quant.methods import METHODS, per_matrix
+from memlab.quant.methods import METHODS, require_stats, per_matrix
 
 
 @METHODS.register("spqr")
@@ -38,8 +38,7 @@ class SpQR:
         return f"spqr-int{self.bits}-g{self.group}-o{self.outlier_frac:g}"
 
     def quantize(self, w, stats):
-        if stats is None:
-            raise ValueError("spqr needs calibration statistics: pass calib= batches")
+        require_stats("spqr", stats)
         fmt = IntN(self.bits, self.group, False)
         k, n = w.shape[-2:]
         count = max(1, int(round(self.outlier_frac * k * n)))
