@@ -10,9 +10,9 @@ from memlab import _xla_flags
 _xla_flags.apply()
 
 from memlab.model import Model, Pass, Rules, compose, map_params, param_paths, path_str  # noqa: E402
-from memlab import memory, models, passes  # noqa: E402
+from memlab import memory, models, nn, passes  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["Model", "Pass", "Rules", "compose", "map_params", "param_paths", "path_str",
-           "memory", "models", "passes"]
+           "memory", "models", "nn", "passes"]

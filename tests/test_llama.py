@@ -7,7 +7,7 @@ import pytest
 
 import memlab as ml
 from memlab.generate import generate_ids
-from memlab.models.llama import KVCache, LlamaConfig, attention_reference, rope
+from memlab.models.llama import KVCache, LlamaConfig, rope
 
 
 def _np_attention(q, k, v, qpos, valid):
@@ -22,8 +22,10 @@ def _np_attention(q, k, v, qpos, valid):
     return np.einsum("bhts,bshd->bthd", p, v)
 
 
+@pytest.mark.parametrize("impl", ["naive", "chunked"])
 @pytest.mark.parametrize("h,hkv,t,s", [(4, 2, 5, 13), (6, 1, 1, 9), (3, 3, 7, 7)])
-def test_gqa_attention_matches_float64(h, hkv, t, s):
+def test_gqa_cache_attention_matches_float64(h, hkv, t, s, impl):
+    """The model's cache convention: empty slots at position INT32_MAX, hidden by causality."""
     rng = np.random.default_rng(h * 100 + t)
     b, d = 2, 16
     q, k, v = (rng.standard_normal(sh) for sh in ((b, t, h, d), (b, s, hkv, d), (b, s, hkv, d)))
@@ -31,8 +33,9 @@ def test_gqa_attention_matches_float64(h, hkv, t, s):
     qpos = start[:, None] + np.arange(t)
     valid = np.arange(s)[None] < (start + t)[:, None]
     ref = _np_attention(q, k, v, qpos, valid)
-    got = attention_reference(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
-                              jnp.asarray(qpos), jnp.asarray(valid))
+    kv_pos = np.where(valid, np.arange(s)[None], np.iinfo(np.int32).max)
+    got = ml.nn.attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)), causal=True,
+                          q_positions=jnp.asarray(qpos), kv_positions=jnp.asarray(kv_pos), impl=impl)
     chex.assert_trees_all_close(np.asarray(got, np.float64), ref, atol=2e-5, rtol=2e-5)
 
 

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+
+from memlab.nn.attention import attention as nn_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +48,7 @@ class LlamaConfig:
     max_seq_len: int = 4096
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax and norms always run in float32
+    attention: str = "auto"  # memlab.nn.attention impl: auto, chunked, naive, pallas_triton, ...
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -147,25 +149,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_reference(q, k, v, q_positions, kv_valid):
-    """Naive grouped-query causal attention.
-
-    q: [B, T, H, D]; k, v: [B, S, Hkv, D]; q_positions: [B, T] absolute positions;
-    kv_valid: [B, S] bool.  Key position s attends iff s <= q_position and valid.
-    """
-    b, t, h, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, t, hkv, h // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(d)
-    s_pos = jnp.arange(k.shape[1])
-    mask = (s_pos[None, None, :] <= q_positions[:, :, None]) & kv_valid[:, None, :]  # [B,T,S]
-    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.reshape(b, t, h, d).astype(q.dtype)
-
-
 def write_layer(cache_all, layer, new, positions):
     """Scatter new [B, T, Hkv, D] into cache_all [L, B, S, Hkv, D] at (layer, b, positions[b, t]).
 
@@ -192,13 +175,16 @@ class Attention(nn.Module):
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
         if kv is None:
-            keys, values = k, v
-            valid = jnp.ones((b, t), bool)
+            keys, values, kv_positions = k, v, positions
         else:
             kv = (write_layer(kv[0], layer, k, positions), write_layer(kv[1], layer, v, positions))
             keys, values = kv[0][layer], kv[1][layer]
-            valid = jnp.arange(keys.shape[1])[None, :] < (lengths + t)[:, None]
-        out = attention_reference(q, keys.astype(q.dtype), values.astype(q.dtype), positions, valid)
+            slots = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, :]
+            # empty cache slots sit at position INT32_MAX: the causal mask hides them
+            kv_positions = jnp.where(slots < (lengths + t)[:, None], slots, jnp.iinfo(jnp.int32).max)
+        out = nn_attention(q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
+                           q_positions=positions, kv_positions=kv_positions,
+                           impl=None if c.attention == "auto" else c.attention)
         out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
         return dense(c.d_model, "o_proj")(out), kv
 

@@ -1,0 +1,174 @@
+"""One attention call, many implementations: pick by backend and shape, override by name.
+
+``memlab.nn.attention(q, k, v, ...)`` takes the arguments and mask semantics of
+:mod:`memlab_kernels.attention_reference` (``[B, T, H, D]`` layout, GQA,
+causal, sliding window, segment ids, explicit positions) and runs one of:
+
+==================  ==========================================================
+``"pallas_triton"``  memlab's FlashAttention-2 Pallas kernel, Triton backend (GPU)
+``"pallas_tpu"``     the same kernel's Mosaic backend (TPU)
+``"cudnn"``          ``jax.nn.dot_product_attention(implementation="cudnn")``
+``"xla"``            ``jax.nn.dot_product_attention(implementation="xla")`` (T x S)
+``"chunked"``        Rabe & Staats chunked attention in plain JAX: O(T) memory anywhere
+``"naive"``          the reference: materializes the ``[B, H, T, S]`` scores
+``"interpret"``      the Pallas kernel in the HLO interpreter (tests, debugging)
+==================  ==========================================================
+
+``impl="auto"`` (the default) chooses, see :func:`choose`:
+
+* GPU: cuDNN when it supports the call (16-bit dtypes, head dim a multiple of
+  8 up to 128, no explicit positions or segment ids, causal only for T == S --
+  cuDNN's causal mask is top-left aligned), else the Triton flash kernel.
+* TPU: the Mosaic flash kernel.
+* CPU and anything else: ``"naive"`` while the score matrix
+  (``B*H*T*S*4`` bytes) stays under :data:`NAIVE_MAX_SCORE_BYTES` (it is faster
+  for short sequences), else ``"chunked"``, so memory stays O(T).
+
+Override per call with ``impl=``, or for a region with
+``with memlab.nn.use_attention("chunked"): ...``.  The choice is made at trace
+time: a function already jitted keeps the implementation it was traced with.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memlab_kernels.attention_reference import attention_reference, check_attention_args
+from memlab_kernels.chunked_attention import chunked_attention
+
+__all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "choose", "decode_attention",
+           "use_attention"]
+
+IMPLS = ("auto", "pallas_triton", "pallas_tpu", "cudnn", "xla", "chunked", "naive", "interpret")
+DECODE_IMPLS = ("auto", "pallas_triton", "pallas_tpu", "interpret", "xla")
+#: Above this many bytes of float32 scores the CPU path switches from naive to chunked.
+NAIVE_MAX_SCORE_BYTES = 64 * 2**20
+
+_DEFAULT = contextvars.ContextVar("memlab_attention_impl", default="auto")
+
+
+@contextlib.contextmanager
+def use_attention(impl: str):
+    """Run the enclosed traces with ``impl`` as the default attention implementation."""
+    _check_impl(impl, IMPLS)
+    token = _DEFAULT.set(impl)
+    try:
+        yield
+    finally:
+        _DEFAULT.reset(token)
+
+
+def _check_impl(impl, allowed):
+    if impl not in allowed:
+        raise ValueError(f"attention impl={impl!r} is not one of {allowed}; "
+                         "use 'auto' to pick by backend and shape.")
+
+
+def _platform() -> str:
+    p = jax.default_backend()
+    return "gpu" if p in ("gpu", "cuda", "rocm") else p
+
+
+def choose(q, k, v, *, causal=False, window=None, segment_ids=None, q_positions=None,
+           kv_positions=None, platform: Optional[str] = None) -> tuple[str, str]:
+    """The implementation ``impl="auto"`` would run, and why (``(name, reason)``)."""
+    b, t, h, d, s, hkv, dv = check_attention_args(
+        q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions)
+    platform = platform or _platform()
+    if platform == "gpu":
+        why_not = _cudnn_unsupported(q, t, s, d, dv, causal, segment_ids, q_positions, kv_positions)
+        if why_not is None:
+            return "cudnn", "GPU and cuDNN supports this call"
+        return "pallas_triton", f"GPU; cuDNN does not fit ({why_not})"
+    if platform == "tpu":
+        return "pallas_tpu", "TPU"
+    score_bytes = b * h * t * s * 4
+    if score_bytes <= NAIVE_MAX_SCORE_BYTES:
+        return "naive", (f"{platform}: scores {score_bytes / 2**20:.1f} MiB <= "
+                         f"{NAIVE_MAX_SCORE_BYTES / 2**20:.0f} MiB")
+    return "chunked", (f"{platform}: scores would take {score_bytes / 2**20:.0f} MiB > "
+                       f"{NAIVE_MAX_SCORE_BYTES / 2**20:.0f} MiB; chunked keeps O(T)")
+
+
+def _cudnn_unsupported(q, t, s, d, dv, causal, segment_ids, q_positions, kv_positions):
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"dtype {q.dtype}, cuDNN needs bfloat16/float16"
+    if d != dv or d % 8 or d > 128:
+        return f"head_dim {d}/{dv}"
+    if segment_ids is not None or q_positions is not None or kv_positions is not None:
+        return "explicit positions or segment ids"
+    if causal and t != s:
+        return "causal with T != S (cuDNN aligns the mask top-left)"
+    return None
+
+
+def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, segment_ids=None,
+              q_positions=None, kv_positions=None, scale: Optional[float] = None,
+              impl: Optional[str] = None) -> jax.Array:
+    """Scaled dot-product attention ``[B, T, H, Dv]``; ``impl`` None means the context default."""
+    impl = _DEFAULT.get() if impl is None else impl
+    _check_impl(impl, IMPLS)
+    mask = dict(causal=causal, window=window, segment_ids=segment_ids, q_positions=q_positions,
+                kv_positions=kv_positions)
+    if impl == "auto":
+        impl, _ = choose(q, k, v, **mask)
+    if impl == "naive":
+        return attention_reference(q, k, v, scale=scale, precision=None, **mask)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, scale=scale, **mask)
+    if impl in ("cudnn", "xla"):
+        return _jax_nn(q, k, v, impl, scale=scale, **mask)
+    from memlab_kernels.flash_attention import flash_attention
+    backend = {"pallas_triton": "triton", "pallas_tpu": "mosaic_tpu", "interpret": "interpret"}[impl]
+    return flash_attention(q, k, v, scale=scale, backend=backend, **mask)
+
+
+def _jax_nn(q, k, v, impl, *, causal, window, segment_ids, q_positions, kv_positions, scale):
+    t, s, d = q.shape[1], k.shape[1], q.shape[-1]
+    if impl == "cudnn":
+        why_not = _cudnn_unsupported(q, t, s, d, v.shape[-1], causal, segment_ids, q_positions,
+                                     kv_positions)
+        if why_not is not None:
+            raise ValueError(f"attention impl='cudnn' cannot run this call: {why_not}; "
+                             "use impl='auto' or 'pallas_triton'.")
+    elif segment_ids is not None or q_positions is not None or kv_positions is not None or (
+            causal and t != s):
+        raise ValueError("attention impl='xla' (jax.nn.dot_product_attention) supports neither "
+                         "explicit positions/segment ids nor causal with T != S; "
+                         "use impl='naive' or 'chunked'.")
+    local = None
+    if window is not None:
+        local = (window - 1, 0 if causal else window - 1)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                        local_window_size=local, implementation=impl)
+
+
+def decode_attention(q, k, v, lengths, *, scale: Optional[float] = None,
+                     impl: Optional[str] = None) -> jax.Array:
+    """One query token per row, ``q [B, H, D]``, over a cache ``k, v [B, S, Hkv, D]``.
+
+    Keys ``0..lengths[b]-1`` are visible.  GPU/TPU run memlab's split-K
+    (flash-decoding) Pallas kernel; elsewhere (``"xla"``) a plain masked
+    softmax, which is O(S) memory already.
+    """
+    impl = "auto" if impl is None else impl
+    _check_impl(impl, DECODE_IMPLS)
+    if impl == "auto":
+        impl = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}.get(_platform(), "xla")
+    if q.ndim != 3:
+        raise ValueError(f"decode_attention: q must be [batch, heads, head_dim], got {q.shape}.")
+    if impl == "xla":
+        kv_pos = jnp.where(jnp.arange(k.shape[1])[None, :] < jnp.asarray(lengths)[:, None],
+                           jnp.arange(k.shape[1])[None, :], np.iinfo(np.int32).max)
+        q_pos = jnp.full((q.shape[0], 1), k.shape[1], jnp.int32)
+        return attention_reference(q[:, None], k, v, causal=True, q_positions=q_pos,
+                                   kv_positions=kv_pos, scale=scale, precision=None)[:, 0]
+    from memlab_kernels.decode_attention import decode_attention as kernel
+    backend = {"pallas_triton": "triton", "pallas_tpu": "mosaic_tpu", "interpret": "interpret"}[impl]
+    return kernel(q, k, v, lengths, scale=scale, backend=backend)
