@@ -95,6 +95,18 @@ def _visible(mask, qpos, kpos, kvalid, qseg, kseg):
     return vis & kvalid[:, None, :]
 
 
+def _opaque(step):
+    """Keep the forward scan out of any enclosing linearization.
+
+    A custom_vjp forward that runs inside another differentiated ``lax.scan``
+    (a model's scan over layers) is partially evaluated with that scan, and JAX
+    then stacks the inner scans' intermediates (every score block) as
+    residuals although the custom backward never reads them.  Checkpointing
+    the step with nothing saveable stops that: nothing inside it is saved.
+    """
+    return jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
+
+
 def _acc(x):
     """Accumulation dtype: float32, or float64 for float64 inputs."""
     return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
@@ -147,7 +159,7 @@ def _forward(q, k, v, mask, scale, q_chunk, kv_chunk, precision):
         return None, (out, lse)
 
     xs = (L["q"], L["qpos"]) + ((L["qseg"],) if has_seg else ())
-    _, (out, lse) = lax.scan(q_step, None, xs)
+    _, (out, lse) = lax.scan(_opaque(q_step), None, xs)
     # out [nq, B, Hkv, G, qc, Dv] -> [B, T, H, Dv];  lse [nq, B, Hkv, G, qc] -> [B, H, T]
     out = out.transpose(1, 0, 4, 2, 3, 5).reshape(b, nq * qc, h, dv)[:, :t].astype(q.dtype)
     lse = lse.transpose(1, 2, 3, 0, 4).reshape(b, h, nq * qc)[:, :, :t]
