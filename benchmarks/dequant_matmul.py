@@ -8,30 +8,16 @@ the device's peak); prefill shapes report TFLOP/s.  On CPU the script runs
 small shapes through the XLA path only, to check it end to end -- CPU timings
 are not speed claims.  Results are JSON with the device name.
 """
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from _bench import HBM_PEAK, time_fn
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "results/bench_dequant_matmul.json", "Output JSON.")
 flags.DEFINE_integer("iters", 50, "Timed iterations per case.")
-
-# Peak HBM bandwidth in bytes/s by device kind (vendor datasheets).
-HBM_PEAK = {"NVIDIA H100 80GB HBM3": 3.35e12, "NVIDIA H100": 3.35e12, "NVIDIA H200": 4.8e12,
-            "NVIDIA A100-SXM4-80GB": 2.04e12, "NVIDIA A100-SXM4-40GB": 1.55e12}
-
-
-def _time(fn, *args, iters):
-    out = fn(*args)
-    jax.block_until_ready(out)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / iters
 
 
 def _cases(on_gpu):
@@ -60,14 +46,14 @@ def main(_):
         x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
         w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), jnp.bfloat16)
         dense = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype))
-        t_dense = _time(dense, x, w, iters=FLAGS.iters)
+        t_dense = time_fn(dense, x, w, iters=FLAGS.iters)
         for name, fmt in fmts.items():
             q = fmt.quantize(w)
             xla = jax.jit(lambda a, qq: jnp.dot(a, qq.dequantize(a.dtype),
                                                 preferred_element_type=jnp.float32).astype(a.dtype))
             fused = jax.jit(lambda a, qq: qmatmul(a, qq))  # Pallas kernel where one lowers
-            t_xla = _time(xla, x, q, iters=FLAGS.iters)
-            t_fused = _time(fused, x, q, iters=FLAGS.iters)
+            t_xla = time_fn(xla, x, q, iters=FLAGS.iters)
+            t_fused = time_fn(fused, x, q, iters=FLAGS.iters)
             moved = q.nbytes + x.nbytes + m * n * 2
             row = {"M": m, "K": k, "N": n, "format": name, "weight_bytes": q.nbytes,
                    "seconds": {"bf16_dot": t_dense, "xla_dequant_dot": t_xla, "memlab": t_fused}}
