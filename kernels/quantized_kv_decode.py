@@ -573,8 +573,10 @@ def kivi_append(cache: KiviCache, k_new, v_new) -> KiviCache:
     is quantized (per-channel keys, per-token values) into group
     ``quantized_lengths[b] / G`` and shifted out of the residual window.
     Static shapes throughout: jit it (and donate the cache) in a decode loop.
-    A row whose quantized part and residual window are both full drops the
-    token (its lengths stay unchanged).
+    A row whose quantized part and residual window are both full cannot take
+    the token: called eagerly (concrete lengths) this raises; under ``jit`` the
+    token is dropped and that row's lengths stop growing, so size ``capacity``
+    for the whole generation up front (the generation engine does).
     """
     dims = _check_cache(cache)
     want = (dims.b, dims.hkv, dims.d)
@@ -584,7 +586,19 @@ def kivi_append(cache: KiviCache, k_new, v_new) -> KiviCache:
                              f"{tuple(a.shape)}.")
         if jnp.dtype(a.dtype) not in _FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {a.dtype}; use a float dtype.")
+    qlen, rlen = cache.quantized_lengths, cache.residual_lengths
+    if not isinstance(qlen, jax.core.Tracer) and not isinstance(rlen, jax.core.Tracer):
+        full = (np.asarray(rlen) >= dims_res(cache)) & (np.asarray(qlen) >= cache.capacity)
+        if full.any():
+            raise ValueError(
+                f"kivi_append: rows {np.flatnonzero(full).tolist()} are full (capacity "
+                f"{cache.capacity} quantized + {dims_res(cache)} residual tokens); build the cache "
+                "with a larger capacity= (kivi_quantize/kivi_empty).")
     return _append_impl(cache, k_new, v_new)
+
+
+def dims_res(cache: KiviCache) -> int:
+    return cache.k_res.shape[1]
 
 
 @jax.jit

@@ -262,8 +262,13 @@ def test_append_from_empty_and_overflow_keeps_first_tokens():
     s, r, g = 16, 16, 16
     cache = qk.kivi_empty(2, s, 1, 64, bits=4, group_size=g, residual=r, dtype=F32)
     k, v = rand_kv(3, 2, s + r + 10, 1, 64, F32)
-    for i in range(s + r + 10):
+    for i in range(s + r):
         cache = qk.kivi_append(cache, k[:, i], v[:, i])
+    with pytest.raises(ValueError, match="are full"):       # eagerly: a clear error
+        qk.kivi_append(cache, k[:, s + r], v[:, s + r])
+    jitted = jax.jit(qk.kivi_append)                          # under jit: dropped, lengths stop
+    for i in range(s + r, s + r + 10):
+        cache = jitted(cache, k[:, i], v[:, i])
     np.testing.assert_array_equal(np.asarray(cache.quantized_lengths), [s, s])
     np.testing.assert_array_equal(np.asarray(cache.residual_lengths), [r, r])
     # Tokens past S + R were dropped; the cache holds exactly the first S + R.
