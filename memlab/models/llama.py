@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from memlab.kv.base import PolicyCache, StepCtx
 from memlab.nn.attention import attention as nn_attention
 
 
@@ -164,7 +165,7 @@ class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, kv, layer, lengths):
+    def __call__(self, x, positions, kv, layer, lengths, n_new):
         c = self.config
         dense = lambda n, name: nn.Dense(  # noqa: E731
             n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
@@ -172,8 +173,13 @@ class Attention(nn.Module):
         q = dense(c.n_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.n_heads, c.head_dim)
         k = dense(c.n_kv_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = dense(c.n_kv_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
+        k_pre = k
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+        if isinstance(kv, PolicyCache):
+            out, kv = _policy_step(kv, layer, q, k, v, positions, lengths, n_new, k_pre, c.rope_theta)
+            out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
+            return dense(c.d_model, "o_proj")(out), kv
         if kv is None:
             keys, values, kv_positions = k, v, positions
         else:
@@ -187,6 +193,18 @@ class Attention(nn.Module):
                            impl=None if c.attention == "auto" else c.attention)
         out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
         return dense(c.d_model, "o_proj")(out), kv
+
+
+def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta):
+    """One layer through a KV policy: slice its state, prefill or decode, write it back."""
+    st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), cache.state)
+    ctx = StepCtx(positions=positions, n_new=n_new, lengths=lengths, layer=layer, k_pre=k_pre,
+                  rope=functools.partial(rope, theta=theta))
+    step = cache.policy.prefill if q.shape[1] > 1 else cache.policy.decode
+    out, st = step(st, q, k, v, ctx)
+    state = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(
+        full, new.astype(full.dtype), layer, 0), cache.state, st)
+    return out, cache._replace(state=state)
 
 
 class MLP(nn.Module):
@@ -206,12 +224,12 @@ class Block(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, carry, positions, lengths):
-        """carry = (hidden [B, T, D], (k, v) full caches or None, layer index)."""
+    def __call__(self, carry, positions, lengths, n_new):
+        """carry = (hidden [B, T, D], (k, v) full caches, a PolicyCache or None, layer index)."""
         x, kv, layer = carry
         c = self.config
         norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
-        h, kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, kv, layer, lengths)
+        h, kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, kv, layer, lengths, n_new)
         x = x + h
         x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
         return (x, kv, layer + 1), None
@@ -252,14 +270,21 @@ class Llama(nn.Module):
     remat: Optional[str] = None
 
     @nn.compact
-    def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False):
+    def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False,
+                 n_new: Optional[jax.Array] = None):
         c = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"tokens must be an integer array [batch, seq]; got shape {tokens.shape} "
                 f"dtype {tokens.dtype}. Tokenize first (model.tokenizer.encode(text).ids).")
         b, t = tokens.shape
-        if cache is not None:
+        n_new = jnp.full((b,), t, jnp.int32) if n_new is None else jnp.asarray(n_new, jnp.int32)
+        if isinstance(cache, PolicyCache):
+            if cache.dims.batch != b or cache.dims.n_layers != c.n_layers:
+                raise ValueError(f"cache is for batch {cache.dims.batch}, {cache.dims.n_layers} layers; "
+                                 f"tokens have batch {b} and the model {c.n_layers} layers")
+            lengths, kv = cache.lengths, cache
+        elif cache is not None:
             if cache.k.shape[:2] != (c.n_layers, b):
                 raise ValueError(f"cache is for {cache.k.shape[:2]} (layers, batch) but the "
                                  f"model has {c.n_layers} layers and tokens batch {b}")
@@ -279,8 +304,8 @@ class Llama(nn.Module):
         if self.remat is not None:
             block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=c.n_layers)
-        (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths)
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers)
+        (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths, n_new)
         x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
         if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
             x = x[:, -1:]
@@ -292,4 +317,6 @@ class Llama(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
+        if isinstance(cache, PolicyCache):
+            return logits, kv._replace(lengths=lengths + n_new)
         return logits, KVCache(kv[0], kv[1], lengths + t)

@@ -1,0 +1,29 @@
+"""Compressed KV caches: one policy per module, registered by name.
+
+    policy = ml.kv.get("kivi")(bits=2)              # or ml.kv.KIVI(bits=2)
+    model = ml.passes.kv_compress(policy)(model)     # generation and profiles use it
+
+See :mod:`memlab.kv.base` for the protocol a policy implements.
+"""
+from memlab.registry import Registry, discover
+
+POLICIES = Registry("kv policy")
+
+from memlab.kv.base import (  # noqa: E402
+    MAX_POS, Dims, KVPolicy, PolicyCache, StepCtx, attend, cache_bytes, init_cache, write_tokens,
+)
+
+discover(__name__, __path__)
+
+
+def get(name: str):
+    """The policy class (or factory) registered as ``name``."""
+    return POLICIES.get(name)
+
+
+def names() -> list[str]:
+    return POLICIES.names()
+
+
+__all__ = ["MAX_POS", "Dims", "KVPolicy", "POLICIES", "PolicyCache", "StepCtx", "attend",
+           "cache_bytes", "get", "init_cache", "names", "write_tokens"]

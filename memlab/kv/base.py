@@ -1,0 +1,142 @@
+"""The KV-cache policy protocol: what a compressed cache stores and how a layer attends through it.
+
+A policy is a frozen dataclass (hashable, so static under ``jit``) with four
+methods, all about **one layer**; the model stacks ``n_layers`` copies of the
+state on a leading axis and its ``nn.scan`` hands each layer its slice:
+
+``init(dims) -> state``
+    An empty state pytree for one layer (arrays only; shapes fixed by ``dims``).
+``prefill(state, q, k, v, ctx) -> (out, state)``
+    The prompt: ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` (keys after RoPE;
+    ``ctx.k_pre`` holds them before RoPE), ``ctx.n_new [B]`` valid tokens per
+    row (prompts are right-padded).  The cache is empty.  Returns the prompt's
+    attention output (policies attend to the uncompressed prompt, as the
+    papers do, unless they say otherwise) and the compressed state.
+``decode(state, q, k, v, ctx) -> (out, state)``
+    One token per row (``T == 1``) at ``ctx.positions``; ``ctx.lengths`` tokens
+    came before it.  Stores the token, then attends over what the state keeps.
+``nbytes(dims) -> int``
+    The exact bytes of one layer's state (data + scales + metadata), checked
+    against the real pytree in the tests.
+
+:class:`PolicyCache` is the pytree that crosses ``jit``: the stacked state,
+``lengths [B]`` (tokens seen per row, i.e. the next position) and the policy
+as static metadata.  ``init_cache(policy, spec, batch, max_len)`` builds one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memlab.memory.bytes import tree_bytes
+
+__all__ = ["Dims", "KVPolicy", "PolicyCache", "StepCtx", "attend", "init_cache", "cache_bytes",
+           "write_tokens", "prompt_positions", "MAX_POS"]
+
+MAX_POS = np.iinfo(np.int32).max   # position of an empty slot: causality hides it
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Shapes of one layer's cache."""
+    batch: int
+    max_len: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    n_layers: int = 1
+    layer_budget: Optional[tuple] = None   # per-layer token budgets, for policies that vary them
+
+
+class StepCtx(NamedTuple):
+    """What a layer knows about the step (built inside the model; never crosses jit)."""
+    positions: jax.Array          # [B, T] absolute positions of the new tokens
+    n_new: jax.Array              # [B] valid new tokens per row
+    lengths: jax.Array            # [B] tokens in the cache before this step
+    layer: jax.Array              # scalar int32 layer index (traced under scan)
+    k_pre: jax.Array              # [B, T, Hkv, D] keys before RoPE
+    rope: Callable                # rope(x [B, T, h, D], positions [B, T]) -> rotated x
+
+
+class KVPolicy:
+    """Base class; subclasses are ``@dataclasses.dataclass(frozen=True)``."""
+
+    name = "policy"
+
+    def init(self, dims: Dims):
+        raise NotImplementedError
+
+    def prefill(self, state, q, k, v, ctx: StepCtx):
+        raise NotImplementedError
+
+    def decode(self, state, q, k, v, ctx: StepCtx):
+        raise NotImplementedError
+
+    def nbytes(self, dims: Dims) -> int:
+        raise NotImplementedError
+
+    def validate(self, dims: Dims) -> None:
+        """Raise a clear error if this policy cannot serve ``dims`` (override as needed)."""
+
+    def __call__(self, *a, **k):  # pragma: no cover - guard against a common slip
+        raise TypeError(f"{type(self).__name__} is a KV policy, not a pass: use "
+                        "ml.passes.kv_compress(policy).")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PolicyCache:
+    """A model's whole cache under a policy: state stacked over layers."""
+    state: Any
+    lengths: jax.Array
+    policy: KVPolicy = dataclasses.field(metadata=dict(static=True))
+    dims: Dims = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def max_len(self) -> int:
+        return self.dims.max_len
+
+    def _replace(self, **kw) -> "PolicyCache":
+        return dataclasses.replace(self, **kw)
+
+
+def init_cache(policy: KVPolicy, spec, batch: int, max_len: int, dtype: Any = None) -> PolicyCache:
+    """An empty cache for a Llama-family ``spec`` (LlamaConfig)."""
+    dims = Dims(batch=int(batch), max_len=int(max_len), n_heads=spec.n_heads,
+                n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim,
+                dtype=jnp.dtype(dtype or spec.dtype).name, n_layers=spec.n_layers)
+    policy.validate(dims)
+    one = policy.init(dims)
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.n_layers,) + a.shape).copy(), one)
+    return PolicyCache(stacked, jnp.zeros((batch,), jnp.int32), policy, dims)
+
+
+def cache_bytes(cache: PolicyCache) -> int:
+    """Exact bytes of a cache pytree (sub-byte types counted packed)."""
+    return tree_bytes(cache)
+
+
+def attend(q, k, v, q_positions, kv_positions, *, impl: Optional[str] = None):
+    """Causal attention of new queries over stored keys at explicit positions (MAX_POS = empty)."""
+    from memlab.nn.attention import attention
+    return attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True,
+                     q_positions=q_positions, kv_positions=kv_positions, impl=impl)
+
+
+def write_tokens(buf, new, slots):
+    """Scatter ``new [B, T, ...]`` into ``buf [B, S, ...]`` at ``slots [B, T]`` (out of range: dropped)."""
+    b, t = slots.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def prompt_positions(ctx: StepCtx):
+    """Key positions of a right-padded prompt: padding at MAX_POS."""
+    t = ctx.positions.shape[1]
+    valid = jnp.arange(t)[None, :] < ctx.n_new[:, None]
+    return jnp.where(valid, ctx.positions, MAX_POS)
