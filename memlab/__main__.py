@@ -26,6 +26,9 @@ flags.DEFINE_string("optimizer", "adamw", "Optimizer for task=train (state in fl
 flags.DEFINE_string("prompt", "The capital of France is", "Prompt for generate.")
 flags.DEFINE_integer("max_new_tokens", 24, "Tokens to generate.")
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; 0 is greedy.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: keep the smallest token set reaching this mass.")
+flags.DEFINE_string("kv", None, "KV-cache policy for generate/profile, e.g. kivi2, kivi4, "
+                    "snapkv:budget=256 (see memlab.kv.names()); default dense.")
 flags.DEFINE_string("corpus", "austen", "Corpus: austen, pydoc, or a path to a text file.")
 flags.DEFINE_string("split", "test", "Corpus split for perplexity.")
 flags.DEFINE_integer("eval_seq", 512, "Window length for perplexity.")
@@ -40,9 +43,14 @@ def _load(name: str, dtype: str | None):
     return ml.models.load(name, dtype=dtype or "bfloat16")
 
 
+def _with_kv(model):
+    import memlab as ml
+    return ml.passes.kv_compress(FLAGS.kv)(model) if FLAGS.kv else model
+
+
 def cmd_profile() -> dict:
     import memlab as ml
-    model = _load(FLAGS.model, FLAGS.dtype)
+    model = _with_kv(_load(FLAGS.model, FLAGS.dtype))
     report = ml.memory.profile(model, FLAGS.task, batch=FLAGS.batch, seq=FLAGS.seq,
                                optimizer=FLAGS.optimizer)
     print(report.table())
@@ -67,12 +75,23 @@ def cmd_perplexity() -> dict:
 
 
 def cmd_generate() -> dict:
-    from memlab.generate import generate
-    model = _load(FLAGS.model, FLAGS.dtype)
-    text = generate(model, FLAGS.prompt, FLAGS.max_new_tokens, temperature=FLAGS.temperature,
-                    progress=True)
-    print(f"{FLAGS.prompt}{text}")
-    return {"prompt": FLAGS.prompt, "completion": text}
+    from memlab.generate import stream
+    model = _with_kv(_load(FLAGS.model, FLAGS.dtype))
+    tok = model.tokenizer
+    special = dict(model.extra("special_tokens", ()))
+    ids, shown = [], ""
+    print(FLAGS.prompt, end="", flush=True)
+    for row in stream(model, [tok.encode(FLAGS.prompt).ids], FLAGS.max_new_tokens,
+                      temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                      stop_tokens=[special["eos"]] if "eos" in special else []):
+        if row[0] is None:
+            break
+        ids.append(row[0])
+        text = tok.decode(ids, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)      # stream the new characters
+        shown = text
+    print()
+    return {"prompt": FLAGS.prompt, "completion": shown, "kv": FLAGS.kv or "dense"}
 
 
 def cmd_fetch() -> dict:

@@ -10,7 +10,8 @@ from memlab.registry import Registry, discover
 POLICIES = Registry("kv policy")
 
 from memlab.kv.base import (  # noqa: E402
-    MAX_POS, Dims, KVPolicy, PolicyCache, StepCtx, attend, cache_bytes, init_cache, write_tokens,
+    MAX_POS, Dims, KVPolicy, PolicyCache, StepCtx, attend, cache_bytes, init_cache, make_cache, parse,
+    write_tokens,
 )
 
 discover(__name__, __path__)
@@ -26,4 +27,4 @@ def names() -> list[str]:
 
 
 __all__ = ["MAX_POS", "Dims", "KVPolicy", "POLICIES", "PolicyCache", "StepCtx", "attend",
-           "cache_bytes", "get", "init_cache", "names", "write_tokens"]
+           "cache_bytes", "get", "init_cache", "make_cache", "names", "parse", "write_tokens"]

@@ -140,3 +140,53 @@ def prompt_positions(ctx: StepCtx):
     t = ctx.positions.shape[1]
     valid = jnp.arange(t)[None, :] < ctx.n_new[:, None]
     return jnp.where(valid, ctx.positions, MAX_POS)
+
+
+def make_cache(model, batch: int, max_len: int, lengths: int = 0):
+    """The cache a model generates with: its ``kv_policy`` extra (set by the kv_compress
+    pass) as a :class:`PolicyCache`, else the dense ``KVCache``.  ``lengths`` pre-fills
+    the per-row lengths (for profiling a decode step)."""
+    policy = model.extra("kv_policy") if hasattr(model, "extra") else None
+    if policy is None:
+        from memlab.models.llama import KVCache
+        c = KVCache.zeros(model.spec, batch, max_len)
+        return c._replace(lengths=jnp.full((batch,), lengths, jnp.int32))
+    cache = init_cache(policy, model.spec, batch, max_len)
+    return cache._replace(lengths=jnp.full((batch,), lengths, jnp.int32))
+
+
+def parse(text: str) -> KVPolicy:
+    """A policy from a short string: ``dense``, ``kivi2``, ``kivi4``, ``snapkv:budget=512,window=32``.
+
+    ``name<digits>`` sets ``bits`` (``kivi2`` = ``kivi:bits=2``); values parse as
+    int, float, bool or string.
+    """
+    import re
+    from memlab.kv import POLICIES
+    text = text.strip()
+    name, _, args = text.partition(":")
+    kwargs = {}
+    m = re.fullmatch(r"([a-z_]+?)(\d+)", name)
+    if m and m.group(1) in POLICIES and name not in POLICIES:
+        name, kwargs["bits"] = m.group(1), int(m.group(2))
+    for item in filter(None, args.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"kv policy {text!r}: argument {item!r} must be key=value")
+        kwargs[key.strip()] = _parse_value(val.strip())
+    cls = POLICIES.get(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"kv policy {text!r}: {e}") from None
+
+
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v

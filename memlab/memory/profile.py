@@ -103,12 +103,8 @@ def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
 
 
 def _kv_cache(model: Model, batch: int, max_len: int, lengths: int):
-    from memlab.models.llama import KVCache
-
-    def make():
-        c = KVCache.zeros(model.spec, batch, max_len)
-        return c._replace(lengths=jnp.full((batch,), lengths, jnp.int32))
-    return jax.eval_shape(make)
+    from memlab.kv import make_cache
+    return jax.eval_shape(lambda: make_cache(model, batch, max_len, lengths))
 
 
 def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, seq: int = 128,
