@@ -375,7 +375,11 @@ class BlockAllocator:
         live = self._ref > 0
         n_seq = len(self._tables)
         used = int(sum(self._lengths.values()))
-        dense_len = int(max_len) if max_len is not None else max(self._lengths.values(), default=0)
+        longest = max(self._lengths.values(), default=0)
+        dense_len = longest if max_len is None else int(max_len)
+        if dense_len < longest:
+            raise ValueError(f"BlockAllocator.stats: max_len={max_len} is shorter than the longest "
+                             f"sequence ({longest} tokens); pass the dense cache's max_len, or None.")
         alloc_pages = int(live.sum())
         stored = int(fill[live].sum())
         return PageStats(
@@ -462,7 +466,12 @@ class Paged(KVPolicy):
         return 2 * dims.n_layers * dims.n_kv_heads * dims.head_dim * self._dtype(dims).itemsize
 
     def allocator(self, dims: Dims, *, null_page: bool = True) -> BlockAllocator:
-        """A :class:`BlockAllocator` for this policy's pool (bytes per slot included)."""
+        """A :class:`BlockAllocator` for this policy's pool (bytes per slot included).
+
+        With ``null_page=True`` one page of the pool is the null page: the
+        default ``num_pages = B * max_pages`` then holds every row at full
+        length but one page; pass ``num_pages=B * max_pages + 1`` for that.
+        """
         return BlockAllocator(self.pool_pages(dims), self.page_size, null_page=null_page,
                               token_bytes=self.token_bytes(dims))
 
