@@ -33,6 +33,8 @@ Algorithm (Dao 2023, "FlashAttention-2"):
   blocks: ``dV += P^T dO``, ``dK += scale dS^T q``; no per-query-head dK/dV is
   ever materialized) and **dQ** (a program per query block looping over the KV
   blocks: ``dQ += scale dS k``).  Positions and segment ids get no gradient.
+  Residuals are ``q, k, v, out`` and the float32 ``lse`` (``O(T)`` extra);
+  ``dq, dk, dv`` come back in the input dtypes.
 * **Block skipping**: with default positions, each program computes from its
   block index which blocks can hold a visible key (causal and sliding window
   bound the loop), and which of those are *fully* visible; only the partial
@@ -46,7 +48,7 @@ Backends (``backend=``):
 
 * ``"triton"`` (GPU): the three kernels above with ``lax.fori_loop`` over the
   inner blocks; ``q``, ``k``, ``v`` are read in place in the ``[B, T, H, D]``
-  layout (no transpose).  Ragged sequence tails (``T % block_q``, ``S %
+  layout (no transpose; a copy only when a head dim needs padding).  Ragged sequence tails (``T % block_q``, ``S %
   block_kv``) use masked loads (``other=0``) and masked stores.  Triton tiles
   have power-of-two sizes, so ``D`` and ``Dv`` are zero-padded to the next power
   of two (at least 16) in the wrapper and the results sliced back: zero columns
@@ -61,8 +63,8 @@ Backends (``backend=``):
   the pipeline sees an unchanged block).  Backward: dQ on the same grid with a
   VMEM ``dq`` accumulator, dK/dV on ``(B, Hkv, kv_blocks, group, q_blocks)``
   with the last two axes "arbitrary" accumulating into VMEM ``dk``/``dv``.
-  Operands are transposed to ``[B, H, T, D]`` in the wrapper (a copy);
-  per-token vectors (``lse``, ``delta``, positions, segment ids) travel
+  Operands are transposed to ``[B, H, T, D]`` in the wrapper (a copy; head
+  dims are not padded, blocks span the full ``D`` / ``Dv``); per-token vectors (``lse``, ``delta``, positions, segment ids) travel
   lane-dense as ``[B, ., 1, T]``.  The forward writes ``lse`` lane-replicated
   ``[B, H, T, 128]`` (a transient; only ``[..., 0]`` is kept).  Ragged tails
   are masked by value (edge blocks hold garbage, which is zeroed before it can
@@ -122,6 +124,7 @@ _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _NEG_INF = float("-inf")
 _LANES = 128
+_SQ = pl.squeezed        # a size-1 block dim squeezed out of the kernel ref
 _KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -214,6 +217,10 @@ class _MaskSpec:
     def default_pos(self) -> bool:
         return not (self.q_pos or self.kv_pos)
 
+    @property
+    def by_value(self) -> bool:         # every block is masked by loaded values
+        return self.segments or (self.use_pos and not self.default_pos)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
@@ -300,17 +307,18 @@ def _prepare(name, q, k, v, causal, window, segment_ids, q_positions, kv_positio
         q, k, v, causal=causal, window=window, segment_ids=segment_ids,
         q_positions=q_positions, kv_positions=kv_positions,
         same_dtype=backend != "xla", name=name)
+    if backend == "xla":          # the reference takes any scale, traced included
+        return None, None
     if scale is not None:
-        try:
-            if isinstance(scale, (jax.core.Tracer, bool)):
+        try:       # a tracer raises ConcretizationTypeError (a TypeError) here
+            if isinstance(scale, bool):
                 raise TypeError
             scale = float(scale)
         except TypeError:
             raise TypeError(
-                f"{name}: scale={scale!r} must be a Python float (it is baked into "
-                "the kernel); multiply q by a traced scale instead.") from None
-    if backend == "xla":
-        return None, None
+                f"{name}: scale={scale!r} must be a Python float on the Pallas backends "
+                "(it is baked into the kernel); multiply q by a traced scale instead, "
+                "or use backend='xla'.") from None
     if jnp.dtype(q.dtype) not in _KERNEL_DTYPES:
         raise TypeError(
             f"{name}: {q.dtype} inputs are not supported by backend={backend!r}; "
@@ -468,8 +476,15 @@ def _dot(a, b, precision, *, trans_a=False, trans_b=False):
                            preferred_element_type=jnp.float32)
 
 
-def _three_loops(lo, a, b, hi, step, carry):
-    """Masked blocks ``[lo, a)``, unmasked ``[a, b)``, masked ``[b, hi)``."""
+def _three_loops(lo, a, b, hi, step, carry, any_full: bool = True):
+    """Masked blocks ``[lo, a)``, unmasked ``[a, b)``, masked ``[b, hi)``.
+
+    ``any_full=False`` (statically no full block, e.g. a sequence shorter than
+    its block) emits a single masked loop: an unmasked body would not even
+    trace (its unmasked loads would be larger than the sequence).
+    """
+    if not any_full:
+        return lax.fori_loop(lo, hi, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(lo, a, functools.partial(step, masked=True), carry)
     carry = lax.fori_loop(a, b, functools.partial(step, masked=False), carry)
     return lax.fori_loop(b, hi, functools.partial(step, masked=True), carry)
@@ -550,7 +565,7 @@ def _triton_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
     carry = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
              jnp.full((bq,), _NEG_INF, jnp.float32), jnp.zeros((bq,), jnp.float32))
     lo, a, b, hi = _kv_blocks(ms, i0, bq, bk, nkv)
-    acc, m_i, l_i = _three_loops(lo, a, b, hi, step, carry)
+    acc, m_i, l_i = _three_loops(lo, a, b, hi, step, carry, any_full=s >= bk and not ms.by_value)
     seen = l_i > 0.0
     l_safe = jnp.where(seen, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]
@@ -609,7 +624,7 @@ def _triton_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, precision):
             dk = dk + _dot(ds.astype(q.dtype), q, precision, trans_a=True)
             return dk, dv
 
-        return _three_loops(lo, a, b, hi, step, carry)
+        return _three_loops(lo, a, b, hi, step, carry, any_full=t >= bq and not ms.by_value)
 
     carry = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
              jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
@@ -662,7 +677,8 @@ def _triton_dq_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
         return dq + _dot(ds.astype(k.dtype), k, precision)
 
     lo, a, b, hi = _kv_blocks(ms, i0, bq, bk, nkv)
-    dq = _three_loops(lo, a, b, hi, step, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32))
+    dq = _three_loops(lo, a, b, hi, step, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
+                      any_full=s >= bk and not ms.by_value)
     _tstore(dq_ref.at[pl.ds(i0, bq), :], (dq * scale).astype(dq_ref.dtype), q_mask)
 
 
@@ -670,11 +686,11 @@ def _vec_specs(ms: _MaskSpec, q_map, kv_map, t: int, s: int):
     """BlockSpecs for the optional per-token int32 vectors ``[B, T]`` / ``[B, S]``."""
     specs = []
     if ms.q_pos:
-        specs.append(pl.BlockSpec((None, t), q_map))
+        specs.append(pl.BlockSpec((_SQ, t), q_map))
     if ms.kv_pos:
-        specs.append(pl.BlockSpec((None, s), kv_map))
+        specs.append(pl.BlockSpec((_SQ, s), kv_map))
     if ms.segments:
-        specs += [pl.BlockSpec((None, t), q_map), pl.BlockSpec((None, s), kv_map)]
+        specs += [pl.BlockSpec((_SQ, t), q_map), pl.BlockSpec((_SQ, s), kv_map)]
     return specs
 
 
@@ -702,13 +718,13 @@ def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
     kernel = functools.partial(_triton_fwd_kernel, ms=ms, scale=cfg.scale, bq=bq, bk=bk,
                                precision=precision)
     in_specs = [
-        pl.BlockSpec((None, t, None, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
-        pl.BlockSpec((None, s, None, dp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
-        pl.BlockSpec((None, s, None, dvp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
+        pl.BlockSpec((_SQ, t, _SQ, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
+        pl.BlockSpec((_SQ, s, _SQ, dp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
+        pl.BlockSpec((_SQ, s, _SQ, dvp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
         *_vec_specs(ms, lambda i, bi, hi: (bi, 0), lambda i, bi, hi: (bi, 0), t, s),
     ]
-    out_specs = [pl.BlockSpec((None, t, None, dvp), lambda i, bi, hi: (bi, 0, hi, 0)),
-                 pl.BlockSpec((None, None, t), lambda i, bi, hi: (bi, hi, 0))]
+    out_specs = [pl.BlockSpec((_SQ, t, _SQ, dvp), lambda i, bi, hi: (bi, 0, hi, 0)),
+                 pl.BlockSpec((_SQ, _SQ, t), lambda i, bi, hi: (bi, hi, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, t, h, dvp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)]
     num_warps = 4 if max(dp, dvp) <= 64 else 8
@@ -732,12 +748,12 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
 
     bq, bk = plan.bq_dkv, plan.bk_dkv
     dkv_specs = [
-        pl.BlockSpec((None, t, g, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
-        pl.BlockSpec((None, s, None, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
-        pl.BlockSpec((None, s, None, dvp), lambda j, bi, hk: (bi, 0, hk, 0)),
-        pl.BlockSpec((None, t, g, dvp), lambda j, bi, hk: (bi, 0, hk, 0)),
-        pl.BlockSpec((None, g, t), lambda j, bi, hk: (bi, hk, 0)),
-        pl.BlockSpec((None, g, t), lambda j, bi, hk: (bi, hk, 0)),
+        pl.BlockSpec((_SQ, t, g, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
+        pl.BlockSpec((_SQ, s, _SQ, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
+        pl.BlockSpec((_SQ, s, _SQ, dvp), lambda j, bi, hk: (bi, 0, hk, 0)),
+        pl.BlockSpec((_SQ, t, g, dvp), lambda j, bi, hk: (bi, 0, hk, 0)),
+        pl.BlockSpec((_SQ, g, t), lambda j, bi, hk: (bi, hk, 0)),
+        pl.BlockSpec((_SQ, g, t), lambda j, bi, hk: (bi, hk, 0)),
         *_vec_specs(ms, lambda j, bi, hk: (bi, 0), lambda j, bi, hk: (bi, 0), t, s),
     ]
     dk, dv = pl.pallas_call(
@@ -746,8 +762,8 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         grid=(cdiv(s, bk), b, hkv),
         in_specs=dkv_specs,
-        out_specs=[pl.BlockSpec((None, s, None, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
-                   pl.BlockSpec((None, s, None, dvp), lambda j, bi, hk: (bi, 0, hk, 0))],
+        out_specs=[pl.BlockSpec((_SQ, s, _SQ, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
+                   pl.BlockSpec((_SQ, s, _SQ, dvp), lambda j, bi, hk: (bi, 0, hk, 0))],
         compiler_params=plgpu.CompilerParams(num_warps=warps(bq, bk), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dkv",
         cost_estimate=_cost(b, h, t, s, 2 * dp, 2 * dvp, _nbytes(q, k, v, do, k, v)),
@@ -755,12 +771,12 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
 
     bq, bk = plan.bq_dq, plan.bk_dq
     dq_specs = [
-        pl.BlockSpec((None, t, None, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
-        pl.BlockSpec((None, s, None, dp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
-        pl.BlockSpec((None, s, None, dvp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
-        pl.BlockSpec((None, t, None, dvp), lambda i, bi, hi: (bi, 0, hi, 0)),
-        pl.BlockSpec((None, None, t), lambda i, bi, hi: (bi, hi, 0)),
-        pl.BlockSpec((None, None, t), lambda i, bi, hi: (bi, hi, 0)),
+        pl.BlockSpec((_SQ, t, _SQ, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
+        pl.BlockSpec((_SQ, s, _SQ, dp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
+        pl.BlockSpec((_SQ, s, _SQ, dvp), lambda i, bi, hi: (bi, 0, lax.div(hi, g), 0)),
+        pl.BlockSpec((_SQ, t, _SQ, dvp), lambda i, bi, hi: (bi, 0, hi, 0)),
+        pl.BlockSpec((_SQ, _SQ, t), lambda i, bi, hi: (bi, hi, 0)),
+        pl.BlockSpec((_SQ, _SQ, t), lambda i, bi, hi: (bi, hi, 0)),
         *_vec_specs(ms, lambda i, bi, hi: (bi, 0), lambda i, bi, hi: (bi, 0), t, s),
     ]
     dq = pl.pallas_call(
@@ -769,7 +785,7 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         grid=(cdiv(t, bq), b, h),
         in_specs=dq_specs,
-        out_specs=pl.BlockSpec((None, t, None, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
+        out_specs=pl.BlockSpec((_SQ, t, _SQ, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=warps(bq, bk), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dq",
         cost_estimate=_cost(b, h, t, s, dp, 2 * dvp, _nbytes(q, k, v, do, q)),
@@ -954,7 +970,7 @@ def _mosaic_vec_inputs(ms: _MaskSpec, qp, kp, qs, ks, q_map, kv_map, bq, bk):
                             (qs, ms.segments, True), (ks, ms.segments, False)):
         if flag:
             args.append(arr[:, None, :])
-            specs.append(pl.BlockSpec((None, 1, bq if is_q else bk), q_map if is_q else kv_map))
+            specs.append(pl.BlockSpec((_SQ, 1, bq if is_q else bk), q_map if is_q else kv_map))
     return specs, args
 
 
@@ -976,13 +992,13 @@ def _mosaic_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
         ms, qp, kp, qs, ks, lambda bi, hi, i, j: (bi, 0, i),
         lambda bi, hi, i, j: (bi, 0, kv_block(i, j)), bq, bk)
     in_specs = [
-        pl.BlockSpec((None, None, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0)),
-        pl.BlockSpec((None, None, bk, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), kv_block(i, j), 0)),
-        pl.BlockSpec((None, None, bk, dv), lambda bi, hi, i, j: (bi, lax.div(hi, g), kv_block(i, j), 0)),
+        pl.BlockSpec((_SQ, _SQ, bq, d), lambda bi, hi, i, j: (bi, hi, i, 0)),
+        pl.BlockSpec((_SQ, _SQ, bk, d), lambda bi, hi, i, j: (bi, lax.div(hi, g), kv_block(i, j), 0)),
+        pl.BlockSpec((_SQ, _SQ, bk, dv), lambda bi, hi, i, j: (bi, lax.div(hi, g), kv_block(i, j), 0)),
         *vec_specs,
     ]
-    out_specs = [pl.BlockSpec((None, None, bq, dv), lambda bi, hi, i, j: (bi, hi, i, 0)),
-                 pl.BlockSpec((None, None, bq, _LANES), lambda bi, hi, i, j: (bi, hi, i, 0))]
+    out_specs = [pl.BlockSpec((_SQ, _SQ, bq, dv), lambda bi, hi, i, j: (bi, hi, i, 0)),
+                 pl.BlockSpec((_SQ, _SQ, bq, _LANES), lambda bi, hi, i, j: (bi, hi, i, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, h, t, dv), q.dtype),
                  jax.ShapeDtypeStruct((b, h, t, _LANES), jnp.float32)]
     kernel = functools.partial(_mosaic_fwd_kernel, ms=ms, scale=cfg.scale, bq=bq, bk=bk,
@@ -1023,10 +1039,10 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         ms, qp, kp, qs, ks, lambda bi, hk, kb, gi, qi: (bi, 0, q_block(kb, qi)),
         lambda bi, hk, kb, gi, qi: (bi, 0, kb), bq, bk)
     q_spec = lambda dd: pl.BlockSpec(
-        (None, None, bq, dd), lambda bi, hk, kb, gi, qi: (bi, qh(hk, gi), q_block(kb, qi), 0))
-    kv_spec = lambda dd: pl.BlockSpec((None, None, bk, dd), lambda bi, hk, kb, gi, qi: (bi, hk, kb, 0))
+        (_SQ, _SQ, bq, dd), lambda bi, hk, kb, gi, qi: (bi, qh(hk, gi), q_block(kb, qi), 0))
+    kv_spec = lambda dd: pl.BlockSpec((_SQ, _SQ, bk, dd), lambda bi, hk, kb, gi, qi: (bi, hk, kb, 0))
     vec_q_spec = pl.BlockSpec(
-        (None, None, 1, bq), lambda bi, hk, kb, gi, qi: (bi, qh(hk, gi), 0, q_block(kb, qi)))
+        (_SQ, _SQ, 1, bq), lambda bi, hk, kb, gi, qi: (bi, qh(hk, gi), 0, q_block(kb, qi)))
     dk, dv_ = pl.pallas_call(
         functools.partial(_mosaic_dkv_kernel, ms=ms, scale=cfg.scale, g=g, bq=bq, bk=bk,
                           nq=nq, precision=precision),
@@ -1053,10 +1069,10 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
     vec_specs, vec_args = _mosaic_vec_inputs(
         ms, qp, kp, qs, ks, lambda bi, hi, i, j: (bi, 0, i),
         lambda bi, hi, i, j: (bi, 0, kv_block(i, j)), bq, bk)
-    q_spec = lambda dd: pl.BlockSpec((None, None, bq, dd), lambda bi, hi, i, j: (bi, hi, i, 0))
+    q_spec = lambda dd: pl.BlockSpec((_SQ, _SQ, bq, dd), lambda bi, hi, i, j: (bi, hi, i, 0))
     kv_spec = lambda dd: pl.BlockSpec(
-        (None, None, bk, dd), lambda bi, hi, i, j: (bi, lax.div(hi, g), kv_block(i, j), 0))
-    vec_q_spec = pl.BlockSpec((None, None, 1, bq), lambda bi, hi, i, j: (bi, hi, 0, i))
+        (_SQ, _SQ, bk, dd), lambda bi, hi, i, j: (bi, lax.div(hi, g), kv_block(i, j), 0))
+    vec_q_spec = pl.BlockSpec((_SQ, _SQ, 1, bq), lambda bi, hi, i, j: (bi, hi, 0, i))
     dq = pl.pallas_call(
         functools.partial(_mosaic_dq_kernel, ms=ms, scale=cfg.scale, bq=bq, bk=bk, nkv=nkv,
                           precision=precision),
