@@ -89,6 +89,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from memlab.kv._quant_utils import minmax_quantize
 from memlab.kv import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions
 from memlab_kernels import quantized_kv_decode as qkv
@@ -180,17 +181,10 @@ def _minmax_groups(x, bits, g, scale_dtype):
     per-token keys are quantized exactly like KIVI's values.
     Returns codes uint8 ``[..., D]`` and scale, zero ``[..., D/g]`` in ``scale_dtype``.
     """
-    levels = 2 ** bits - 1
     *lead, d = x.shape
     xg = x.astype(jnp.float32).reshape(*lead, d // g, g)
-    mn, mx = jnp.min(xg, -1, keepdims=True), jnp.max(xg, -1, keepdims=True)
-    scale = ((mx - mn) * np.float32(1.0 / levels)).astype(scale_dtype)
-    zero = mn.astype(scale_dtype)
-    s32, z32 = scale.astype(jnp.float32), zero.astype(jnp.float32)
-    inv = jnp.where(s32 > 0, np.float32(1.0) / jnp.where(s32 > 0, s32, np.float32(1.0)),
-                    np.float32(0.0))
-    code = jnp.clip(jnp.round((xg - z32) * inv), 0, levels).astype(jnp.uint8)
-    return code.reshape(*lead, d), scale[..., 0], zero[..., 0]
+    code, scale, zero = minmax_quantize(xg, -1, bits, scale_dtype)
+    return code.reshape(*lead, d), scale, zero
 
 
 def _dequant_groups(codes, scale, zero, bits, g):
