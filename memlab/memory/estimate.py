@@ -34,7 +34,8 @@ def bytes_by_category(spec, task: str, batch: int, seq: int,
     if task == "train":
         out["gradients"] = out["params"]
         if optimizer is not None:
-            out["optimizer_state"] = optim.state_bytes(optimizer, n, state_dtype)
+            shapes = spec.param_shapes() if hasattr(spec, "param_shapes") else n
+            out["optimizer_state"] = optim.state_bytes(optimizer, shapes, state_dtype=state_dtype)
         out["inputs"] = batch * (seq + 1) * 4
     else:
         # dense cache + int32 per-row lengths
