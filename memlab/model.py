@@ -282,3 +282,48 @@ def map_params(fn: Callable[[str, Any, Any], Any], params: PyTree, rules: Rules,
     out = jax.tree_util.tree_map_with_path(visit, params)
     rules.warn_unmatched(where)
     return out
+
+
+# ---------------------------------------------------------------------------
+# Trainable / frozen split (LoRA-style passes mark what trains)
+# ---------------------------------------------------------------------------
+def trainable_patterns(model: Model) -> Optional[tuple]:
+    """The regexes a pass set with ``model.with_extras(trainable=(...))``; None = all train."""
+    pats = model.extra("trainable") if isinstance(model, Model) else None
+    return None if pats is None else tuple(pats)
+
+
+def split_trainable(model: Model, params: PyTree = None):
+    """``(trainable, frozen)``: two trees shaped like ``params`` with ``None`` where a
+    leaf belongs to the other side.
+
+    A leaf trains when its path (``layers/attn/q_proj/lora_a``) matches one of the
+    model's ``trainable`` regexes (``re.search``); with none set, everything trains.
+    Non-float leaves (quantized codes, int metadata) never train.  Undo with
+    :func:`merge_trainable`.  Gradients and optimizer state are taken over the
+    trainable tree only, so frozen weights cost neither.
+    """
+    import jax.numpy as jnp
+
+    params = model.params if params is None else params
+    pats = trainable_patterns(model)
+    rxs = None if pats is None else [re.compile(p) for p in pats]
+
+    def trains(path, leaf):
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            return False
+        return rxs is None or any(rx.search(path_str(path)) for rx in rxs)
+
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    mask = [trains(p, x) for p, x in flat]
+    leaves = [x for _, x in flat]
+    trainable = treedef.unflatten([x if m else None for x, m in zip(leaves, mask)])
+    frozen = treedef.unflatten([None if m else x for x, m in zip(leaves, mask)])
+    return trainable, frozen
+
+
+def merge_trainable(trainable: PyTree, frozen: PyTree) -> PyTree:
+    """Inverse of :func:`split_trainable`: take each leaf from whichever side has it."""
+    return jax.tree_util.tree_map(lambda a, b: b if a is None else a, trainable, frozen,
+                                  is_leaf=lambda x: x is None)
