@@ -16,6 +16,8 @@ from memlab.kv.base import (  # noqa: E402
 
 discover(__name__, __path__)
 
+from memlab.kv.compose import compose  # noqa: E402  (ml.kv.compose(eviction, storage): the function)
+
 
 def get(name: str):
     """The policy class (or factory) registered as ``name``."""
@@ -27,4 +29,4 @@ def names() -> list[str]:
 
 
 __all__ = ["MAX_POS", "Dims", "KVPolicy", "POLICIES", "PolicyCache", "StepCtx", "attend",
-           "cache_bytes", "get", "init_cache", "make_cache", "names", "parse", "write_tokens"]
+           "cache_bytes", "compose", "get", "init_cache", "make_cache", "names", "parse", "write_tokens"]

@@ -19,6 +19,16 @@ state on a leading axis and its ``nn.scan`` hands each layer its slice:
     The exact bytes of one layer's state (data + scales + metadata), checked
     against the real pytree in the tests.
 
+Cross-layer policies (an additive extension, for caches shared between layers
+such as MiniCache's merged layer pairs): a policy with ``cross_layer = True``
+is *not* stacked per layer.  ``init_stacked(dims)`` builds the whole model's
+state (``dims.n_layers`` says how many layers), and ``prefill`` / ``decode``
+receive that whole state plus the traced ``ctx.layer`` and return it whole
+(the model does no slicing; the policy indexes its own pieces, e.g. with
+``lax.switch`` / dynamic indexing on ``ctx.layer``).  ``stacked_nbytes(dims)``
+is the exact bytes of the whole state; for ordinary policies it is
+``dims.n_layers * nbytes(dims)``.
+
 :class:`PolicyCache` is the pytree that crosses ``jit``: the stacked state,
 ``lengths [B]`` (tokens seen per row, i.e. the next position) and the policy
 as static metadata.  ``init_cache(policy, spec, batch, max_len)`` builds one.
@@ -83,6 +93,16 @@ class KVPolicy:
     def validate(self, dims: Dims) -> None:
         """Raise a clear error if this policy cannot serve ``dims`` (override as needed)."""
 
+    cross_layer = False   # True: one state for all layers, built by init_stacked (module doc)
+
+    def init_stacked(self, dims: Dims):
+        """The whole model's empty state; only cross-layer policies define it."""
+        raise NotImplementedError
+
+    def stacked_nbytes(self, dims: Dims) -> int:
+        """Exact bytes of the whole model's state (``dims.n_layers`` layers)."""
+        return dims.n_layers * self.nbytes(dims)
+
     def __call__(self, *a, **k):  # pragma: no cover - guard against a common slip
         raise TypeError(f"{type(self).__name__} is a KV policy, not a pass: use "
                         "ml.passes.kv_compress(policy).")
@@ -111,6 +131,8 @@ def init_cache(policy: KVPolicy, spec, batch: int, max_len: int, dtype: Any = No
                 n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim,
                 dtype=jnp.dtype(dtype or spec.dtype).name, n_layers=spec.n_layers)
     policy.validate(dims)
+    if policy.cross_layer:      # the policy lays out all layers itself
+        return PolicyCache(policy.init_stacked(dims), jnp.zeros((batch,), jnp.int32), policy, dims)
     one = policy.init(dims)
     stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.n_layers,) + a.shape).copy(), one)
     return PolicyCache(stacked, jnp.zeros((batch,), jnp.int32), policy, dims)
@@ -159,11 +181,16 @@ def parse(text: str) -> KVPolicy:
     """A policy from a short string: ``dense``, ``kivi2``, ``kivi4``, ``snapkv:budget=512,window=32``.
 
     ``name<digits>`` sets ``bits`` (``kivi2`` = ``kivi:bits=2``); values parse as
-    int, float, bool or string.
+    int, float, bool or string.  ``eviction+storage`` composes two policies
+    (:func:`memlab.kv.compose.compose`), e.g. ``snapkv:budget=64+kivi:bits=2``;
+    a last part ``+room=N`` sets the composition's decode room.
     """
     import re
     from memlab.kv import POLICIES
     text = text.strip()
+    if "+" in text:
+        from memlab.kv.compose import parse_composition
+        return parse_composition(text, parse)
     name, _, args = text.partition(":")
     kwargs = {}
     m = re.fullmatch(r"([a-z_]+?)(\d+)", name)

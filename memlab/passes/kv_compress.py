@@ -23,7 +23,7 @@ def policy_bytes(policy: KVPolicy, spec, batch: int, max_len: int, dtype=None) -
     dims = Dims(batch=batch, max_len=max_len, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
                 head_dim=spec.head_dim, dtype=jnp.dtype(dtype or spec.dtype).name,
                 n_layers=spec.n_layers)
-    return spec.n_layers * policy.nbytes(dims) + batch * 4
+    return policy.stacked_nbytes(dims) + batch * 4      # = n_layers * nbytes unless cross-layer
 
 
 @PASSES.register("kv_compress")
