@@ -196,11 +196,15 @@ class Attention(nn.Module):
 
 
 def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta):
-    """One layer through a KV policy: slice its state, prefill or decode, write it back."""
-    st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), cache.state)
+    """One layer through a KV policy: slice its state, prefill or decode, write it back.
+    A ``cross_layer`` policy (MiniCache) gets the whole state and indexes it by ``ctx.layer``."""
     ctx = StepCtx(positions=positions, n_new=n_new, lengths=lengths, layer=layer, k_pre=k_pre,
                   rope=functools.partial(rope, theta=theta))
     step = cache.policy.prefill if q.shape[1] > 1 else cache.policy.decode
+    if getattr(cache.policy, "cross_layer", False):
+        out, state = step(cache.state, q, k, v, ctx)
+        return out, cache._replace(state=state)
+    st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), cache.state)
     out, st = step(st, q, k, v, ctx)
     state = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(
         full, new.astype(full.dtype), layer, 0), cache.state, st)
