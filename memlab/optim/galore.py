@@ -25,6 +25,7 @@ The module also holds the helpers the other low-rank optimizers share
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
 from typing import Any, NamedTuple, Optional, Sequence, Union
@@ -175,12 +176,23 @@ def project_back(p: jax.Array, n: jax.Array, leaf: MatrixLeaf) -> jax.Array:
     return jnp.einsum("...mr,...nr->...mn", n.astype(p.dtype), p)
 
 
-def _resolve_base(base, learning_rate) -> optax.GradientTransformation:
+def _resolve_base(base, learning_rate, base_kwargs=None) -> optax.GradientTransformation:
+    if base_kwargs is not None and not isinstance(base, str):
+        raise ValueError("galore: base_kwargs only applies to a named base (base='adamw8bit'); "
+                         "build a GradientTransformation base yourself instead")
     if base is None:
         return optax.adam(learning_rate)
     if isinstance(base, str):
         from memlab import optim
-        return optim.get(base, learning_rate=learning_rate)
+        kwargs = dict(base_kwargs or {})
+        factory = optim.OPTIMIZERS.get(base)
+        try:
+            accepts_wd = "weight_decay" in inspect.signature(factory).parameters
+        except (TypeError, ValueError):
+            accepts_wd = False
+        if accepts_wd:  # weight decay is applied by GaLore at full size, never in the projected space
+            kwargs.setdefault("weight_decay", 0.0)
+        return factory(learning_rate=learning_rate, **kwargs)
     if isinstance(base, optax.GradientTransformation) or (
             hasattr(base, "init") and hasattr(base, "update")):
         return base
@@ -202,7 +214,8 @@ def galore_state_bytes(params: Any, learning_rate: float = 1e-3, rank: Optional[
                        base: Union[None, str, optax.GradientTransformation] = None,
                        weight_decay: float = 0.0, include: Optional[str] = DEFAULT_INCLUDE,
                        exclude: Optional[str] = DEFAULT_EXCLUDE,
-                       state_dtype: Any = "float32", **_) -> int:
+                       state_dtype: Any = "float32", base_kwargs: Optional[dict] = None,
+                       **_) -> int:
     """Exact bytes of ``galore(...).init(params)``.
 
     count (4) + projectors ``prod(batch) * min(m, n) * r`` in ``state_dtype`` +
@@ -222,7 +235,7 @@ def galore_state_bytes(params: Any, learning_rate: float = 1e-3, rank: Optional[
         base_bytes = 2 * n_low * dt.itemsize + 4
     elif isinstance(base, str):
         from memlab import optim
-        base_bytes = optim.state_bytes(base, low)
+        base_bytes = optim.state_bytes(base, low, **dict(base_kwargs or {}))
     else:
         base_bytes = tree_bytes(jax.eval_shape(_resolve_base(base, learning_rate).init, low))
     return 4 + proj * dt.itemsize + base_bytes
@@ -283,8 +296,8 @@ def _galore_core(learning_rate, rank, update_proj_gap, scale, inner, weight_deca
 def galore(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_gap: int = 200,
            scale: float = 0.25, base: Union[None, str, optax.GradientTransformation] = None,
            weight_decay: float = 0.0, include: Optional[str] = DEFAULT_INCLUDE,
-           exclude: Optional[str] = DEFAULT_EXCLUDE,
-           state_dtype: Any = "float32") -> optax.GradientTransformation:
+           exclude: Optional[str] = DEFAULT_EXCLUDE, state_dtype: Any = "float32",
+           base_kwargs: Optional[dict] = None) -> optax.GradientTransformation:
     """GaLore over any base optimizer.
 
     Args:
@@ -297,6 +310,8 @@ def galore(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_
       base: None (``optax.adam(learning_rate)``), a registered optimizer name
         (``"adamw8bit"`` for 8-bit GaLore), or a GradientTransformation. It sees
         the projected gradients and no params: weight decay belongs here, not in base.
+      base_kwargs: extra arguments of a named base (``{"block_size": 256}``); a named
+        base that takes ``weight_decay`` is built with ``weight_decay=0``.
       weight_decay: decoupled, ``- learning_rate * weight_decay * w`` at full size.
       include / exclude: regexes on parameter paths (``layers/attn/q_proj/kernel``)
         choosing the matrices to project; the others use the base at full size.
@@ -304,7 +319,7 @@ def galore(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_
     """
     check_rank(rank, "galore")
     _check_common(update_proj_gap, scale, "galore")
-    inner = _resolve_base(base, learning_rate)
+    inner = _resolve_base(base, learning_rate, base_kwargs)
     _compile(include, "include", "galore")
     _compile(exclude, "exclude", "galore")
     return with_state_dtype(_galore_core(learning_rate, rank, update_proj_gap, float(scale), inner,
