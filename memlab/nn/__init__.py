@@ -7,6 +7,15 @@ from memlab.nn.attention import (  # noqa: F401
     decode_attention,
     use_attention,
 )
+from memlab.nn.loss import (  # noqa: F401
+    LOSS_IMPLS,
+    NAIVE_MAX_LOGITS_BYTES,
+    choose_cross_entropy,
+    cross_entropy,
+    model_loss,
+    use_cross_entropy,
+)
 
 __all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "choose", "decode_attention",
-           "use_attention"]
+           "use_attention", "LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES", "choose_cross_entropy",
+           "cross_entropy", "model_loss", "use_cross_entropy"]

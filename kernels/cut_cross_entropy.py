@@ -1,0 +1,774 @@
+"""Cut cross-entropy: the loss of a linear classifier without its ``[N, V]`` logits.
+
+Wijmans, Huval, Hertzberg, Koltun, Krähenbühl (2025), "Cut Your Losses in
+Large-Vocabulary Language Models" (CCE).  For hidden states ``h [N, D]``, a
+classifier ``W [D, V]`` (or an embedding table ``[V, D]`` with ``tied=True``)
+and integer targets ``t [N]``, every function here returns the per-row loss
+
+    loss_i = logsumexp_v(z_iv) - z_i,t_i,   z = cap(h W),   float32 [N],
+
+with ``cap(x) = softcap * tanh(x / softcap)`` when ``softcap`` is set (Gemma-2
+logit soft-capping) and rows whose target equals ``ignore_index`` giving 0.
+Reductions (mean over the kept rows, sum) are linear in the rows and left to
+the caller (``memlab.nn.cross_entropy``); the VJPs here take any per-row
+cotangent.
+
+Implementations:
+
+* :func:`cross_entropy_reference` -- materializes the ``[N, V]`` logits
+  (``log_softmax``), differentiated by JAX.  The ``"xla"`` backend.
+* :func:`chunked_cross_entropy` -- plain JAX, the CPU path and the Liger-kernel
+  style "fused linear cross-entropy": a ``fori_loop`` over token chunks of
+  ``chunk`` rows, inside it a loop over vocabulary chunks of ``vocab_chunk``
+  columns with an online log-sum-exp (running max ``m`` and sum ``l``, as in
+  flash attention); the target logit is picked out of the block that holds
+  it, so no ``[N, D]`` gather of classifier columns is made.  A
+  ``jax.custom_vjp`` saves only the float32 ``lse [N]`` and recomputes each
+  ``[chunk, vocab_chunk]`` block in the backward:
+  ``dz = g * (softmax - onehot) * cap'``, ``dH += dz W_blk^T`` (carried per
+  token chunk), ``dW[:, blk] += H_chunk^T dz`` (a float32 ``[D, V]`` carry
+  updated in place).  Ragged last chunks are not padded (padding would copy
+  ``H`` or ``W``): the last chunk is slid back to end at ``N`` / ``V`` and the
+  rows / columns it shares with the previous chunk are masked.
+* :func:`cut_cross_entropy` -- Pallas kernels (the paper's algorithm):
+  **forward** a program per ``block_n`` rows walks the vocabulary in blocks of
+  ``block_v`` with the online log-sum-exp, each ``[block_n, block_v]`` logit
+  tile built in registers from ``block_d``-wide slices of ``h`` and ``W``;
+  it writes ``loss`` and ``lse`` (float32 ``[N]``).  **Backward** two kernels,
+  as flash attention's dQ and dK/dV: **dH** (a program per row block looping
+  over vocabulary blocks, ``dH[rows] += dz W_blk^T``) and **dW** (a program
+  per vocabulary block looping over row blocks, ``dW[blk] += H_rows^T dz``),
+  each recomputing its logit tiles from the saved ``lse``; no atomics, and
+  each program accumulates into its own float32 output tile.
+
+Gradient filtering (paper section 4.3), ``filter_eps``: in the backward, a
+block whose entries of ``|softmax - onehot|`` are all below ``filter_eps``
+contributes almost nothing to either gradient and is skipped (``lax.cond`` /
+``pl.when``).  The paper uses ``2**-12`` (below bfloat16 resolution next to
+1); ``None`` (default) keeps the gradient exact.  The loss is never filtered.
+
+Backends of :func:`cut_cross_entropy` (``backend=``): ``"triton"`` (GPU),
+``"interpret"`` (the Triton kernels in the HLO interpreter, any device; the
+CPU tests), ``"xla"`` (:func:`cross_entropy_reference`), ``"auto"`` (triton on
+GPU, xla elsewhere).  There is no Mosaic TPU body: ``"mosaic_tpu"`` raises;
+use :func:`chunked_cross_entropy` on TPU.  Triton tiles are powers of two of
+at least 16 (``tl.dot``); ragged ``N``, ``V`` and ``D`` (any sizes) are
+handled with masked loads and stores, nothing is padded or copied.
+
+Numerics: logits, softmax statistics and accumulators are float32; float32
+inputs use ``Precision.HIGHEST`` dots, 16-bit inputs 16-bit products with
+float32 accumulation (``dz`` is cast to the input dtype before its dots).
+``h`` and ``W`` may have different dtypes (they are promoted).  Gradients come
+back in the input dtypes.  Targets outside ``[0, V)`` (other than
+``ignore_index``) match no column: their target logit counts as 0.
+
+Verified without accelerators: the Triton kernels run in the HLO interpreter
+on CPU and lower (forward and backward) via ``jax.export`` for the ``cuda``
+platform to Triton IR; PTX compilation and speed are only exercised on a GPU.
+Default block sizes are untuned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from ._common import cdiv, is_power_of_2, next_power_of_2, resolve_backend
+
+__all__ = ["BlockSizes", "check_args", "chunked_cross_entropy", "cross_entropy_reference",
+           "cut_cross_entropy"]
+
+_NEG_INF = float("-inf")
+_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+# --------------------------------------------------------------------------
+# Arguments
+# --------------------------------------------------------------------------
+def check_args(hidden, classifier, targets, *, tied: bool = False,
+               name: str = "cross_entropy") -> tuple[int, int, int]:
+    """Validate shapes and dtypes; return ``(N, D, V)``."""
+    for arg, x in (("hidden", hidden), ("classifier", classifier), ("targets", targets)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"{name}: {arg} must be an array, got {type(x).__name__}.")
+    if not isinstance(tied, (bool, np.bool_)):
+        raise TypeError(f"{name}: tied={tied!r} must be a Python bool.")
+    if hidden.ndim != 2:
+        raise ValueError(f"{name}: hidden must be [N, D], got shape {tuple(hidden.shape)}; "
+                         "flatten batch and time first (hidden.reshape(-1, D)).")
+    if classifier.ndim != 2:
+        raise ValueError(f"{name}: classifier must be 2-D ([D, V], or [V, D] with tied=True), "
+                         f"got shape {tuple(classifier.shape)}.")
+    n, d = hidden.shape
+    dax = 1 if tied else 0
+    if classifier.shape[dax] != d:
+        other = classifier.shape[1 - dax] == d
+        hint = (f"; it looks like {'[D, V]: pass tied=False' if tied else '[V, D] (an embedding table): pass tied=True'}"
+                if other else "")
+        raise ValueError(
+            f"{name}: classifier shape {tuple(classifier.shape)} does not match hidden dim "
+            f"D={d} (expected {'[V, D]' if tied else '[D, V]'}){hint}.")
+    v = classifier.shape[1 - dax]
+    if targets.shape != (n,):
+        raise ValueError(f"{name}: targets must be [N]={n} integers (one per hidden row), got "
+                         f"shape {tuple(targets.shape)}.")
+    if not jnp.issubdtype(targets.dtype, jnp.integer):
+        raise TypeError(f"{name}: targets must be integer class ids, got dtype {targets.dtype}.")
+    for arg, x in (("hidden", hidden), ("classifier", classifier)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise TypeError(f"{name}: {arg} must be floating point, got dtype {x.dtype}; "
+                            "dequantize a quantized classifier first.")
+    if v == 0 or d == 0:
+        raise ValueError(f"{name}: vocabulary V={v} and hidden dim D={d} must be positive.")
+    return int(n), int(d), int(v)
+
+
+def _check_softcap(name, softcap):
+    if softcap is None:
+        return None
+    try:
+        if isinstance(softcap, bool):
+            raise TypeError
+        softcap = float(softcap)
+    except TypeError:
+        raise TypeError(f"{name}: softcap={softcap!r} must be a Python float or None "
+                        "(it is baked into the compiled loop).") from None
+    if not softcap > 0:
+        raise ValueError(f"{name}: softcap={softcap} must be > 0 (e.g. 30.0) or None.")
+    return softcap
+
+
+def _check_eps(name, eps):
+    if eps is None:
+        return None
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not eps > 0:
+        raise ValueError(f"{name}: filter_eps={eps!r} must be a positive float (the paper "
+                         "uses 2**-12) or None for the exact gradient.")
+    return float(eps)
+
+
+def _check_ignore(name, ignore_index):
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"{name}: ignore_index={ignore_index!r} must be a Python int "
+                        "(e.g. -100).")
+    return int(ignore_index)
+
+
+def _cap(z, softcap):
+    return z if softcap is None else softcap * jnp.tanh(z / softcap)
+
+
+def _compute_dtype(h, w):
+    return jnp.promote_types(h.dtype, w.dtype)
+
+
+def _precision(dtype):
+    return lax.Precision.HIGHEST if jnp.dtype(dtype) in (jnp.float32, jnp.float64) else None
+
+
+def _acc(dtype):
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+# --------------------------------------------------------------------------
+# Reference (materializes the logits)
+# --------------------------------------------------------------------------
+def cross_entropy_reference(hidden, classifier, targets, *, tied: bool = False,
+                            ignore_index: int = -100, softcap: Optional[float] = None,
+                            precision: Any = None) -> jax.Array:
+    """Per-row loss ``[N]`` (float32; float64 for float64 inputs) through ``[N, V]`` logits.
+
+    ``precision`` None uses HIGHEST for 32/64-bit inputs.
+    """
+    name = "cross_entropy_reference"
+    check_args(hidden, classifier, targets, tied=tied, name=name)
+    ignore_index = _check_ignore(name, ignore_index)
+    softcap = _check_softcap(name, softcap)
+    cdt = _compute_dtype(hidden, classifier)
+    acc = _acc(cdt)
+    precision = _precision(cdt) if precision is None else precision
+    w = classifier.astype(cdt)
+    dims = (((1,), (1 if tied else 0,)), ((), ()))
+    z = lax.dot_general(hidden.astype(cdt), w, dims, precision=precision,
+                        preferred_element_type=acc)
+    z = _cap(z, softcap)
+    onehot = jnp.arange(z.shape[1])[None, :] == targets[:, None]
+    loss = -jnp.sum(jnp.where(onehot, z, 0.0), axis=-1) + jax.nn.logsumexp(z, axis=-1)
+    return jnp.where(targets != ignore_index, loss, 0.0)
+
+
+# --------------------------------------------------------------------------
+# Chunked plain-JAX path
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    n: int
+    d: int
+    v: int
+    tied: bool
+    ignore_index: int
+    softcap: Optional[float]
+    filter_eps: Optional[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChunkCfg:
+    spec: _Spec
+    bn: int       # token chunk (<= N)
+    bv: int       # vocab chunk (<= V)
+
+
+def _slide(i, b: int, n: int):
+    """Start of chunk ``i`` of size ``b`` in ``[0, n)``: the last one slid back to end at n."""
+    return jnp.minimum(i * b, n - b)
+
+
+def _w_block(cfg: _ChunkCfg, w, c0):
+    return lax.dynamic_slice_in_dim(w, c0, cfg.bv, axis=0 if cfg.spec.tied else 1)
+
+
+def _block_logits(cfg: _ChunkCfg, hb, wb, precision):
+    """``[bn, bv]`` float32 logits (before the cap) of a token chunk and a W block."""
+    dims = (((1,), (1 if cfg.spec.tied else 0,)), ((), ()))
+    return lax.dot_general(hb, wb, dims, precision=precision,
+                           preferred_element_type=_acc(hb.dtype))
+
+
+def _chunked_forward(cfg: _ChunkCfg, h, w, t):
+    sp, bn, bv = cfg.spec, cfg.bn, cfg.bv
+    cdt = _compute_dtype(h, w)
+    acc, precision = _acc(cdt), _precision(cdt)
+    t = t.astype(jnp.int32)
+
+    def row_block(i, carry):
+        loss, lse = carry
+        r0 = _slide(i, bn, sp.n)
+        hb = lax.dynamic_slice_in_dim(h, r0, bn).astype(cdt)
+        tb = lax.dynamic_slice_in_dim(t, r0, bn)
+
+        def col_block(j, c):
+            m, l, zt = c
+            c0 = _slide(j, bv, sp.v)
+            cols = c0 + jnp.arange(bv, dtype=jnp.int32)
+            fresh = (cols >= j * bv)[None, :]
+            z = _cap(_block_logits(cfg, hb, _w_block(cfg, w, c0).astype(cdt), precision),
+                     sp.softcap)
+            z = jnp.where(fresh, z, _NEG_INF)
+            zt = zt + jnp.sum(jnp.where(fresh & (cols[None, :] == tb[:, None]), z, 0.0), axis=1)
+            m_new = jnp.maximum(m, jnp.max(z, axis=1))
+            l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+            return m_new, l, zt
+
+        init = (jnp.full((bn,), _NEG_INF, acc), jnp.zeros((bn,), acc), jnp.zeros((bn,), acc))
+        m, l, zt = lax.fori_loop(0, cdiv(sp.v, bv), col_block, init)
+        lse_b = m + jnp.log(l)
+        loss_b = jnp.where(tb != sp.ignore_index, lse_b - zt, 0.0)
+        # Rows shared with the previous chunk are recomputed identically: overwrite.
+        return (lax.dynamic_update_slice_in_dim(loss, loss_b, r0, 0),
+                lax.dynamic_update_slice_in_dim(lse, lse_b, r0, 0))
+
+    init = (jnp.zeros((sp.n,), acc), jnp.zeros((sp.n,), acc))
+    return lax.fori_loop(0, cdiv(sp.n, bn), row_block, init)
+
+
+def _chunked_backward(cfg: _ChunkCfg, h, w, t, lse, g):
+    sp, bn, bv = cfg.spec, cfg.bn, cfg.bv
+    cdt = _compute_dtype(h, w)
+    acc, precision = _acc(cdt), _precision(cdt)
+    t = t.astype(jnp.int32)
+    g = jnp.where(t != sp.ignore_index, g.astype(acc), 0.0)
+    dw_dims = (((0,), (0,)), ((), ()))         # contract the rows
+
+    def row_block(i, carry):
+        dh, dw = carry
+        r0 = _slide(i, bn, sp.n)
+        rows = r0 + jnp.arange(bn, dtype=jnp.int32)
+        hb = lax.dynamic_slice_in_dim(h, r0, bn).astype(cdt)
+        # dW must not count a row twice: rows shared with the previous chunk are zeroed.
+        hb_w = jnp.where((rows >= i * bn)[:, None], hb, jnp.zeros((), cdt))
+        tb = lax.dynamic_slice_in_dim(t, r0, bn)
+        lb = lax.dynamic_slice_in_dim(lse, r0, bn)
+        gb = lax.dynamic_slice_in_dim(g, r0, bn)
+
+        def col_block(j, c):
+            c0 = _slide(j, bv, sp.v)
+            cols = c0 + jnp.arange(bv, dtype=jnp.int32)
+            fresh = (cols >= j * bv)[None, :]
+            wb = _w_block(cfg, w, c0).astype(cdt)
+            z = _cap(_block_logits(cfg, hb, wb, precision), sp.softcap)
+            s = jnp.exp(z - lb[:, None]) - (fresh & (cols[None, :] == tb[:, None]))
+            s = jnp.where(fresh, s, 0.0)                       # d loss_i / d z_iv
+
+            def update(c):
+                dhb, dw = c
+                dz = s * gb[:, None]
+                if sp.softcap is not None:
+                    dz = dz * (1.0 - jnp.square(z / sp.softcap))
+                dz = dz.astype(cdt)
+                dhb = dhb + lax.dot_general(dz, wb, (((1,), (0 if sp.tied else 1,)), ((), ())),
+                                            precision=precision, preferred_element_type=acc)
+                if sp.tied:     # dW [V, D]: dz^T hb
+                    blk = lax.dot_general(dz, hb_w, dw_dims, precision=precision,
+                                          preferred_element_type=acc)
+                else:           # dW [D, V]: hb^T dz
+                    blk = lax.dot_general(hb_w, dz, dw_dims, precision=precision,
+                                          preferred_element_type=acc)
+                ax = 0 if sp.tied else 1
+                cur = lax.dynamic_slice_in_dim(dw, c0, bv, axis=ax)
+                return dhb, lax.dynamic_update_slice_in_dim(dw, cur + blk, c0, axis=ax)
+
+            if sp.filter_eps is None:
+                return update(c)
+            return lax.cond(jnp.max(jnp.abs(s)) >= sp.filter_eps, update, lambda c: c, c)
+
+        dhb, dw = lax.fori_loop(0, cdiv(sp.v, bv), col_block,
+                                (jnp.zeros((bn, sp.d), acc), dw))
+        # A row's dH is complete within its chunk: shared rows are recomputed identically.
+        return lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0), dw
+
+    init = (jnp.zeros((sp.n, sp.d), acc), jnp.zeros(w.shape, acc))
+    dh, dw = lax.fori_loop(0, cdiv(sp.n, bn), row_block, init)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunked(cfg: _ChunkCfg, h, w, t):
+    return _chunked_forward(cfg, h, w, t)[0]
+
+
+def _chunked_fwd(cfg, h, w, t):
+    loss, lse = _chunked_forward(cfg, h, w, t)
+    return loss, (h, w, t, lse)
+
+
+def _chunked_bwd(cfg, res, g):
+    h, w, t, lse = res
+    dh, dw = _chunked_backward(cfg, h, w, t, lse, g)
+    return dh, dw, np.zeros(t.shape, jax.dtypes.float0)
+
+
+_chunked.defvjp(_chunked_fwd, _chunked_bwd)
+
+
+def _check_chunk(name, arg, c):
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+        raise ValueError(f"{name}: {arg}={c!r} must be a positive int (e.g. {arg}=1024).")
+    return int(c)
+
+
+def _empty_vjp_safe(n, hidden, classifier):
+    """N == 0: no rows, a zero-size loss (still differentiable)."""
+    return jnp.zeros((0,), jnp.float32) + 0.0 * (jnp.sum(hidden) + jnp.sum(classifier))
+
+
+def chunked_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
+                          ignore_index: int = -100, softcap: Optional[float] = None,
+                          chunk: int = 1024, vocab_chunk: int = 2048,
+                          filter_eps: Optional[float] = None) -> jax.Array:
+    """Per-row loss ``[N]`` float32, ``chunk x vocab_chunk`` logits at a time (fwd and bwd).
+
+    Differentiable w.r.t. ``hidden`` and ``classifier`` (custom VJP recomputing
+    the logit blocks; temporary memory ``O(chunk * vocab_chunk + N + D * V)``,
+    the ``D * V`` being the float32 classifier gradient itself).
+    """
+    name = "chunked_cross_entropy"
+    n, d, v = check_args(hidden, classifier, targets, tied=tied, name=name)
+    spec = _Spec(n, d, v, bool(tied), _check_ignore(name, ignore_index),
+                 _check_softcap(name, softcap), _check_eps(name, filter_eps))
+    bn = min(_check_chunk(name, "chunk", chunk), max(n, 1))
+    bv = min(_check_chunk(name, "vocab_chunk", vocab_chunk), v)
+    if n == 0:
+        return _empty_vjp_safe(n, hidden, classifier)
+    return _chunked(_ChunkCfg(spec, bn, bv), hidden, classifier, targets)
+
+
+# --------------------------------------------------------------------------
+# Pallas (Triton) kernels
+# --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles of the cut-cross-entropy kernels: ``block_n`` rows x ``block_v``
+    vocabulary columns per logit tile, built from ``block_d``-wide slices of
+    the hidden dim.  Powers of two, at least 16 (``tl.dot``); a block larger
+    than its dimension shrinks to that dimension's next power of two."""
+    block_n: int = 64
+    block_v: int = 128
+    block_d: int = 64
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+                raise ValueError(f"BlockSizes.{f.name}={v!r} must be a positive int; "
+                                 f"pass e.g. BlockSizes({f.name}=64).")
+            if not is_power_of_2(v) or v < 16:
+                raise ValueError(
+                    f"BlockSizes.{f.name}={v} must be a power of two >= 16 (Triton tiles; "
+                    f"tl.dot needs 16); use {f.name}={max(16, next_power_of_2(v))}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _KCfg:
+    spec: _Spec
+    bn: int
+    bv: int
+    bd: int
+    interpret: bool
+    cdt: Any          # compute dtype name
+
+
+def _fit(b: int, n: int) -> int:
+    return min(b, max(16, next_power_of_2(n)))
+
+
+def _tload(ref, mask=None, other=0):
+    if mask is None:
+        return ref[...]
+    return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=other)
+
+
+def _tstore(ref, val, mask=None):
+    if mask is None:
+        ref[...] = val
+    else:
+        plgpu.store(ref, val, mask=jnp.broadcast_to(mask, val.shape))
+
+
+def _and(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return jnp.logical_and(a, b)
+
+
+def _kdot(a, b, precision, *, trans_a=False, trans_b=False):
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def _d_loop(k: _KCfg, body, carry):
+    """``body(d0, dmask, carry)`` over ``block_d`` slices of D: full slices
+    unmasked in a loop, a ragged last slice with a mask."""
+    d, bd = k.spec.d, k.bd
+    nfull = d // bd
+    if nfull:
+        carry = lax.fori_loop(0, nfull, lambda i, c: body(i * bd, None, c), carry)
+    if d % bd:   # a one-trip loop: a traced start (a static one would fail the bounds check)
+        carry = lax.fori_loop(nfull, nfull + 1, lambda i, c: body(
+            i * bd, (i * bd + jnp.arange(bd, dtype=jnp.int32)) < d, c), carry)
+    return carry
+
+
+def _v_loop(k: _KCfg, lo, hi_full, body, carry):
+    """``body(j, masked, carry)`` over vocabulary blocks ``[lo, nv)``; the
+    ragged last one (when V % block_v) masked."""
+    carry = lax.fori_loop(lo, hi_full, lambda j, c: body(j, False, c), carry)
+    if k.spec.v % k.bv:
+        nv = k.spec.v // k.bv
+        carry = lax.fori_loop(nv, nv + 1, lambda j, c: body(j, True, c), carry)
+    return carry
+
+
+def _load_w(k: _KCfg, w_ref, d0, dmask, c0, cmask):
+    """A ``[bd, bv]`` slice of W (``[D, V]``), or ``[bv, bd]`` when tied (``[V, D]``)."""
+    if k.spec.tied:
+        m = _and(None if cmask is None else cmask[:, None], None if dmask is None else dmask[None, :])
+        return _tload(w_ref.at[pl.ds(c0, k.bv), pl.ds(d0, k.bd)], m).astype(k.cdt)
+    m = _and(None if dmask is None else dmask[:, None], None if cmask is None else cmask[None, :])
+    return _tload(w_ref.at[pl.ds(d0, k.bd), pl.ds(c0, k.bv)], m).astype(k.cdt)
+
+
+def _load_h(k: _KCfg, h_ref, r0, rmask, d0, dmask):
+    m = _and(None if rmask is None else rmask[:, None], None if dmask is None else dmask[None, :])
+    return _tload(h_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)], m).astype(k.cdt)
+
+
+def _tile(k: _KCfg, h_ref, w_ref, r0, rmask, c0, cmask, precision):
+    """Capped float32 logits ``[bn, bv]`` of rows ``r0..`` and columns ``c0..``."""
+    def body(d0, dmask, acc):
+        hb = _load_h(k, h_ref, r0, rmask, d0, dmask)
+        wb = _load_w(k, w_ref, d0, dmask, c0, cmask)
+        return acc + _kdot(hb, wb, precision, trans_b=k.spec.tied)
+
+    z = _d_loop(k, body, jnp.zeros((k.bn, k.bv), jnp.float32))
+    return _cap(z, k.spec.softcap)
+
+
+def _row_setup(k: _KCfg, r0):
+    rows = r0 + jnp.arange(k.bn, dtype=jnp.int32)
+    return rows, (rows < k.spec.n) if k.spec.n % k.bn else None
+
+
+def _col_setup(k: _KCfg, j, masked: bool):
+    c0 = j * k.bv
+    cols = c0 + jnp.arange(k.bv, dtype=jnp.int32)
+    return c0, cols, (cols < k.spec.v) if masked else None
+
+
+def _fwd_kernel(h_ref, w_ref, t_ref, loss_ref, lse_ref, *, k: _KCfg, precision):
+    sp = k.spec
+    r0 = pl.program_id(0) * k.bn
+    _, rmask = _row_setup(k, r0)
+    t = _tload(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
+
+    def vstep(j, masked, carry):
+        m, l, zt = carry
+        c0, cols, cmask = _col_setup(k, j, masked)
+        z = _tile(k, h_ref, w_ref, r0, rmask, c0, cmask, precision)
+        hit = cols[None, :] == t[:, None]
+        if cmask is not None:
+            z = jnp.where(cmask[None, :], z, _NEG_INF)
+            hit = jnp.logical_and(hit, cmask[None, :])
+        zt = zt + jnp.sum(jnp.where(hit, z, 0.0), axis=1)
+        m_new = jnp.maximum(m, jnp.max(z, axis=1))
+        l = l * jnp.exp(m - m_new) + jnp.sum(jnp.exp(z - m_new[:, None]), axis=1)
+        return m_new, l, zt
+
+    init = (jnp.full((k.bn,), _NEG_INF, jnp.float32), jnp.zeros((k.bn,), jnp.float32),
+            jnp.zeros((k.bn,), jnp.float32))
+    m, l, zt = _v_loop(k, 0, sp.v // k.bv, vstep, init)
+    lse = m + jnp.log(l)
+    loss = jnp.where(t != sp.ignore_index, lse - zt, 0.0)
+    _tstore(loss_ref.at[pl.ds(r0, k.bn)], loss, rmask)
+    _tstore(lse_ref.at[pl.ds(r0, k.bn)], lse, rmask)
+
+
+def _dz_tile(k: _KCfg, z, lse, t, g, cols, cmask):
+    """``(s, dz)``: ``s = softmax - onehot`` (masked) and ``dz = g s cap'`` in the input dtype."""
+    s = jnp.exp(z - lse[:, None]) - (cols[None, :] == t[:, None]).astype(jnp.float32)
+    if cmask is not None:
+        s = jnp.where(cmask[None, :], s, 0.0)
+    dz = s * g[:, None]
+    if k.spec.softcap is not None:
+        dz = dz * (1.0 - jnp.square(z / k.spec.softcap))
+    return s, dz.astype(k.cdt)
+
+
+def _filtered(k: _KCfg, s, fn):
+    """Run ``fn()`` (stores only) unless every ``|s|`` is below ``filter_eps``."""
+    if k.spec.filter_eps is None:
+        fn()
+    else:
+        pl.when(jnp.max(jnp.abs(s)) >= k.spec.filter_eps)(fn)
+
+
+def _zero_rows(k: _KCfg, out_ref, r0, rmask):
+    """Zero a ``[bn, D]`` float32 output tile (it is accumulated into)."""
+    def body(d0, dmask, c):
+        m = _and(None if rmask is None else rmask[:, None], None if dmask is None else dmask[None, :])
+        _tstore(out_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)],
+                jnp.zeros((k.bn, k.bd), jnp.float32), m)
+        return c
+    _d_loop(k, body, 0)
+
+
+def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dh_ref, *, k: _KCfg, precision):
+    sp = k.spec
+    r0 = pl.program_id(0) * k.bn
+    _, rmask = _row_setup(k, r0)
+    t = _tload(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
+    lse = _tload(lse_ref.at[pl.ds(r0, k.bn)], rmask)
+    g = _tload(g_ref.at[pl.ds(r0, k.bn)], rmask)        # already 0 on ignored rows
+    _zero_rows(k, dh_ref, r0, rmask)
+
+    def vstep(j, masked, carry):
+        c0, cols, cmask = _col_setup(k, j, masked)
+        z = _tile(k, h_ref, w_ref, r0, rmask, c0, cmask, precision)
+        s, dz = _dz_tile(k, z, lse, t, g, cols, cmask)
+
+        def accumulate():
+            def body(d0, dmask, c):
+                wb = _load_w(k, w_ref, d0, dmask, c0, cmask)
+                m = _and(None if rmask is None else rmask[:, None],
+                         None if dmask is None else dmask[None, :])
+                ref = dh_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)]
+                upd = _kdot(dz, wb, precision, trans_b=not sp.tied)
+                _tstore(ref, _tload(ref, m) + upd, m)
+                return c
+            _d_loop(k, body, 0)
+
+        _filtered(k, s, accumulate)
+        return carry
+
+    _v_loop(k, 0, sp.v // k.bv, vstep, 0)
+
+
+def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dw_ref, *, k: _KCfg, precision):
+    sp = k.spec
+    j = pl.program_id(0)
+    masked = bool(sp.v % k.bv)
+    c0 = j * k.bv
+    cols = c0 + jnp.arange(k.bv, dtype=jnp.int32)
+    cmask = (cols < sp.v) if masked else None
+
+    def dw_ref_at(d0):
+        if sp.tied:
+            return dw_ref.at[pl.ds(c0, k.bv), pl.ds(d0, k.bd)]
+        return dw_ref.at[pl.ds(d0, k.bd), pl.ds(c0, k.bv)]
+
+    def dw_mask(dmask):
+        if sp.tied:
+            return _and(None if cmask is None else cmask[:, None],
+                        None if dmask is None else dmask[None, :])
+        return _and(None if dmask is None else dmask[:, None],
+                    None if cmask is None else cmask[None, :])
+
+    def zero(d0, dmask, c):
+        shape = (k.bv, k.bd) if sp.tied else (k.bd, k.bv)
+        _tstore(dw_ref_at(d0), jnp.zeros(shape, jnp.float32), dw_mask(dmask))
+        return c
+    _d_loop(k, zero, 0)
+
+    def rstep(i, carry):
+        r0 = i * k.bn
+        _, rmask = _row_setup(k, r0)
+        t = _tload(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
+        lse = _tload(lse_ref.at[pl.ds(r0, k.bn)], rmask)
+        g = _tload(g_ref.at[pl.ds(r0, k.bn)], rmask)
+        z = _tile(k, h_ref, w_ref, r0, rmask, c0, cmask, precision)
+        s, dz = _dz_tile(k, z, lse, t, g, cols, cmask)
+        if rmask is not None:
+            dz = jnp.where(rmask[:, None], dz, jnp.zeros((), dz.dtype))
+
+        def accumulate():
+            def body(d0, dmask, c):
+                hb = _load_h(k, h_ref, r0, rmask, d0, dmask)
+                m = dw_mask(dmask)
+                ref = dw_ref_at(d0)
+                if sp.tied:
+                    upd = _kdot(dz, hb, precision, trans_a=True)      # [bv, bd]
+                else:
+                    upd = _kdot(hb, dz, precision, trans_a=True)      # [bd, bv]
+                _tstore(ref, _tload(ref, m) + upd, m)
+                return c
+            _d_loop(k, body, 0)
+
+        _filtered(k, s, accumulate)
+        return carry
+
+    lax.fori_loop(0, cdiv(sp.n, k.bn), rstep, 0)
+
+
+def _full_spec(shape):
+    return pl.BlockSpec(tuple(shape), lambda i: (0,) * len(shape))
+
+
+def _cost(k: _KCfg, n_matmuls: int, nbytes: int):
+    sp = k.spec
+    return pl.CostEstimate(flops=2 * n_matmuls * sp.n * sp.v * sp.d,
+                           transcendentals=sp.n * sp.v, bytes_accessed=int(nbytes))
+
+
+def _nbytes(*arrays):
+    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kernel_forward(k: _KCfg, h, w, t):
+    sp = k.spec
+    precision = _precision(k.cdt)
+    out = jax.ShapeDtypeStruct((sp.n,), jnp.float32)
+    return pl.pallas_call(
+        functools.partial(_fwd_kernel, k=k, precision=precision),
+        out_shape=[out, out], grid=(cdiv(sp.n, k.bn),),
+        in_specs=[_full_spec(h.shape), _full_spec(w.shape), _full_spec(t.shape)],
+        out_specs=[_full_spec((sp.n,)), _full_spec((sp.n,))],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=k.interpret, name="cut_cross_entropy_fwd",
+        cost_estimate=_cost(k, 1, _nbytes(h, w, t) + 8 * sp.n),
+    )(h, w, t)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kernel_backward(k: _KCfg, h, w, t, lse, g):
+    sp = k.spec
+    precision = _precision(k.cdt)
+    g = jnp.where(t != sp.ignore_index, g.astype(jnp.float32), 0.0)
+    ins = (h, w, t, lse, g)
+    in_specs = [_full_spec(a.shape) for a in ins]
+    common = dict(in_specs=in_specs, interpret=k.interpret,
+                  compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2))
+    dh = pl.pallas_call(
+        functools.partial(_dh_kernel, k=k, precision=precision),
+        out_shape=jax.ShapeDtypeStruct(h.shape, jnp.float32), grid=(cdiv(sp.n, k.bn),),
+        out_specs=_full_spec(h.shape), name="cut_cross_entropy_bwd_dh",
+        cost_estimate=_cost(k, 2, _nbytes(*ins) + 4 * h.size), **common)(*ins)
+    dw = pl.pallas_call(
+        functools.partial(_dw_kernel, k=k, precision=precision),
+        out_shape=jax.ShapeDtypeStruct(w.shape, jnp.float32), grid=(cdiv(sp.v, k.bv),),
+        out_specs=_full_spec(w.shape), name="cut_cross_entropy_bwd_dw",
+        cost_estimate=_cost(k, 2, _nbytes(*ins) + 4 * w.size), **common)(*ins)
+    return dh.astype(h.dtype), dw.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cce(k: _KCfg, h, w, t):
+    return _kernel_forward(k, h, w, t)[0]
+
+
+def _cce_fwd(k, h, w, t):
+    loss, lse = _kernel_forward(k, h, w, t)
+    return loss, (h, w, t, lse)
+
+
+def _cce_bwd(k, res, g):
+    h, w, t, lse = res
+    dh, dw = _kernel_backward(k, h, w, t, lse, g)
+    return dh, dw, np.zeros(t.shape, jax.dtypes.float0)
+
+
+_cce.defvjp(_cce_fwd, _cce_bwd)
+
+
+def cut_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
+                      ignore_index: int = -100, softcap: Optional[float] = None,
+                      block_sizes: Optional[BlockSizes] = None, backend: str = "auto",
+                      interpret: Optional[bool] = None,
+                      filter_eps: Optional[float] = None) -> jax.Array:
+    """Per-row loss ``[N]`` float32 through the Pallas CCE kernels (see the module doc).
+
+    Args:
+      hidden: ``[N, D]`` float32/bfloat16/float16.
+      classifier: ``[D, V]``, or ``[V, D]`` with ``tied=True`` (an embedding table).
+      targets: int ``[N]``; rows equal to ``ignore_index`` give loss 0 and no gradient.
+      softcap: optional logit soft-cap ``softcap * tanh(z / softcap)``.
+      block_sizes: a :class:`BlockSizes` (powers of two >= 16) or None.
+      backend: "auto" (triton on GPU, xla elsewhere), "triton", "interpret" or
+        "xla" (:func:`cross_entropy_reference`).
+      interpret: with "triton", True runs the kernels in the HLO interpreter.
+      filter_eps: skip backward blocks with every ``|softmax - onehot| < filter_eps``.
+    """
+    name = "cut_cross_entropy"
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"{name}: block_sizes must be a BlockSizes or None, got "
+                        f"{type(block_sizes).__name__}; pass BlockSizes(block_n=..., "
+                        "block_v=..., block_d=...).")
+    backend = resolve_backend(backend)
+    if backend == "mosaic_tpu":
+        raise ValueError(f"{name}: backend='mosaic_tpu' is not implemented (no Mosaic TPU "
+                         "body); use chunked_cross_entropy on TPU, or backend='xla'.")
+    n, d, v = check_args(hidden, classifier, targets, tied=tied, name=name)
+    spec = _Spec(n, d, v, bool(tied), _check_ignore(name, ignore_index),
+                 _check_softcap(name, softcap), _check_eps(name, filter_eps))
+    if backend == "xla":
+        return cross_entropy_reference(hidden, classifier, targets, tied=tied,
+                                       ignore_index=spec.ignore_index, softcap=spec.softcap)
+    for arg, x in (("hidden", hidden), ("classifier", classifier)):
+        if jnp.dtype(x.dtype) not in _KERNEL_DTYPES:
+            raise TypeError(f"{name}: {arg} dtype {x.dtype} is not supported by backend="
+                            f"{backend!r}; use float32, bfloat16 or float16, or backend='xla'.")
+    if n == 0:
+        return _empty_vjp_safe(n, hidden, classifier)
+    bs = block_sizes or BlockSizes()
+    cdt = jnp.dtype(_compute_dtype(hidden, classifier)).name
+    k = _KCfg(spec, bn=_fit(bs.block_n, n), bv=_fit(bs.block_v, v), bd=_fit(bs.block_d, d),
+              interpret=True if backend == "interpret" else bool(interpret), cdt=cdt)
+    return _cce(k, hidden, classifier, targets.astype(jnp.int32))
