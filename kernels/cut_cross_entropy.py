@@ -24,12 +24,14 @@ Implementations:
   flash attention); the target logit is picked out of the block that holds
   it, so no ``[N, D]`` gather of classifier columns is made.  A
   ``jax.custom_vjp`` saves only the float32 ``lse [N]`` and recomputes each
-  ``[chunk, vocab_chunk]`` block in the backward:
-  ``dz = g * (softmax - onehot) * cap'``, ``dH += dz W_blk^T`` (carried per
-  token chunk), ``dW[:, blk] += H_chunk^T dz`` (a float32 ``[D, V]`` carry
-  updated in place).  Ragged last chunks are not padded (padding would copy
-  ``H`` or ``W``): the last chunk is slid back to end at ``N`` / ``V`` and the
-  rows / columns it shares with the previous chunk are masked.
+  ``[chunk, vocab_chunk]`` block in the backward, vocabulary chunks
+  outside and token chunks inside: ``dz = g * (softmax - onehot) * cap'``,
+  ``dW[:, blk] = sum_chunks H_chunk^T dz`` (a float32 ``[D, vocab_chunk]``
+  accumulator, written once into ``dW`` in ``W``'s dtype) and
+  ``dH[chunk] += dz W_blk^T`` (a float32 ``[N, D]`` carry).  Ragged last
+  chunks are not padded (padding would copy ``H`` or ``W``): the last chunk
+  is slid back to end at ``N`` / ``V`` and the rows / columns it shares with
+  the previous chunk are masked.
 * :func:`cut_cross_entropy` -- Pallas kernels (the paper's algorithm):
   **forward** a program per ``block_n`` rows walks the vocabulary in blocks of
   ``block_v`` with the online log-sum-exp, each ``[block_n, block_v]`` logit
@@ -279,63 +281,72 @@ def _chunked_forward(cfg: _ChunkCfg, h, w, t):
 
 
 def _chunked_backward(cfg: _ChunkCfg, h, w, t, lse, g):
+    """``(dH, dW)``: vocabulary chunks outside, token chunks inside.
+
+    Each vocabulary chunk's ``dW`` block is complete after its inner loop
+    (float32 ``[D, vocab_chunk]``), so ``dW`` is written once in ``W``'s dtype;
+    ``dH`` is a float32 ``[N, D]`` carry.
+    """
     sp, bn, bv = cfg.spec, cfg.bn, cfg.bv
     cdt = _compute_dtype(h, w)
     acc, precision = _acc(cdt), _precision(cdt)
     t = t.astype(jnp.int32)
     g = jnp.where(t != sp.ignore_index, g.astype(acc), 0.0)
-    dw_dims = (((0,), (0,)), ((), ()))         # contract the rows
+    ax = 0 if sp.tied else 1                     # W's vocabulary axis
+    rows_dims = (((0,), (0,)), ((), ()))         # contract over the rows
 
-    def row_block(i, carry):
+    def col_block(j, carry):
         dh, dw = carry
-        r0 = _slide(i, bn, sp.n)
-        rows = r0 + jnp.arange(bn, dtype=jnp.int32)
-        hb = lax.dynamic_slice_in_dim(h, r0, bn).astype(cdt)
-        # dW must not count a row twice: rows shared with the previous chunk are zeroed.
-        hb_w = jnp.where((rows >= i * bn)[:, None], hb, jnp.zeros((), cdt))
-        tb = lax.dynamic_slice_in_dim(t, r0, bn)
-        lb = lax.dynamic_slice_in_dim(lse, r0, bn)
-        gb = lax.dynamic_slice_in_dim(g, r0, bn)
+        c0 = _slide(j, bv, sp.v)
+        cols = c0 + jnp.arange(bv, dtype=jnp.int32)
+        fresh_c = cols >= j * bv
+        wb = _w_block(cfg, w, c0).astype(cdt)
 
-        def col_block(j, c):
-            c0 = _slide(j, bv, sp.v)
-            cols = c0 + jnp.arange(bv, dtype=jnp.int32)
-            fresh = (cols >= j * bv)[None, :]
-            wb = _w_block(cfg, w, c0).astype(cdt)
+        def row_block(i, c):
+            r0 = _slide(i, bn, sp.n)
+            rows = r0 + jnp.arange(bn, dtype=jnp.int32)
+            hb = lax.dynamic_slice_in_dim(h, r0, bn).astype(cdt)
+            tb = lax.dynamic_slice_in_dim(t, r0, bn)
+            lb = lax.dynamic_slice_in_dim(lse, r0, bn)
+            # Rows shared with the previous token chunk and columns shared with the
+            # previous vocabulary chunk were done there: their g is zeroed here.
+            gb = jnp.where(rows >= i * bn, lax.dynamic_slice_in_dim(g, r0, bn), 0.0)
             z = _cap(_block_logits(cfg, hb, wb, precision), sp.softcap)
-            s = jnp.exp(z - lb[:, None]) - (fresh & (cols[None, :] == tb[:, None]))
-            s = jnp.where(fresh, s, 0.0)                       # d loss_i / d z_iv
+            s = jnp.exp(z - lb[:, None]) - (cols[None, :] == tb[:, None])
+            s = jnp.where(fresh_c[None, :], s, 0.0)                 # d loss_i / d z_iv
 
             def update(c):
-                dhb, dw = c
+                dh, dwb = c
                 dz = s * gb[:, None]
                 if sp.softcap is not None:
                     dz = dz * (1.0 - jnp.square(z / sp.softcap))
                 dz = dz.astype(cdt)
-                dhb = dhb + lax.dot_general(dz, wb, (((1,), (0 if sp.tied else 1,)), ((), ())),
-                                            precision=precision, preferred_element_type=acc)
+                dhb = lax.dot_general(dz, wb, (((1,), (ax,)), ((), ())),
+                                      precision=precision, preferred_element_type=acc)
+                cur = lax.dynamic_slice_in_dim(dh, r0, bn)
+                dh = lax.dynamic_update_slice_in_dim(dh, cur + dhb, r0, 0)
                 if sp.tied:     # dW [V, D]: dz^T hb
-                    blk = lax.dot_general(dz, hb_w, dw_dims, precision=precision,
-                                          preferred_element_type=acc)
+                    dwb = dwb + lax.dot_general(dz, hb, rows_dims, precision=precision,
+                                                preferred_element_type=acc)
                 else:           # dW [D, V]: hb^T dz
-                    blk = lax.dot_general(hb_w, dz, dw_dims, precision=precision,
-                                          preferred_element_type=acc)
-                ax = 0 if sp.tied else 1
-                cur = lax.dynamic_slice_in_dim(dw, c0, bv, axis=ax)
-                return dhb, lax.dynamic_update_slice_in_dim(dw, cur + blk, c0, axis=ax)
+                    dwb = dwb + lax.dot_general(hb, dz, rows_dims, precision=precision,
+                                                preferred_element_type=acc)
+                return dh, dwb
 
             if sp.filter_eps is None:
                 return update(c)
             return lax.cond(jnp.max(jnp.abs(s)) >= sp.filter_eps, update, lambda c: c, c)
 
-        dhb, dw = lax.fori_loop(0, cdiv(sp.v, bv), col_block,
-                                (jnp.zeros((bn, sp.d), acc), dw))
-        # A row's dH is complete within its chunk: shared rows are recomputed identically.
-        return lax.dynamic_update_slice_in_dim(dh, dhb, r0, 0), dw
+        blk_shape = (bv, sp.d) if sp.tied else (sp.d, bv)
+        dh, dwb = lax.fori_loop(0, cdiv(sp.n, bn), row_block, (dh, jnp.zeros(blk_shape, acc)))
+        old = lax.dynamic_slice_in_dim(dw, c0, bv, axis=ax)
+        keep = fresh_c[:, None] if sp.tied else fresh_c[None, :]
+        dwb = jnp.where(keep, dwb.astype(dw.dtype), old)
+        return dh, lax.dynamic_update_slice_in_dim(dw, dwb, c0, axis=ax)
 
-    init = (jnp.zeros((sp.n, sp.d), acc), jnp.zeros(w.shape, acc))
-    dh, dw = lax.fori_loop(0, cdiv(sp.n, bn), row_block, init)
-    return dh.astype(h.dtype), dw.astype(w.dtype)
+    init = (jnp.zeros((sp.n, sp.d), acc), jnp.zeros(w.shape, w.dtype))
+    dh, dw = lax.fori_loop(0, cdiv(sp.v, bv), col_block, init)
+    return dh.astype(h.dtype), dw
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -375,8 +386,8 @@ def chunked_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
     """Per-row loss ``[N]`` float32, ``chunk x vocab_chunk`` logits at a time (fwd and bwd).
 
     Differentiable w.r.t. ``hidden`` and ``classifier`` (custom VJP recomputing
-    the logit blocks; temporary memory ``O(chunk * vocab_chunk + N + D * V)``,
-    the ``D * V`` being the float32 classifier gradient itself).
+    the logit blocks; temporary memory ``O(chunk * vocab_chunk + N * D)``, the
+    ``N * D`` being the float32 hidden-state gradient).
     """
     name = "chunked_cross_entropy"
     n, d, v = check_args(hidden, classifier, targets, tied=tied, name=name)

@@ -81,13 +81,17 @@ def next_token_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss_fn(model: Model) -> Callable:
-    """``loss(params, tokens[B, T+1])``: next-token cross-entropy of ``model``."""
-    apply = model.apply
+    """``loss(params, tokens[B, T+1])``: next-token cross-entropy of ``model``.
 
-    def loss(params, tokens):
-        return next_token_loss(apply(params, tokens[:, :-1]), tokens[:, 1:])
-
-    return loss
+    :func:`memlab.nn.model_loss` with ``impl="auto"``: on CPU the model's logits
+    and :func:`next_token_loss` (as before) while the float32 ``[B*T, V]`` logits
+    fit ``memlab.nn.NAIVE_MAX_LOGITS_BYTES``, else chunked cut cross-entropy from
+    the final hidden states (no logits materialized; the Triton kernels on GPU).
+    ``with memlab.nn.use_cross_entropy("naive"):`` around tracing restores the
+    logits path everywhere.
+    """
+    from memlab.nn.loss import model_loss
+    return model_loss(model)
 
 
 def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:

@@ -264,6 +264,9 @@ class Llama(nn.Module):
     """``apply(params, tokens[B, T], cache=None) -> logits`` or ``(logits, cache)``.
 
     ``last_only=True`` returns logits for the last position only ([B, 1, V]).
+    ``hidden_only=True`` (no cache) returns the final-norm hidden states [B, T, D]
+    in the compute dtype instead of logits: the caller applies the head
+    (``memlab.nn.model_loss``, cut cross-entropy without [B, T, V] logits).
 
     With a cache, tokens are written at each row's ``cache.lengths`` and attend
     over everything written so far; positions are ``lengths + arange(T)``.
@@ -275,7 +278,7 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False,
-                 n_new: Optional[jax.Array] = None):
+                 n_new: Optional[jax.Array] = None, hidden_only: bool = False):
         c = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
@@ -313,6 +316,11 @@ class Llama(nn.Module):
         x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
         if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
             x = x[:, -1:]
+        if hidden_only:
+            if cache is not None:
+                raise ValueError("hidden_only=True returns hidden states for a loss; call it "
+                                 "without a cache")
+            return x
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:
