@@ -5,6 +5,8 @@
     python -m memlab perplexity --model=smollm2-135m --corpus=austen --split=test
     python -m memlab demo          # the `make demo` job
     python -m memlab fetch         # download the Austen corpus into ~/.cache/memlab
+    python -m memlab train --model=smollm2-135m --optimizer=adamw --steps=200 --batch=4 \
+        --seq=256 --ckpt_dir=runs/a --resume
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 
 from absl import app, flags
 
-COMMANDS = ("profile", "generate", "perplexity", "demo", "fetch")
+COMMANDS = ("profile", "generate", "perplexity", "demo", "fetch", "train")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model name (see memlab.models.names()).")
@@ -34,6 +36,26 @@ flags.DEFINE_string("split", "test", "Corpus split for perplexity.")
 flags.DEFINE_integer("eval_seq", 512, "Window length for perplexity.")
 flags.DEFINE_integer("eval_windows", 16, "Number of windows for perplexity (0 = all).")
 flags.DEFINE_string("json", None, "Also write the result as JSON to this path.")
+# train (memlab.train)
+flags.DEFINE_integer("steps", 200, "train: optimizer steps.")
+flags.DEFINE_float("lr", 3e-4, "train: peak learning rate.")
+flags.DEFINE_integer("warmup", 0, "train: linear warmup steps before the cosine decay.")
+flags.DEFINE_integer("accum", 1, "train: gradient-accumulation micro-batches per step.")
+flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"],
+                  "train: bf16 = bfloat16 compute with float32 master weights and state.")
+flags.DEFINE_float("clip_norm", 1.0, "train: global gradient-norm clip (0 = off).")
+flags.DEFINE_enum("nan_policy", "skip", ["skip", "stop"], "train: on a non-finite loss.")
+flags.DEFINE_integer("log_every", 10, "train: steps between log records.")
+flags.DEFINE_string("ckpt_dir", None, "train: checkpoint (and log) directory.")
+flags.DEFINE_integer("ckpt_every", 0, "train: steps between checkpoints (0 = at the end).")
+flags.DEFINE_integer("keep", 3, "train: checkpoints kept.")
+flags.DEFINE_bool("resume", False, "train: continue from the latest checkpoint in --ckpt_dir.")
+flags.DEFINE_integer("stop_at", None, "train: stop after this step (the schedule still spans "
+                     "--steps; resume later with --resume).")
+flags.DEFINE_integer("seed", 0, "train: data-order seed.")
+flags.DEFINE_integer("lora_rank", 0, "train: LoRA adapters of this rank (0 = full fine-tune).")
+flags.DEFINE_string("quantize", None, "train: QLoRA base format (nf4, int4, int8); needs "
+                    "--lora_rank.")
 
 
 def _load(name: str, dtype: str | None):
@@ -134,6 +156,78 @@ def cmd_demo() -> dict:
     print(f"demo finished in {time.perf_counter() - t0:.0f}s")
     return {"profiles": reports, "perplexity": ppl, "prompt": FLAGS.prompt, "completion": text,
             "eval_seq": FLAGS.eval_seq}
+
+
+def _train_tokens(model, corpus: str):
+    """Training tokens: the corpus's train split with the model's tokenizer, or its UTF-8
+    bytes for a model without one (e.g. ``tiny``, vocabulary 256)."""
+    import numpy as np
+
+    from memlab import data
+    c = data.load_corpus(corpus)
+    if model.tokenizer is not None:
+        return data.tokenize(c, "train", model.tokenizer)
+    vocab = getattr(model.spec, "vocab_size", 0)
+    if vocab < 256:
+        raise ValueError(f"--model={FLAGS.model} has no tokenizer and a vocabulary of {vocab} < "
+                         "256, so it cannot be trained on text bytes")
+    return np.frombuffer(c.text("train").encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def _train_model():
+    import importlib
+
+    import memlab as ml
+    if FLAGS.model in ml.models.REAL_WEIGHTS:
+        model = ml.models.load(FLAGS.model, dtype=FLAGS.dtype or "float32")
+    else:  # shapes-only names train from a random init
+        import jax
+        dt = {"param_dtype": FLAGS.dtype, "dtype": FLAGS.dtype} if FLAGS.dtype else {}
+        model = ml.models.init(FLAGS.model, jax.random.key(FLAGS.seed), **dt)
+    if FLAGS.quantize:
+        if not FLAGS.lora_rank:
+            raise ValueError("--quantize trains adapters over a frozen quantized base (QLoRA) "
+                             "and needs --lora_rank=R")
+        formats = {"nf4": lambda: ml.quant.nf4(64, double_quant=True),
+                   "int4": lambda: ml.quant.int4(64), "int8": lambda: ml.quant.int8()}
+        if FLAGS.quantize not in formats:
+            raise ValueError(f"--quantize={FLAGS.quantize!r}: choose one of {sorted(formats)}")
+        model = ml.passes.quantize(formats[FLAGS.quantize]())(model)
+    if FLAGS.lora_rank:
+        if "lora" not in ml.passes.names():
+            raise ValueError("--lora_rank needs the lora pass (memlab.passes.lora), which this "
+                             "memlab does not have")
+        rules = importlib.import_module("memlab.passes.lora").ALL_LINEAR if FLAGS.quantize \
+            else None
+        model = ml.passes.lora(rank=FLAGS.lora_rank, rules=rules)(model)
+    return model
+
+
+def cmd_train() -> dict:
+    from absl import logging
+
+    from memlab.train import TrainConfig, train
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
+    cfg = TrainConfig(steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq, accum=FLAGS.accum,
+                      optimizer=FLAGS.optimizer, lr=FLAGS.lr, warmup=FLAGS.warmup,
+                      precision=FLAGS.precision, clip_norm=FLAGS.clip_norm or None,
+                      nan_policy=FLAGS.nan_policy, log_every=FLAGS.log_every,
+                      ckpt_every=FLAGS.ckpt_every, ckpt_dir=FLAGS.ckpt_dir, keep=FLAGS.keep,
+                      seed=FLAGS.seed)
+    model = _train_model()
+    tokens = _train_tokens(model, FLAGS.corpus)
+    res = train(model, cfg, tokens, resume=FLAGS.resume, stop_at=FLAGS.stop_at)
+    if len(res.steps):
+        print(f"trained {FLAGS.model} steps {res.start_step + 1}-{int(res.steps[-1])}: loss "
+              f"{res.losses[0]:.4f} -> {res.losses[-1]:.4f}, {res.steps_per_second:.2f} steps/s "
+              f"after a {res.compile_seconds:.1f}s first step; skipped {res.skipped or 'none'}; "
+              f"checkpoints {res.checkpoints or 'none'}")
+    return {"train": {"config": cfg.to_dict(), "start_step": res.start_step,
+                      "steps": res.steps.tolist(), "losses": res.losses.tolist(),
+                      "lrs": res.lrs.tolist(), "grad_norms": res.grad_norms.tolist(),
+                      "skipped": res.skipped, "checkpoints": res.checkpoints,
+                      "steps_per_second": res.steps_per_second,
+                      "compile_seconds": res.compile_seconds}}
 
 
 def main(argv):
