@@ -12,9 +12,18 @@ static, but their tokens are discarded); all rows stopping ends the loop.
 
 ``stream(...)`` yields each step's new tokens as they are produced;
 ``generate_ids`` and ``generate`` collect them.  ``progress=True`` shows a tqdm bar.
+
+With the ``paged`` KV policy (PagedAttention, Kwon et al. 2023) the engine drives a
+host :class:`memlab.kv.paged.BlockAllocator` between the jitted steps: prompts that
+share a prefix with an earlier row share its pages (``share_prefix``), pages are
+allocated as rows grow and freed when a row stops, a row writing into a shared,
+partly filled page gets a copy first (copy-on-write), and each step's block tables
+``[B, ceil(cache_len / page_size)]`` and copies ``[B, 2]`` are fed to one jitted
+step (static shapes).  ``pages=PageLog()`` records what it did.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -85,14 +94,29 @@ def _check(model, prompts, max_new_tokens, temperature, top_p, cache_len):
 
 def stream(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
            temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Iterable[int] = (),
-           seed: int = 0, cache_len: Optional[int] = None,
-           progress: bool = False) -> Iterator[list[Optional[int]]]:
-    """Yield, per step, each row's new token (``None`` for rows already stopped)."""
+           seed: int = 0, cache_len: Optional[int] = None, progress: bool = False,
+           share_prefix: bool = True,
+           pages: Optional["PageLog"] = None) -> Iterator[list[Optional[int]]]:
+    """Yield, per step, each row's new token (``None`` for rows already stopped).
+
+    Paged KV policy only: ``share_prefix`` stores a prefix common with an earlier
+    prompt once (see :func:`shared_prefixes`); ``pages``, a :class:`PageLog`, is
+    filled with the allocator's pages, copies and waste.
+    """
     lengths, cache_len = _check(model, prompts, max_new_tokens, temperature, top_p, cache_len)
     batch = len(prompts)
     tokens = np.zeros((batch, int(lengths.max())), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, :len(p)] = p
+    if _is_paged(model):
+        yield from _stream_paged(model, prompts, tokens, lengths, cache_len, max_new_tokens,
+                                 temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
+                                 seed=seed, progress=progress, share_prefix=share_prefix,
+                                 log=pages)
+        return
+    if pages is not None:
+        raise ValueError("generate: pages=PageLog() records a paged KV cache, but this model's "
+                         "cache is not paged; apply ml.passes.kv_compress('paged') first.")
     cache = make_cache(model, batch, cache_len)
     logits, cache = _prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
     stop = set(int(s) for s in stop_tokens)
@@ -142,3 +166,194 @@ def generate(model: Model, prompts: str | Sequence[str], max_new_tokens: int = 3
     new = generate_ids(model, ids, max_new_tokens, **kwargs)
     decoded = [tok.decode(n, skip_special_tokens=True) for n in new]
     return decoded[0] if single else decoded
+
+
+# ---------------------------------------------------------------------------
+# The paged engine: a BlockAllocator driven between the jitted steps
+# ---------------------------------------------------------------------------
+@dataclasses.dataclass
+class PageLog:
+    """What the paged engine did in one generation (pass ``pages=PageLog()``).
+
+    ``shared[i] = (j, n)``: row ``i`` started with the first ``n`` prompt tokens of
+    row ``j``, stored once in ``j``'s pages (``(None, 0)``: nothing shared).
+    ``copies``: ``(step, row, src_page, dst_page)`` copy-on-write copies.
+    ``freed``: ``(step, row, pages returned to the free list)`` when a row stopped.
+    ``pages_in_use[k]``: pages allocated during decode step ``k`` (the null page
+    excluded).  ``prefill`` / ``peak`` / ``final``: the allocator's
+    :class:`memlab.kv.paged.PageStats` after the prompts were allocated, at the
+    step with the most pages, and after the last step (before the engine frees
+    everything), each against a dense ``[live rows, cache_len]`` preallocation.
+    ``free_after``: free pages once generation ended (== ``capacity``: all freed).
+    ``tables``: the block tables ``[B, max_pages]`` after the prompts were allocated.
+    """
+    batch: int = 0
+    cache_len: int = 0
+    page_size: int = 0
+    num_pages: int = 0
+    max_pages: int = 0
+    capacity: int = 0
+    token_bytes: int = 0
+    shared: list = dataclasses.field(default_factory=list)
+    copies: list = dataclasses.field(default_factory=list)
+    freed: list = dataclasses.field(default_factory=list)
+    pages_in_use: list = dataclasses.field(default_factory=list)
+    prefill: Optional[object] = None
+    peak: Optional[object] = None
+    final: Optional[object] = None
+    free_after: int = 0
+    tables: Optional[np.ndarray] = None
+
+    @property
+    def dense_slots(self) -> int:
+        """Token slots of the dense cache generation preallocates: ``batch * cache_len``."""
+        return self.batch * self.cache_len
+
+    @property
+    def dense_bytes(self) -> int:
+        return self.dense_slots * self.token_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        """Bytes of the most pages allocated at once (what a right-sized pool needs)."""
+        return (self.peak.allocated_slots if self.peak else 0) * self.token_bytes
+
+
+def _is_paged(model) -> bool:
+    from memlab.kv.paged import Paged
+    policy = model.extra("kv_policy") if hasattr(model, "extra") else None
+    return isinstance(policy, Paged)
+
+
+def shared_prefixes(prompts: Sequence[Sequence[int]], page_size: int) -> list:
+    """For each prompt, ``(j, n)``: the earlier prompt ``j`` whose pages it can share and the
+    ``n`` tokens they hold (``(None, 0)``: none).
+
+    With a common prefix of ``c`` tokens, a prompt shares ``c`` tokens when it is all
+    prefix (``c == len``: an identical prompt, or a prefix of ``j``; its last page is
+    shared partly filled and copied on its first write), else the ``c // page_size``
+    full pages only (the page where the prompts diverge holds different tokens).
+    """
+    out = []
+    for i, p in enumerate(prompts):
+        p = np.asarray(p)
+        best = (None, 0)
+        for j in range(i):
+            q = np.asarray(prompts[j])
+            n = min(len(p), len(q))
+            diff = np.flatnonzero(p[:n] != q[:n])
+            c = int(diff[0]) if diff.size else n
+            share = c if c == len(p) else (c // page_size) * page_size
+            if share > best[1]:
+                best = (j, share)
+        out.append(best)
+    return out
+
+
+@jax.jit
+def _paged_step(model: Model, logits, cache, tables, copies, key, temperature, top_p):
+    """Copy-on-write copies, this step's block tables, then sample + decode (as ``_step``)."""
+    from memlab.kv.paged import copy_pages, with_block_tables
+    cache = with_block_tables(copy_pages(cache, copies), tables)
+    return _step(model, logits, cache, key, temperature, top_p)
+
+
+def _stream_paged(model, prompts, tokens, lengths, cache_len, max_new_tokens, *, temperature,
+                  top_p, stop_tokens, seed, progress, share_prefix, log):
+    from memlab.kv.base import init_cache
+    from memlab.kv.paged import with_block_tables
+    policy = model.extra("kv_policy")
+    batch = len(prompts)
+    max_pages = -(-cache_len // policy.page_size)
+    if policy.num_pages is None:       # every row at full length, plus the null page
+        policy = dataclasses.replace(policy, num_pages=batch * max_pages + 1)
+    cache = init_cache(policy, model.spec, batch, cache_len)
+    alloc = policy.allocator(cache.dims)
+    fresh = PageLog(batch=batch, cache_len=cache_len, page_size=policy.page_size,
+                    num_pages=alloc.num_pages, max_pages=max_pages, capacity=alloc.capacity,
+                    token_bytes=alloc.token_bytes)
+    log = fresh if log is None else log
+    vars(log).update(vars(fresh))          # a PageLog passed in is reset, then filled
+
+    # prompts: shared prefixes forked, the rest allocated
+    plan = (shared_prefixes(prompts, policy.page_size) if share_prefix
+            else [(None, 0)] * batch)
+    need = sum(alloc.pages_for(int(n_i)) - alloc.pages_for(n) for n_i, (_, n) in zip(lengths, plan))
+    if need > alloc.capacity:
+        raise ValueError(f"generate: the prompts do not fit the page pool: they need {need} pages "
+                         f"of {policy.page_size} tokens but num_pages={alloc.num_pages} holds "
+                         f"{alloc.capacity} (one is the null page); build the policy with "
+                         f"num_pages >= {need + 1}, or pass fewer prompts.")
+    try:
+        for i, (j, n) in enumerate(plan):
+            if j is None:
+                alloc.allocate(i, int(lengths[i]))
+            else:
+                alloc.fork_prefix(j, i, n)
+                alloc.append_tokens(i, int(lengths[i]) - n)   # page-aligned n: never a copy
+    except ValueError as e:
+        raise ValueError(f"generate: the prompts do not fit the page pool: {e}") from None
+    log.shared = list(plan)
+    log.prefill = alloc.stats(max_len=cache_len)
+    log.peak = log.prefill
+
+    # prefill: each page is written by the first row that holds it; the other rows' writes
+    # into shared pages go to the null page (their prompts attend to themselves, not the pages)
+    rows = list(range(batch))
+    tables = alloc.block_table(rows, max_pages)
+    log.tables = tables
+    write = tables.copy()
+    seen: set = set()
+    for i in rows:
+        for k, page in enumerate(alloc.pages(i)):
+            if page in seen:
+                write[i, k] = alloc.null_page
+            seen.add(page)
+    cache = with_block_tables(cache, write)
+    logits, cache = _prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+
+    stop = set(int(s) for s in stop_tokens)
+    key = jax.random.key(seed)
+    done = np.zeros(batch, bool)
+    steps = range(max_new_tokens)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="generate", unit="tok", leave=False)
+    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+    null = alloc.null_page
+    try:
+        for step in steps:
+            copies = np.full((batch, 2), null, np.int32)   # (null, null): a no-op copy
+            for i in rows:
+                if done[i]:
+                    continue
+                try:
+                    cow = alloc.append_token(i)
+                except ValueError as e:
+                    raise ValueError(f"generate: the page pool ran out at decode step {step} "
+                                     f"(row {i}, {alloc.length(i)} tokens): {e}") from None
+                for src, dst in cow:
+                    copies[i] = (src, dst)
+                    log.copies.append((step, i, src, dst))
+            tables = alloc.block_table([None if done[i] else i for i in rows], max_pages)
+            log.pages_in_use.append(alloc.num_allocated)
+            st = alloc.stats(max_len=cache_len)
+            if st.allocated_pages > log.peak.allocated_pages:
+                log.peak = st
+            key, sub = jax.random.split(key)
+            nxt, logits, cache = _paged_step(model, logits, cache, jnp.asarray(tables),
+                                             jnp.asarray(copies), sub, temp, nucleus)
+            host = np.asarray(nxt)
+            row = [None if done[i] else int(host[i]) for i in rows]
+            log.final = alloc.stats(max_len=cache_len)
+            for i, t in enumerate(row):
+                if t is not None and t in stop:
+                    done[i] = True
+                    log.freed.append((step, i, len(alloc.free(i))))
+            yield row
+            if done.all():
+                break
+    finally:
+        for i in list(alloc.seq_ids):
+            alloc.free(i)
+        log.free_after = alloc.num_free

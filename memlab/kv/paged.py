@@ -323,6 +323,29 @@ class BlockAllocator:
         self._tables[new_seq_id] = pages
         self._lengths[new_seq_id] = self._lengths[src_seq_id]
 
+    def fork_prefix(self, src_seq_id: Hashable, new_seq_id: Hashable, n_tokens: int) -> None:
+        """``new_seq_id`` starts with the first ``n_tokens`` tokens of ``src_seq_id``, sharing
+        the ``ceil(n_tokens / page_size)`` pages that hold them (refcount + 1 each).
+
+        A common prefix (a system prompt) stored once.  When ``n_tokens`` ends inside a
+        page, that page is shared partly filled, and the first of its sequences to write
+        into it gets a copy (:meth:`append_tokens`).
+        """
+        self._known(src_seq_id, "fork_prefix")
+        if new_seq_id in self._tables:
+            raise ValueError(f"BlockAllocator.fork_prefix: sequence {new_seq_id!r} already exists; "
+                             "fork into a new id, or free it first.")
+        n = self._check_count("fork_prefix", "n_tokens", n_tokens)
+        if n > self._lengths[src_seq_id]:
+            raise ValueError(f"BlockAllocator.fork_prefix: n_tokens={n} exceeds the "
+                             f"{self._lengths[src_seq_id]} tokens of sequence {src_seq_id!r}; "
+                             "share at most its length.")
+        pages = list(self._tables[src_seq_id][:self.pages_for(n)])
+        for p in pages:
+            self._ref[p] += 1
+        self._tables[new_seq_id] = pages
+        self._lengths[new_seq_id] = n
+
     def free(self, seq_id: Hashable) -> list:
         """Release ``seq_id``; returns the pages that became free (refcount 0)."""
         self._known(seq_id, "free")
