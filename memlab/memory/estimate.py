@@ -71,3 +71,27 @@ def apply_passes(estimate: dict, model, workload) -> dict:
     for p, spec in getattr(model, "history", ()):
         estimate = p.estimate_bytes(estimate, spec, workload)
     return estimate
+
+
+# A pass that narrows what trains (LoRA) puts the trainable params' shapes under this
+# key of the estimate; the profiler then counts gradients and optimizer state over them.
+TRAINABLE_SHAPES = "trainable_shapes"
+
+
+def over_trainable(estimate: dict, optimizer: Optional[str] = "adamw",
+                   state_dtype="float32") -> dict:
+    """Gradients and optimizer state over the trainable params a pass recorded.
+
+    Without a :data:`TRAINABLE_SHAPES` entry everything trains and ``estimate``
+    is returned as is (without the entry in either case)."""
+    from memlab.memory.bytes import tree_bytes
+
+    out = dict(estimate)
+    shapes = out.pop(TRAINABLE_SHAPES, None)
+    if shapes is None:
+        return out
+    if "gradients" in out:
+        out["gradients"] = tree_bytes(shapes)
+    if "optimizer_state" in out and optimizer is not None:
+        out["optimizer_state"] = optim.state_bytes(optimizer, shapes, state_dtype=state_dtype)
+    return out

@@ -95,13 +95,22 @@ def loss_fn(model: Model) -> Callable:
 
 
 def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
-    """``step(params, opt_state, tokens[B, T+1]) -> (params, opt_state, loss)``."""
+    """``step(params, opt_state, tokens[B, T+1]) -> (params, opt_state, loss)``.
+
+    Gradients and updates cover the trainable part of ``params`` only
+    (:func:`memlab.model.split_trainable`: what a pass such as LoRA marked, else
+    every float leaf); frozen leaves come back unchanged.  ``opt_state`` is
+    ``tx.init(split_trainable(model, params)[0])``.
+    """
+    from memlab.model import merge_trainable, split_trainable
     loss = loss_fn(model)
 
     def step(params, opt_state, tokens):
-        value, grads = jax.value_and_grad(loss)(params, tokens)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, value
+        trainable, frozen = split_trainable(model, params)
+        value, grads = jax.value_and_grad(
+            lambda t: loss(merge_trainable(t, frozen), tokens))(trainable)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        return merge_trainable(optax.apply_updates(trainable, updates), frozen), opt_state, value
 
     return step
 
@@ -155,11 +164,15 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
     if task == "train":
         from memlab import optim
         tx = optim.get(optimizer) if isinstance(optimizer, str) else optimizer
-        opt_state = jax.eval_shape(tx.init, params)
+        from memlab.model import merge_trainable, split_trainable
+        trainable, frozen = split_trainable(abstract_model, params)  # LoRA: adapters only
+        opt_state = jax.eval_shape(tx.init, trainable)
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
         compiled, secs = _compile(train_step_fn(abstract_model, tx), (params, opt_state, tokens),
                                   donate=(0, 1))
-        grads = jax.eval_shape(jax.grad(loss_fn(abstract_model)), params, tokens)
+        grads = jax.eval_shape(jax.grad(lambda t, f, x: loss_fn(abstract_model)(
+            merge_trainable(t, f), x)), trainable, frozen, tokens)
+        analytic = est.over_trainable(analytic, opt_name)
         cats = {"params": tree_bytes(params), "gradients": tree_bytes(grads),
                 "optimizer_state": tree_bytes(opt_state), "inputs": tree_bytes(tokens)}
     else:

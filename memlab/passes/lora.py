@@ -1,0 +1,387 @@
+"""The LoRA pass: trainable low-rank adapters beside frozen, possibly quantized, kernels.
+
+Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models" (2021): a frozen
+``W [in, out]`` gets ``A [in, r]`` and ``B [r, out]`` and the layer computes
+``x W + (alpha / r) (x A) B``, with ``B = 0`` at init so the adapted model starts
+equal to the base.  Dettmers et al., "QLoRA: Efficient Finetuning of Quantized
+LLMs" (2023): the frozen base is stored in NF4 with double quantization and the
+adapters stay in a float dtype::
+
+    qlora = ml.compose(ml.passes.quantize(ml.quant.nf4(64, double_quant=True)),
+                       ml.passes.lora(rank=8, alpha=16, rules=ml.passes.lora.ALL_LINEAR))
+
+Adapters live in the params pytree next to the kernel they adapt
+(``layers/attn/q_proj/lora_a [L, in, r]`` and ``lora_b [L, r, out]``, stacked like
+the kernel for layers under ``nn.scan``).  Only they train: the pass sets the
+model's ``trainable`` extra, so :func:`memlab.model.split_trainable` (and the
+profiler's train step) take gradients and optimizer state over them alone.
+The forward runs through ``flax.linen.intercept_methods``: every ``nn.Dense`` call
+whose scope holds ``lora_a`` returns ``base(x) + scale * (x @ A) @ B``, whatever
+the kernel is (a float array, or a QArray dispatched by the quantize pass), so
+plain user Flax models work unchanged.  Apply lora *after* quantize: an adapter
+that no ``nn.Dense`` call picked up is an error, never a silent no-op.
+
+``merge_lora(model)`` (also ``ml.passes.lora.merge``) folds ``W + scale * A B``
+back for export.  A quantized base is dequantized and merged in float (exact:
+the merged model computes what the adapted one did); ``requantize=True`` stores
+the merged kernel in the base's format again (smaller, with a new rounding error).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+import zlib
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from memlab.memory.bytes import tree_bytes
+from memlab.model import Model, Pass, Rules, path_str
+from memlab.passes import PASSES
+from memlab.quant.qarray import QArray
+
+ADAPTERS = ("lora_a", "lora_b")
+TRAINABLE = (r"(^|/)lora_[ab]$",)  # the regexes the pass puts in the trainable extra
+# Hu et al.: adapt the query and value projections.
+ATTENTION_QV = {r"attn/(q|v)_proj/kernel$": True}
+# QLoRA: adapt every linear layer of the decoder (not the output head).
+ALL_LINEAR = {r"lm_head": None, r"kernel$": True}
+_INITS = ("kaiming", "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Static settings of a LoRA pass (kept on ``model.extra("lora")``)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    init: str = "kaiming"
+    dtype: str = "float32"
+    seed: int = 0
+    rslora: bool = False
+
+    def scale(self, rank: int) -> float:
+        """``alpha / r`` (Hu et al.) or ``alpha / sqrt(r)`` (rsLoRA)."""
+        return self.alpha / (math.sqrt(rank) if self.rslora else rank)
+
+
+# ---------------------------------------------------------------------------
+# The adapted matmul
+# ---------------------------------------------------------------------------
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
+    """``scale * (x @ A) @ B`` in ``dtype`` with float32 accumulation; x [..., in]."""
+    dtype = jnp.dtype(dtype)
+    h = jnp.dot(x.astype(dtype), a.astype(dtype), preferred_element_type=jnp.float32)
+    d = jnp.dot(h.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
+    return (d * scale).astype(dtype)
+
+
+def _lora_interceptor(config: LoraConfig, seen: set, next_fun, args, kwargs, context):
+    module = context.module
+    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
+            or not module.has_variable("params", "lora_a")):
+        return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)  # the base layer: float, or a QArray via the quantize pass
+    x = args[0] if args else kwargs["inputs"]
+    a = module.get_variable("params", "lora_a")
+    b = module.get_variable("params", "lora_b")
+    seen.add(tuple(module.path))
+    return y + lora_delta(x, a, b, config.scale(a.shape[-1]), y.dtype)
+
+
+def _adapted_modules(params) -> set:
+    """Module paths (tuples of names) whose params hold adapters."""
+    found = set()
+
+    def walk(tree, prefix):
+        if isinstance(tree, Mapping):
+            if "lora_a" in tree:
+                found.add(prefix)
+            for k, v in tree.items():
+                walk(v, prefix + (str(k),))
+    walk(params, ())
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraDispatch:
+    """Wrapper ``apply -> apply`` adding the adapters to their ``nn.Dense`` outputs."""
+
+    config: LoraConfig
+
+    def __call__(self, apply):
+        config = self.config
+
+        def wrapped(params, *args, **kwargs):
+            seen: set = set()
+            intercept = lambda *a: _lora_interceptor(config, seen, *a)  # noqa: E731
+            with nn.intercept_methods(intercept):
+                out = apply(params, *args, **kwargs)
+            missing = _adapted_modules(params) - seen
+            if missing:
+                names = sorted("/".join(m) for m in missing)
+                raise ValueError(
+                    f"lora: the adapters of {names} were never applied: no nn.Dense call "
+                    "used them. LoRA adapts nn.Dense kernels only, and must be applied after "
+                    "passes that dispatch those layers themselves: write "
+                    "ml.compose(ml.passes.quantize(...), ml.passes.lora(...)), and exclude "
+                    "other kernels with a None rule.")
+            return out
+        wrapped.__name__ = "dispatch_lora"
+        return wrapped
+
+
+# ---------------------------------------------------------------------------
+# Building adapters
+# ---------------------------------------------------------------------------
+def _kernel_shape(leaf) -> tuple:
+    return tuple(leaf.shape)
+
+
+def _plan(params, rules: Rules, config: LoraConfig) -> list:
+    """``[(keys, kernel, rank)]`` for every kernel the rules select; validates everything."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(x, QArray))
+    plan, kernel_parents = [], set()
+    for p, leaf in flat:
+        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in p)
+        if keys and keys[-1] == "kernel":
+            kernel_parents.add(keys[:-1])
+    for p, leaf in flat:
+        path = path_str(p)
+        keys = tuple(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in p)
+        cfg = rules.lookup(path)
+        if cfg is None or cfg is Rules.NO_MATCH:
+            continue
+        if cfg is True:
+            rank = config.rank
+        elif isinstance(cfg, int) and not isinstance(cfg, bool):
+            rank = cfg
+        else:
+            raise TypeError(f"lora rules: the config for {path!r} is {cfg!r}; use True (rank="
+                            f"{config.rank}), an int rank, or None to exclude the path")
+        name = keys[-1] if keys else ""
+        if name in ADAPTERS:
+            raise ValueError(f"lora: {path!r} is already a LoRA adapter; the model was adapted "
+                             "once already (merge it with ml.passes.lora.merge first)")
+        if name == "bias" and keys[:-1] in kernel_parents:
+            continue  # the bias of a Dense layer whose kernel the same rule adapts
+        shape = _kernel_shape(leaf)
+        if name != "kernel" or len(shape) < 2:
+            raise ValueError(
+                f"lora: rules select {path!r} (shape {list(shape)}), which is not a dense "
+                "layer kernel '.../kernel' [..., in, out]; LoRA adapts nn.Dense kernels only. "
+                "Narrow the regex (e.g. r'attn/q_proj/kernel$') or add a None rule for it.")
+        d_in, d_out = shape[-2], shape[-1]
+        if rank <= 0 or rank > min(d_in, d_out):
+            raise ValueError(f"lora: rank {rank} for {path!r} (kernel [{d_in}, {d_out}]) must be "
+                             f"in 1..min(in, out) = 1..{min(d_in, d_out)}; lower the rank")
+        parent = params
+        for k in keys[:-1]:
+            parent = parent[k]
+        if "lora_a" in parent:
+            raise ValueError(f"lora: {path!r} already has adapters; merge them first")
+        plan.append((keys, leaf, rank))
+    rules.warn_unmatched("lora")
+    if not plan:
+        raise ValueError("lora: the rules selected no dense kernel, so nothing would train. "
+                         "Paths look like 'layers/attn/q_proj/kernel'; list them with "
+                         "memlab.param_paths(model) and pass rules={regex: True}.")
+    return plan
+
+
+def _path_key(seed: int, path: str) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def adapter_init(kernel, rank: int, config: LoraConfig, path: str):
+    """``(A, B)`` for a kernel [..., in, out]: A random (see ``init``), B zeros.
+
+    ``kaiming``: A ~ U(-1/sqrt(in), 1/sqrt(in)), the reference implementation's
+    kaiming-uniform with a=sqrt(5); ``gaussian``: A ~ N(0, 1/r^2).  Abstract
+    kernels give ``ShapeDtypeStruct`` adapters."""
+    *lead, d_in, d_out = _kernel_shape(kernel)
+    dt = jnp.dtype(config.dtype)
+    a_shape, b_shape = tuple(lead) + (d_in, rank), tuple(lead) + (rank, d_out)
+    abstract = isinstance(kernel, jax.ShapeDtypeStruct) or (
+        isinstance(kernel, QArray)
+        and any(isinstance(v, jax.ShapeDtypeStruct) for v in kernel.arrays.values()))
+    if abstract:
+        return jax.ShapeDtypeStruct(a_shape, dt), jax.ShapeDtypeStruct(b_shape, dt)
+    key = _path_key(config.seed, path)
+    if config.init == "kaiming":
+        bound = 1.0 / math.sqrt(d_in)
+        a = jax.random.uniform(key, a_shape, jnp.float32, -bound, bound)
+    else:
+        a = jax.random.normal(key, a_shape, jnp.float32) / rank
+    return a.astype(dt), jnp.zeros(b_shape, dt)
+
+
+def _copy_set(tree, keys: tuple, items: dict):
+    """A copy of nested dict ``tree`` with ``items`` set in the dict at ``keys``."""
+    if not keys:
+        out = dict(tree)
+        out.update(items)
+        return out
+    out = dict(tree)
+    out[keys[0]] = _copy_set(tree[keys[0]], keys[1:], items)
+    return out
+
+
+def _copy_drop(tree, keys: tuple, names: tuple):
+    if not keys:
+        return {k: v for k, v in tree.items() if k not in names}
+    out = dict(tree)
+    out[keys[0]] = _copy_drop(tree[keys[0]], keys[1:], names)
+    return out
+
+
+def add_adapters(params, rules_map, config: LoraConfig, quiet: bool = False):
+    """``params`` with ``lora_a``/``lora_b`` beside every kernel the rules select."""
+    rules = Rules(rules_map, argname="lora rules")
+    if quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            plan = _plan(params, rules, config)
+    else:
+        plan = _plan(params, rules, config)
+    for keys, kernel, rank in plan:
+        path = "/".join(str(k) for k in keys[:-1])
+        a, b = adapter_init(kernel, rank, config, path)
+        params = _copy_set(params, keys[:-1], {"lora_a": a, "lora_b": b})
+    return params
+
+
+def adapter_tree(params):
+    """Only the adapter leaves of ``params`` (a tree of the same structure, None elsewhere)."""
+    def pick(path, leaf):
+        return leaf if path_str(path).rsplit("/", 1)[-1] in ADAPTERS else None
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+
+class _LoraPass(Pass):
+    """The lora Pass, also exposing its config."""
+
+    def __new__(cls, *fields, config=None):
+        self = super().__new__(cls, *fields)
+        self.config = config
+        return self
+
+
+@PASSES.register("lora")
+def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] = None,
+         init: str = "kaiming", dtype: Any = "float32", seed: int = 0,
+         rslora: bool = False) -> Pass:
+    """LoRA adapters on the kernels ``rules`` select (default :data:`ATTENTION_QV`).
+
+    ``rules``: ``{regex: True | rank | None}`` over param paths, first match wins
+    (:data:`ALL_LINEAR` adapts every linear layer but the head, as QLoRA does).
+    ``init``: how A starts (``kaiming`` or ``gaussian``); B starts at zero.
+    ``dtype``: adapter storage (float32 by default, also for a bf16/NF4 base).
+    ``rslora``: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+        raise ValueError(f"lora: rank must be a positive int, got {rank!r}")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+        raise ValueError(f"lora: alpha must be a positive number, got {alpha!r}")
+    if init not in _INITS:
+        raise ValueError(f"lora: init={init!r} is not one of {_INITS} (B always starts at zero)")
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"lora: dtype {dtype!r} is not a dtype; use e.g. 'float32'") from None
+    if not jnp.issubdtype(dt, jnp.floating):
+        raise ValueError(f"lora: adapters train, so dtype must be floating point, got {dt.name}")
+    config = LoraConfig(rank=rank, alpha=float(alpha), init=init, dtype=dt.name, seed=seed,
+                        rslora=rslora)
+    rules_map = dict(ATTENTION_QV if rules is None else rules)
+    Rules(rules_map, argname="lora rules")  # validate the regexes now
+
+    def transform(model: Model, calib) -> Model:
+        if model.extra("lora") is not None:
+            raise ValueError("lora: the model already has LoRA adapters; merge them first "
+                             "(ml.passes.lora.merge(model))")
+        params = add_adapters(model.params, rules_map, config)
+        out = model.replace(params=params).wrap(LoraDispatch(config))
+        return out.with_extras(trainable=TRAINABLE, lora=config)
+
+    def estimate(current, spec, workload):
+        from memlab.memory.estimate import TRAINABLE_SHAPES
+        shapes = getattr(spec, "param_shapes", None)
+        if shapes is None:
+            return current
+        adapters = adapter_tree(add_adapters(shapes(), rules_map, config, quiet=True))
+        n = tree_bytes(adapters)
+        out = dict(current)
+        out["params"] = out.get("params", 0) + n
+        if "gradients" in out:
+            out["gradients"] = n
+            out[TRAINABLE_SHAPES] = adapters
+        return out
+
+    p = Pass(f"lora(r={rank}, alpha={alpha:g})", transform, estimate)
+    return _LoraPass(*p, config=config)
+
+
+# ---------------------------------------------------------------------------
+# Merge for export
+# ---------------------------------------------------------------------------
+def _merged_kernel(kernel, a, b, scale: float, requantize: bool):
+    def fold(w, a, b):
+        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+        return w.astype(jnp.float32) + scale * delta
+
+    if isinstance(kernel, QArray):
+        merged = fold(kernel.dequantize(jnp.float32), a, b).astype(kernel.dtype)
+        return kernel.format.quantize(merged) if requantize else merged
+    return fold(kernel, a, b).astype(kernel.dtype)
+
+
+def merge_lora(model: Model, requantize: bool = False) -> Model:
+    """The model with ``W + scale * A @ B`` folded into each adapted kernel, no adapters.
+
+    A float kernel keeps its dtype.  A quantized (QArray) kernel is dequantized
+    and merged in its logical dtype by default, which keeps the adapted model's
+    function exactly; ``requantize=True`` quantizes the merged kernel again with
+    the base's format instead (the base's size, plus a new rounding error).
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"merge_lora expects a memlab.Model, got {type(model).__name__}")
+    config = model.extra("lora")
+    modules = sorted(_adapted_modules(model.params))
+    if config is None or not modules:
+        raise ValueError("merge_lora: the model has no LoRA adapters (apply ml.passes.lora first)")
+    params, dequantized = model.params, 0
+    for keys in modules:
+        node = params
+        for k in keys:
+            node = node[k]
+        kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
+        scale = config.scale(a.shape[-1])
+        fn = lambda w, a, b: _merged_kernel(w, a, b, scale, requantize)  # noqa: E731
+        abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(kernel))
+        new = jax.eval_shape(fn, kernel, a, b) if abstract else fn(kernel, a, b)
+        if isinstance(kernel, QArray) and not requantize:
+            dequantized += tree_bytes(new) - tree_bytes(kernel)
+        params = _copy_drop(params, keys, ADAPTERS)
+        params = _copy_set(params, keys, {"kernel": new})
+    extras = tuple((k, v) for k, v in model.extras if k not in ("lora", "trainable"))
+    wrappers = tuple(w for w in model.wrappers if not isinstance(w, LoraDispatch))
+    history = tuple((p, s) for p, s in model.history if not isinstance(p, _LoraPass))
+    out = model.replace(params=params, extras=extras, wrappers=wrappers, history=history)
+    if dequantized:
+        # the merged kernels are float now: their bytes replace the quantized ones
+        def estimate(current, spec, workload, delta=dequantized):
+            out_ = dict(current)
+            out_["params"] = out_.get("params", 0) + delta
+            return out_
+        merge_pass = Pass("lora_merge(dequantize)", lambda m, c: m, estimate)
+        out = out.replace(history=history + ((merge_pass, model.spec),))
+    return out
+
+
+lora.merge = merge_lora
+lora.ATTENTION_QV = ATTENTION_QV
+lora.ALL_LINEAR = ALL_LINEAR
