@@ -343,6 +343,8 @@ class MiniCache(KVPolicy):
             return {**st, "k": self._merge_prompt(st["k"], i, k, ctx),
                     "v": self._merge_prompt(st["v"], i, v, ctx)}
 
+        if state["dense"]["k"].shape[0] == 0:     # no dense layer: that branch never runs
+            dense = lambda st: st  # noqa: E731
         state = jax.lax.switch(jnp.asarray(kind)[ctx.layer], [dense, first, second], state)
         return out, state
 
@@ -386,5 +388,7 @@ class MiniCache(KVPolicy):
                       "v": self._merge_token(st["v"], i, v, ctx)}
             return out, st
 
+        if state["dense"]["k"].shape[0] == 0:     # no dense layer: that branch never runs
+            dense = lambda st: (jnp.zeros_like(q), st)  # noqa: E731
         branches = [dense, lambda st: pair_step(st, 0), lambda st: pair_step(st, 1)]
         return jax.lax.switch(jnp.asarray(kind)[ctx.layer], branches, state)
