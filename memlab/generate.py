@@ -24,7 +24,7 @@ step (static shapes).  ``pages=PageLog()`` records what it did.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ import numpy as np
 
 from memlab.kv.base import PolicyCache, make_cache
 from memlab.model import Model
+
+if TYPE_CHECKING:
+    from memlab.kv.paged import PageStats
 
 
 @jax.jit
@@ -198,9 +201,9 @@ class PageLog:
     copies: list = dataclasses.field(default_factory=list)
     freed: list = dataclasses.field(default_factory=list)
     pages_in_use: list = dataclasses.field(default_factory=list)
-    prefill: Optional[object] = None
-    peak: Optional[object] = None
-    final: Optional[object] = None
+    prefill: Optional["PageStats"] = None
+    peak: Optional["PageStats"] = None
+    final: Optional["PageStats"] = None
     free_after: int = 0
     tables: Optional[np.ndarray] = None
 

@@ -58,7 +58,9 @@ pages (the point of paging) the engine must run a :class:`BlockAllocator` and
 install its tables with :func:`with_block_tables` before the first step (the
 initial table then points every entry at page 0).
 
-The engine's loop (see :meth:`Paged.allocator`)::
+The engine's loop (see :meth:`Paged.allocator`; :func:`memlab.generate.stream` runs
+it for a model whose KV policy is paged, sharing common prompt prefixes through
+:meth:`BlockAllocator.fork_prefix`, and records it in a ``PageLog``)::
 
     alloc = policy.allocator(cache.dims)               # BlockAllocator(num_pages, page_size)
     for i, p in enumerate(prompts):                    # prefill
