@@ -192,7 +192,8 @@ def _train_model():
                    "int4": lambda: ml.quant.int4(64), "int8": lambda: ml.quant.int8()}
         if FLAGS.quantize not in formats:
             raise ValueError(f"--quantize={FLAGS.quantize!r}: choose one of {sorted(formats)}")
-        model = ml.passes.quantize(formats[FLAGS.quantize]())(model)
+        # QLoRA: the base's linear layers are quantized, the output head stays float
+        model = ml.passes.quantize(formats[FLAGS.quantize](), rules={r"lm_head": None})(model)
     if FLAGS.lora_rank:
         if "lora" not in ml.passes.names():
             raise ValueError("--lora_rank needs the lora pass (memlab.passes.lora), which this "

@@ -139,6 +139,33 @@ def test_params_and_opt_state_cover_the_trainable_tree_only(model, stream):
     assert not any(jax.tree_util.tree_leaves(moved["layers"]))
 
 
+def test_qlora_trains_and_checkpoints_the_adapters_only(model, stream, straight, tmp_path):
+    lora = importlib.import_module("memlab.passes.lora")
+    qlora = ml.compose(ml.passes.quantize(ml.quant.nf4(64, double_quant=True),
+                                          rules={r"lm_head": None}),
+                       ml.passes.lora(rank=4, rules=lora.ALL_LINEAR))(model)
+    cfg = dataclasses.replace(CFG, ckpt_dir=str(tmp_path))
+    res = train(qlora, cfg, stream, stop_at=3, progress=False)
+    paths = [ml.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(res.params)[0]]
+    assert paths and all(p.rsplit("/", 1)[-1] in ("lora_a", "lora_b") for p in paths)
+    assert res.losses[-1] < res.losses[0]
+    chex.assert_trees_all_equal(ml.model.split_trainable(res.model)[1],
+                                ml.model.split_trainable(qlora)[1])  # frozen base untouched
+    adapters = ml.memory.tree_bytes(res.params)
+    assert ml.memory.tree_bytes(res.opt_state) < 2 * adapters + 64  # mu, nu + counters
+
+    def on_disk(d):
+        return sum(os.path.getsize(os.path.join(a, f)) for a, _, fs in os.walk(d) for f in fs)
+
+    lora_bytes, full_bytes = on_disk(tmp_path / "3" / "state"), on_disk(
+        os.path.join(straight[1], "12", "state"))
+    print(f"\ncheckpoint state on disk: QLoRA adapters {lora_bytes} B vs full tiny {full_bytes} B; "
+          f"adapters {adapters} B in memory")
+    assert lora_bytes < full_bytes / 4
+    with pytest.raises(CheckpointError, match="trainable set differs"):
+        train(model, cfg, stream, resume=True, progress=False)
+
+
 def test_resume_reproduces_the_uninterrupted_run_bitwise(model, stream, straight, tmp_path):
     ref, _ = straight
     cfg = dataclasses.replace(CFG, ckpt_dir=str(tmp_path))
@@ -158,13 +185,16 @@ def test_resume_reproduces_the_uninterrupted_run_bitwise(model, stream, straight
 def test_crash_during_save_keeps_the_last_good_checkpoint(model, stream, straight, tmp_path,
                                                           monkeypatch):
     ref, _ = straight
-    cfg = dataclasses.replace(CFG, ckpt_dir=str(tmp_path))
+    cfg = dataclasses.replace(CFG, ckpt_dir=str(tmp_path), keep=1)  # step 3 is the only copy
     orig = ocp.JsonCheckpointHandler.async_save
 
     async def crash_at_step_6(self, directory, *args, **kwargs):
+        futures = await orig(self, directory, *args, **kwargs)
         if "6.orbax-checkpoint-tmp" in str(directory):
+            for f in futures or []:
+                f.result()  # step 6's metadata is on disk; then the save dies before finalize
             raise OSError("simulated crash while writing step 6")
-        return await orig(self, directory, *args, **kwargs)
+        return futures
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", crash_at_step_6)
     with pytest.raises(Exception, match="simulated crash"):
