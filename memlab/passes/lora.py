@@ -25,6 +25,14 @@ that no ``nn.Dense`` call picked up is an error, never a silent no-op.
 back for export.  A quantized base is dequantized and merged in float (exact:
 the merged model computes what the adapted one did); ``requantize=True`` stores
 the merged kernel in the base's format again (smaller, with a new rounding error).
+
+``qa_group=g`` is QA-LoRA (Xu et al., "QA-LoRA: Quantization-Aware Low-Rank
+Adaptation of Large Language Models", 2023): A sees the input average-pooled over
+groups of ``g`` input features (``A [in/g, r]``), so ``A B`` is constant within each
+quantization group and merges into a group-wise integer base (``ml.quant.intn``
+with the same group) as a shift of its zero points: the integer codes are kept
+bit for bit and nothing is re-rounded.  The shifted zero points are stored in
+float32 (the base's uint8 zero points cannot hold them).
 """
 from __future__ import annotations
 
@@ -47,8 +55,8 @@ ADAPTERS = ("lora_a", "lora_b")
 TRAINABLE = (r"(^|/)lora_[ab]$",)  # the regexes the pass puts in the trainable extra
 # Hu et al.: adapt the query and value projections.
 ATTENTION_QV = {r"attn/(q|v)_proj/kernel$": True}
-# QLoRA: adapt every linear layer of the decoder (not the output head).
-ALL_LINEAR = {r"lm_head": None, r"kernel$": True}
+# QLoRA: adapt every linear layer of the decoder blocks (not the output head).
+ALL_LINEAR = {r"^layers/.*kernel$": True}
 _INITS = ("kaiming", "gaussian")
 
 
@@ -62,6 +70,7 @@ class LoraConfig:
     dtype: str = "float32"
     seed: int = 0
     rslora: bool = False
+    qa_group: Optional[int] = None  # QA-LoRA: pool the adapter input over groups of this size
 
     def scale(self, rank: int) -> float:
         """``alpha / r`` (Hu et al.) or ``alpha / sqrt(r)`` (rsLoRA)."""
@@ -71,9 +80,15 @@ class LoraConfig:
 # ---------------------------------------------------------------------------
 # The adapted matmul
 # ---------------------------------------------------------------------------
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any) -> jax.Array:
-    """``scale * (x @ A) @ B`` in ``dtype`` with float32 accumulation; x [..., in]."""
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any,
+               qa_group: Optional[int] = None) -> jax.Array:
+    """``scale * (x @ A) @ B`` in ``dtype`` with float32 accumulation; x [..., in].
+
+    With ``qa_group=g`` (QA-LoRA) x is first averaged over groups of g features."""
     dtype = jnp.dtype(dtype)
+    if qa_group is not None:
+        x = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // qa_group, qa_group))
+        x = x.mean(-1)
     h = jnp.dot(x.astype(dtype), a.astype(dtype), preferred_element_type=jnp.float32)
     d = jnp.dot(h.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
     return (d * scale).astype(dtype)
@@ -89,7 +104,7 @@ def _lora_interceptor(config: LoraConfig, seen: set, next_fun, args, kwargs, con
     a = module.get_variable("params", "lora_a")
     b = module.get_variable("params", "lora_b")
     seen.add(tuple(module.path))
-    return y + lora_delta(x, a, b, config.scale(a.shape[-1]), y.dtype)
+    return y + lora_delta(x, a, b, config.scale(a.shape[-1]), y.dtype, config.qa_group)
 
 
 def _adapted_modules(params) -> set:
@@ -175,9 +190,17 @@ def _plan(params, rules: Rules, config: LoraConfig) -> list:
                 "layer kernel '.../kernel' [..., in, out]; LoRA adapts nn.Dense kernels only. "
                 "Narrow the regex (e.g. r'attn/q_proj/kernel$') or add a None rule for it.")
         d_in, d_out = shape[-2], shape[-1]
+        g = config.qa_group
+        if g is not None:
+            if d_in % g:
+                raise ValueError(f"lora: qa_group={g} does not divide the input dimension {d_in} "
+                                 f"of {path!r}; choose a group that divides it (the base's "
+                                 "quantization group)")
+            d_in //= g
         if rank <= 0 or rank > min(d_in, d_out):
-            raise ValueError(f"lora: rank {rank} for {path!r} (kernel [{d_in}, {d_out}]) must be "
-                             f"in 1..min(in, out) = 1..{min(d_in, d_out)}; lower the rank")
+            what = "min(in/qa_group, out)" if g is not None else "min(in, out)"
+            raise ValueError(f"lora: rank {rank} for {path!r} (kernel {list(shape)}) must be "
+                             f"in 1..{what} = 1..{min(d_in, d_out)}; lower the rank")
         parent = params
         for k in keys[:-1]:
             parent = parent[k]
@@ -201,8 +224,10 @@ def adapter_init(kernel, rank: int, config: LoraConfig, path: str):
 
     ``kaiming``: A ~ U(-1/sqrt(in), 1/sqrt(in)), the reference implementation's
     kaiming-uniform with a=sqrt(5); ``gaussian``: A ~ N(0, 1/r^2).  Abstract
-    kernels give ``ShapeDtypeStruct`` adapters."""
+    kernels give ``ShapeDtypeStruct`` adapters.  QA-LoRA: A is [..., in/g, r]."""
     *lead, d_in, d_out = _kernel_shape(kernel)
+    if config.qa_group is not None:
+        d_in //= config.qa_group
     dt = jnp.dtype(config.dtype)
     a_shape, b_shape = tuple(lead) + (d_in, rank), tuple(lead) + (rank, d_out)
     abstract = isinstance(kernel, jax.ShapeDtypeStruct) or (
@@ -273,7 +298,7 @@ class _LoraPass(Pass):
 @PASSES.register("lora")
 def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] = None,
          init: str = "kaiming", dtype: Any = "float32", seed: int = 0,
-         rslora: bool = False) -> Pass:
+         rslora: bool = False, qa_group: Optional[int] = None) -> Pass:
     """LoRA adapters on the kernels ``rules`` select (default :data:`ATTENTION_QV`).
 
     ``rules``: ``{regex: True | rank | None}`` over param paths, first match wins
@@ -281,6 +306,7 @@ def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] 
     ``init``: how A starts (``kaiming`` or ``gaussian``); B starts at zero.
     ``dtype``: adapter storage (float32 by default, also for a bf16/NF4 base).
     ``rslora``: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    ``qa_group``: QA-LoRA's group-pooled adapter input (use the base's ``intn`` group).
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
         raise ValueError(f"lora: rank must be a positive int, got {rank!r}")
@@ -294,8 +320,12 @@ def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] 
         raise ValueError(f"lora: dtype {dtype!r} is not a dtype; use e.g. 'float32'") from None
     if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"lora: adapters train, so dtype must be floating point, got {dt.name}")
+    if qa_group is not None and (isinstance(qa_group, bool) or not isinstance(qa_group, int)
+                                 or qa_group <= 0):
+        raise ValueError(f"lora: qa_group must be None or a positive int (the quantization "
+                         f"group size), got {qa_group!r}")
     config = LoraConfig(rank=rank, alpha=float(alpha), init=init, dtype=dt.name, seed=seed,
-                        rslora=rslora)
+                        rslora=rslora, qa_group=qa_group)
     rules_map = dict(ATTENTION_QV if rules is None else rules)
     Rules(rules_map, argname="lora rules")  # validate the regexes now
 
@@ -328,15 +358,40 @@ def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] 
 # ---------------------------------------------------------------------------
 # Merge for export
 # ---------------------------------------------------------------------------
-def _merged_kernel(kernel, a, b, scale: float, requantize: bool):
-    def fold(w, a, b):
-        delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
-        return w.astype(jnp.float32) + scale * delta
+def _full_delta(a, b, scale: float, qa_group: Optional[int]):
+    """``scale * A @ B`` as a [..., in, out] float32 kernel update."""
+    delta = scale * jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+    if qa_group is not None:  # every input of a group sees the group mean
+        delta = jnp.repeat(delta, qa_group, axis=-2) / qa_group
+    return delta
 
+
+def _shift_zero_points(kernel: QArray, a, b, scale: float, group: int) -> QArray:
+    """QA-LoRA merge into a group-wise integer kernel: w = (c - z) s, so w + d = (c - z') s
+    with z' = z - d / s; the codes stay as they are."""
+    from memlab.quant.formats import IntN
+
+    fmt = kernel.format
+    d = scale * jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
+    d = d / group  # [..., in/g, out]: the update of each weight in the group
+    s = kernel["scale"].astype(jnp.float32)
+    zero = (jnp.full(s.shape, 1 << (fmt.bits - 1), jnp.float32) if fmt.symmetric
+            else kernel["zero"].astype(jnp.float32))
+    arrays = {"data": kernel["data"], "scale": kernel["scale"], "zero": zero - d / s}
+    return QArray(arrays, IntN(fmt.bits, fmt.group, symmetric=False), kernel.dtype)
+
+
+def _merged_kernel(kernel, a, b, scale: float, requantize: bool, qa_group: Optional[int] = None):
+    from memlab.quant.formats import IntN
+
+    if (qa_group is not None and isinstance(kernel, QArray) and isinstance(kernel.format, IntN)
+            and kernel.format.group == qa_group):
+        return _shift_zero_points(kernel, a, b, scale, qa_group)
+    delta = _full_delta(a, b, scale, qa_group)
     if isinstance(kernel, QArray):
-        merged = fold(kernel.dequantize(jnp.float32), a, b).astype(kernel.dtype)
+        merged = (kernel.dequantize(jnp.float32) + delta).astype(kernel.dtype)
         return kernel.format.quantize(merged) if requantize else merged
-    return fold(kernel, a, b).astype(kernel.dtype)
+    return (kernel.astype(jnp.float32) + delta).astype(kernel.dtype)
 
 
 def merge_lora(model: Model, requantize: bool = False) -> Model:
@@ -346,6 +401,8 @@ def merge_lora(model: Model, requantize: bool = False) -> Model:
     and merged in its logical dtype by default, which keeps the adapted model's
     function exactly; ``requantize=True`` quantizes the merged kernel again with
     the base's format instead (the base's size, plus a new rounding error).
+    QA-LoRA adapters (``qa_group``) on an ``intn`` base of that group merge into
+    its zero points instead: codes unchanged, zero points stored in float32.
     """
     if not isinstance(model, Model):
         raise TypeError(f"merge_lora expects a memlab.Model, got {type(model).__name__}")
@@ -353,31 +410,30 @@ def merge_lora(model: Model, requantize: bool = False) -> Model:
     modules = sorted(_adapted_modules(model.params))
     if config is None or not modules:
         raise ValueError("merge_lora: the model has no LoRA adapters (apply ml.passes.lora first)")
-    params, dequantized = model.params, 0
+    params, grown = model.params, 0
     for keys in modules:
         node = params
         for k in keys:
             node = node[k]
         kernel, a, b = node["kernel"], node["lora_a"], node["lora_b"]
         scale = config.scale(a.shape[-1])
-        fn = lambda w, a, b: _merged_kernel(w, a, b, scale, requantize)  # noqa: E731
+        fn = lambda w, a, b: _merged_kernel(w, a, b, scale, requantize, config.qa_group)  # noqa: E731
         abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(kernel))
         new = jax.eval_shape(fn, kernel, a, b) if abstract else fn(kernel, a, b)
-        if isinstance(kernel, QArray) and not requantize:
-            dequantized += tree_bytes(new) - tree_bytes(kernel)
+        grown += tree_bytes(new) - tree_bytes(kernel)
         params = _copy_drop(params, keys, ADAPTERS)
         params = _copy_set(params, keys, {"kernel": new})
     extras = tuple((k, v) for k, v in model.extras if k not in ("lora", "trainable"))
     wrappers = tuple(w for w in model.wrappers if not isinstance(w, LoraDispatch))
     history = tuple((p, s) for p, s in model.history if not isinstance(p, _LoraPass))
     out = model.replace(params=params, extras=extras, wrappers=wrappers, history=history)
-    if dequantized:
-        # the merged kernels are float now: their bytes replace the quantized ones
-        def estimate(current, spec, workload, delta=dequantized):
+    if grown:
+        # dequantized kernels (or float32 zero points) replace the quantized storage
+        def estimate(current, spec, workload, delta=grown):
             out_ = dict(current)
             out_["params"] = out_.get("params", 0) + delta
             return out_
-        merge_pass = Pass("lora_merge(dequantize)", lambda m, c: m, estimate)
+        merge_pass = Pass("lora_merge", lambda m, c: m, estimate)
         out = out.replace(history=history + ((merge_pass, model.spec),))
     return out
 
