@@ -143,7 +143,9 @@ class LoraDispatch:
                     "used them. LoRA adapts nn.Dense kernels only, and must be applied after "
                     "passes that dispatch those layers themselves: write "
                     "ml.compose(ml.passes.quantize(...), ml.passes.lora(...)), and exclude "
-                    "other kernels with a None rule.")
+                    "other kernels with a None rule (a loss that reads the head weight itself, "
+                    "as cut cross-entropy does, never calls lm_head: exclude it with "
+                    "{r'lm_head': None} or trace under ml.nn.use_cross_entropy('naive')).")
             return out
         wrapped.__name__ = "dispatch_lora"
         return wrapped
