@@ -34,7 +34,10 @@ selection rules of the paper's "retention threshold" in a static-shape form
 
 Steps (the layers run in order under ``nn.scan``; this is a ``cross_layer``
 policy, see :mod:`memlab.kv.base`, so every step sees the whole state and
-dispatches on the traced ``ctx.layer`` with ``lax.switch``):
+selects its role from the traced ``ctx.layer``: every layer computes the
+dense and the pair update of its slices and writes only its own with a
+slice-sized ``where`` -- a ``lax.switch`` over the whole state made XLA copy the
+state at every layer, many times slower on SmolLM2):
 
 * dense layers: the :mod:`memlab.kv.dense` behaviour on their own slice.
 * first layer of a pair: writes its raw K, V (storage dtype) into the pair's
@@ -116,10 +119,6 @@ def slerp_merge(xl, xr, t: float = 0.5):
     m = ca[..., None] * el + cb[..., None] * er
     m = m / jnp.maximum(jnp.sqrt(jnp.sum(m * m, axis=-1)), _EPS)[..., None]
     return m, nl, nr, w / np.float32(np.pi)
-
-
-def _rows(b):
-    return jnp.arange(b)[:, None]
 
 
 def _set_index(full, i, new):
@@ -247,57 +246,53 @@ class MiniCache(KVPolicy):
         return x.at[rows, jnp.swapaxes(pos, 1, 2), heads].set(ret, mode="drop")
 
     def _merge_prompt(self, part, pair, x_r, ctx):
-        """Second layer of ``pair`` at prefill: merge with the partner's raw vectors."""
+        """Second layer of ``pair`` at prefill: the new slices of ``pair`` after merging the
+        partner's raw vectors (read back from the direction buffer) with ``x_r``."""
         t = x_r.shape[1]
         slots = prompt_positions(ctx)                                 # [B, T], padding MAX_POS
         raw = _get_index(part["dir"], pair)                           # partner's raw, slot = pos
         idx = jnp.clip(ctx.positions, 0, raw.shape[1] - 1)
         x_l = jnp.take_along_axis(raw, idx[:, :, None, None], axis=1)  # [B, T, Hkv, D]
         m, nl, nr, dist = slerp_merge(x_l, x_r, self.t)
-        new = dict(part)
-        new["dir"] = _set_index(part["dir"], pair, write_tokens(raw, m, slots))
         mags = _get_index(part["mag"], pair)
-        mags = jnp.stack([write_tokens(mags[0], nl, slots), write_tokens(mags[1], nr, slots)])
-        new["mag"] = _set_index(part["mag"], pair, mags)
+        new = {"dir": write_tokens(raw, m, slots),
+               "mag": jnp.stack([write_tokens(mags[0], nl, slots), write_tokens(mags[1], nr, slots)])}
         r = part["ret_pos"].shape[-1]
         valid = (jnp.arange(t)[None, :] < ctx.n_new[:, None])[:, None, :]       # [B, 1, T]
         prio = jnp.where(valid, jnp.swapaxes(dist, 1, 2), -jnp.inf)             # [B, Hkv, T]
         if r == 0:
-            thr = jnp.max(prio, axis=-1)
-        else:
-            pad = max(r - t, 0)
-            vals, top = jax.lax.top_k(jnp.pad(prio, ((0, 0), (0, 0), (0, pad)),
-                                              constant_values=-jnp.inf), r)     # [B, Hkv, R]
-            k = ceil_frac(self.retain, ctx.n_new)                               # [B]
-            keep = (jnp.arange(r)[None, None, :] < k[:, None, None]) & (vals > -jnp.inf)
-            if self.threshold is not None:
-                keep &= vals > self.threshold
-            top = jnp.where(keep, top, 0).astype(jnp.int32)
-            pos = jnp.take_along_axis(jnp.broadcast_to(ctx.positions[:, None, :], prio.shape),
-                                      jnp.minimum(top, t - 1), axis=-1)
-            new["ret_pos"] = _set_index(part["ret_pos"], pair, jnp.where(keep, pos, MAX_POS))
-            ret = jnp.stack([gather_tokens(x_l, top, keep, part["ret"].dtype),
-                             gather_tokens(x_r, top, keep, part["ret"].dtype)])
-            new["ret"] = _set_index(part["ret"], pair, ret)
-            hit = (jnp.arange(t)[None, None, None, :] == top[..., None]) & keep[..., None]
-            thr = jnp.max(jnp.where(hit.any(-2), -jnp.inf, prio), axis=-1)     # [B, Hkv]
-        new["thr"] = _set_index(part["thr"], pair, thr)
+            new["thr"] = jnp.max(prio, axis=-1)
+            return new
+        pad = max(r - t, 0)
+        vals, top = jax.lax.top_k(jnp.pad(prio, ((0, 0), (0, 0), (0, pad)),
+                                          constant_values=-jnp.inf), r)         # [B, Hkv, R]
+        k = ceil_frac(self.retain, ctx.n_new)                                   # [B]
+        keep = (jnp.arange(r)[None, None, :] < k[:, None, None]) & (vals > -jnp.inf)
+        if self.threshold is not None:
+            keep &= vals > self.threshold
+        top = jnp.where(keep, top, 0).astype(jnp.int32)
+        pos = jnp.take_along_axis(jnp.broadcast_to(ctx.positions[:, None, :], prio.shape),
+                                  jnp.minimum(top, t - 1), axis=-1)
+        new["ret_pos"] = jnp.where(keep, pos, MAX_POS).astype(jnp.int32)
+        new["ret"] = jnp.stack([gather_tokens(x_l, top, keep, part["ret"].dtype),
+                                gather_tokens(x_r, top, keep, part["ret"].dtype)])
+        hit = (jnp.arange(t)[None, None, None, :] == top[..., None]) & keep[..., None]
+        new["thr"] = jnp.max(jnp.where(hit.any(-2), -jnp.inf, prio), axis=-1)  # [B, Hkv]
         return new
 
     def _merge_token(self, part, pair, x_r, ctx):
-        """Second layer of ``pair`` at decode: merge the new token, retain it if distant."""
+        """Second layer of ``pair`` at decode: the new slices after merging the new token and
+        retaining it if it is distant."""
         b = x_r.shape[0]
         p = ctx.positions[:, 0]
         raw = _get_index(part["dir"], pair)
         x_l = raw[jnp.arange(b), jnp.clip(p, 0, raw.shape[1] - 1)]            # [B, Hkv, D]
         x_r = x_r[:, 0]
         m, nl, nr, dist = slerp_merge(x_l, x_r, self.t)                      # dist [B, Hkv]
-        new = dict(part)
-        new["dir"] = _set_index(part["dir"], pair, write_tokens(raw, m[:, None], p[:, None]))
         mags = _get_index(part["mag"], pair)
-        mags = jnp.stack([write_tokens(mags[0], nl[:, None], p[:, None]),
-                          write_tokens(mags[1], nr[:, None], p[:, None])])
-        new["mag"] = _set_index(part["mag"], pair, mags)
+        new = {"dir": write_tokens(raw, m[:, None], p[:, None]),
+               "mag": jnp.stack([write_tokens(mags[0], nl[:, None], p[:, None]),
+                                 write_tokens(mags[1], nr[:, None], p[:, None])])}
         if part["ret_pos"].shape[-1]:
             rpos = _get_index(part["ret_pos"], pair)                          # [B, Hkv, R]
             free = rpos == MAX_POS
@@ -309,86 +304,81 @@ class MiniCache(KVPolicy):
             h = rpos.shape[1]
             rows, heads = jnp.arange(b)[:, None], jnp.arange(h)[None, :]
             slot = jnp.where(want, slot, rpos.shape[-1])                      # out of range: dropped
-            rpos = rpos.at[rows, heads, slot].set(jnp.broadcast_to(p[:, None], (b, h)), mode="drop")
-            new["ret_pos"] = _set_index(part["ret_pos"], pair, rpos)
+            new["ret_pos"] = rpos.at[rows, heads, slot].set(jnp.broadcast_to(p[:, None], (b, h)),
+                                                            mode="drop")
             ret = _get_index(part["ret"], pair)                               # [2, B, R, Hkv, D]
-            ret = jnp.stack([ret[0].at[rows, slot, heads].set(x_l.astype(ret.dtype), mode="drop"),
-                             ret[1].at[rows, slot, heads].set(x_r.astype(ret.dtype), mode="drop")])
-            new["ret"] = _set_index(part["ret"], pair, ret)
+            new["ret"] = jnp.stack([
+                ret[0].at[rows, slot, heads].set(x_l.astype(ret.dtype), mode="drop"),
+                ret[1].at[rows, slot, heads].set(x_r.astype(ret.dtype), mode="drop")])
         return new
 
     @staticmethod
-    def _write_raw(part, pair, x, slots):
+    def _commit(part, pair, new, cond):
+        """Write the slices ``new`` at ``pair`` where ``cond`` (traced bool), else keep the old
+        ones: slice-sized selects, so the stacked arrays are updated in place (no lax.cond,
+        which would copy the whole state every layer)."""
+        out = dict(part)
+        for f, sl in new.items():
+            old = _get_index(part[f], pair)
+            out[f] = _set_index(part[f], pair, jnp.where(cond, sl.astype(old.dtype), old))
+        return out
+
+    def _pair_update(self, part, pair, role, x, ctx, slots, merge):
+        """Both pair roles at once: role 0 writes its raw vectors into the direction buffer,
+        role 1 merges (``merge``); only the active layer's slices are written."""
         raw = _get_index(part["dir"], pair)
-        return {**part, "dir": _set_index(part["dir"], pair, write_tokens(raw, x, slots))}
+        first = write_tokens(raw, x, slots)
+        second = merge(part, pair, x, ctx)
+        second["dir"] = jnp.where(role == 1, second["dir"], first)
+        is_pair, is_second = role >= 0, role == 1
+        out = self._commit(part, pair, {"dir": second.pop("dir")}, is_pair)
+        return self._commit(out, pair, second, is_second)
+
+    def _indices(self, state, layer):
+        _, _, kind, index = self._shape_info(state)
+        kind_l = jnp.asarray(kind)[layer]
+        i = jnp.asarray(index)[layer]
+        ld = state["dense"]["k"].shape[0]
+        di = jnp.clip(i, 0, max(ld - 1, 0))
+        pi = jnp.clip(i, 0, state["k"]["dir"].shape[0] - 1)
+        role = kind_l - 1                                            # -1 dense, 0 first, 1 second
+        return ld, di, pi, role
 
     # -- protocol ----------------------------------------------------------------
     def prefill(self, state, q, k, v, ctx):
-        _, _, kind, index = self._shape_info(state)
         out = attend(q, k, v, ctx.positions, prompt_positions(ctx))
         slots = prompt_positions(ctx)
-        i = jnp.asarray(index)[ctx.layer]
-
-        def dense(st):
-            d = st["dense"]
-            new = {"k": _set_index(d["k"], i, write_tokens(_get_index(d["k"], i), k, slots)),
-                   "v": _set_index(d["v"], i, write_tokens(_get_index(d["v"], i), v, slots))}
-            return {**st, "dense": new}
-
-        def first(st):
-            return {**st, "k": self._write_raw(st["k"], i, k, slots),
-                    "v": self._write_raw(st["v"], i, v, slots)}
-
-        def second(st):
-            return {**st, "k": self._merge_prompt(st["k"], i, k, ctx),
-                    "v": self._merge_prompt(st["v"], i, v, ctx)}
-
-        if state["dense"]["k"].shape[0] == 0:     # no dense layer: that branch never runs
-            dense = lambda st: st  # noqa: E731
-        state = jax.lax.switch(jnp.asarray(kind)[ctx.layer], [dense, first, second], state)
-        return out, state
+        ld, di, pi, role = self._indices(state, ctx.layer)
+        new = dict(state)
+        if ld:
+            d = state["dense"]
+            new["dense"] = {n: _set_index(d[n], di, jnp.where(
+                role < 0, write_tokens(_get_index(d[n], di), x, slots), _get_index(d[n], di)))
+                for n, x in (("k", k), ("v", v))}
+        for n, x in (("k", k), ("v", v)):
+            new[n] = self._pair_update(state[n], pi, role, x, ctx, slots, self._merge_prompt)
+        return out, new
 
     def decode(self, state, q, k, v, ctx):
         if q.shape[1] != 1:
             raise ValueError(f"MiniCache.decode takes one token per row, got T={q.shape[1]}.")
-        _, _, kind, index = self._shape_info(state)
-        i = jnp.asarray(index)[ctx.layer]
+        ld, di, pi, role = self._indices(state, ctx.layer)
         p = ctx.positions[:, 0]
-
-        def attend_all(keys, values, kx, vx):
-            """Attend over slots <= p with this step's own token exact (storage-rounded)."""
-            b, s = keys.shape[:2]
-            rows = jnp.arange(b)
-            keys = keys.at[rows, p].set(kx[:, 0].astype(keys.dtype), mode="drop")
-            values = values.at[rows, p].set(vx[:, 0].astype(values.dtype), mode="drop")
-            slot = jnp.arange(s, dtype=jnp.int32)[None, :]
-            kv_pos = jnp.where(slot <= ctx.positions[:, -1:], slot, MAX_POS)
-            return attend(q, keys, values, ctx.positions, kv_pos)
-
-        def own(st, x):          # this token as stored (storage dtype), float32 for attention
-            return x.astype(st["dense"]["k"].dtype).astype(jnp.float32)
-
-        def dense(st):
-            d = st["dense"]
-            kk = write_tokens(_get_index(d["k"], i), k, ctx.positions)
-            vv = write_tokens(_get_index(d["v"], i), v, ctx.positions)
-            st = {**st, "dense": {"k": _set_index(d["k"], i, kk), "v": _set_index(d["v"], i, vv)}}
-            return attend_all(kk.astype(jnp.float32), vv.astype(jnp.float32),
-                              own(st, k), own(st, v)), st
-
-        def pair_step(st, role):
-            keys = self.reconstruct(st["k"], i, role)
-            values = self.reconstruct(st["v"], i, role)
-            out = attend_all(keys, values, own(st, k), own(st, v))
-            if role == 0:
-                st = {**st, "k": self._write_raw(st["k"], i, k, ctx.positions),
-                      "v": self._write_raw(st["v"], i, v, ctx.positions)}
-            else:
-                st = {**st, "k": self._merge_token(st["k"], i, k, ctx),
-                      "v": self._merge_token(st["v"], i, v, ctx)}
-            return out, st
-
-        if state["dense"]["k"].shape[0] == 0:     # no dense layer: that branch never runs
-            dense = lambda st: (jnp.zeros_like(q), st)  # noqa: E731
-        branches = [dense, lambda st: pair_step(st, 0), lambda st: pair_step(st, 1)]
-        return jax.lax.switch(jnp.asarray(kind)[ctx.layer], branches, state)
+        sdt = state["dense"]["k"].dtype
+        new, kv = dict(state), {}
+        for n, x in (("k", k), ("v", v)):
+            rec = self.reconstruct(state[n], pi, jnp.maximum(role, 0))          # pair layers
+            if ld:
+                d = state["dense"][n]
+                old = _get_index(d, di)
+                written = write_tokens(old, x, ctx.positions)
+                new.setdefault("dense", {})[n] = _set_index(d, di, jnp.where(role < 0, written, old))
+                rec = jnp.where(role < 0, written.astype(jnp.float32), rec)
+            b = rec.shape[0]
+            # this step's own token exactly as stored (storage dtype), at its slot
+            kv[n] = rec.at[jnp.arange(b), p].set(x[:, 0].astype(sdt).astype(jnp.float32), mode="drop")
+            new[n] = self._pair_update(state[n], pi, role, x, ctx, ctx.positions, self._merge_token)
+        s = kv["k"].shape[1]
+        slot = jnp.arange(s, dtype=jnp.int32)[None, :]
+        kv_pos = jnp.where(slot <= ctx.positions[:, -1:], slot, MAX_POS)
+        return attend(q, kv["k"], kv["v"], ctx.positions, kv_pos), new
