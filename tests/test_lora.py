@@ -172,6 +172,26 @@ def test_plain_flax_mlp_matches_float64_reference():
                                 atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
+def test_inits_and_rslora_scale():
+    x = jax.random.normal(jax.random.key(15), (3, 41))
+    module = MLP()
+    base = ml.Model(module=module, params=module.init(jax.random.key(1), x)["params"])
+    kai = ml.passes.lora(rank=6, rules={r"Dense_1/kernel": True}, seed=3)(base)
+    a = np.asarray(kai.params["Dense_1"]["lora_a"])  # [53, 6]: U(-1/sqrt(53), 1/sqrt(53))
+    assert np.abs(a).max() <= 1 / np.sqrt(53) and abs(a.std() * np.sqrt(3 * 53) - 1) < 0.15
+    gau = ml.passes.lora(rank=6, rules={r"Dense_1/kernel": True}, init="gaussian", seed=3)(base)
+    g = np.asarray(gau.params["Dense_1"]["lora_a"])  # N(0, 1/r^2)
+    assert abs(g.std() * 6 - 1) < 0.15 and not np.array_equal(a, g)
+    rs = _randomize_adapters(ml.passes.lora(rank=6, alpha=3.0, rslora=True,
+                                            rules={r"Dense_1/kernel": True})(base), 2)
+    p, x64 = _np64(rs.params), np.asarray(x, np.float64)
+    h = np.maximum(_dense64(p["Dense_0"], x64, 0), 0)
+    h1 = h @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"]
+    h1 = h1 + 3.0 / np.sqrt(6) * (h @ p["Dense_1"]["lora_a"]) @ p["Dense_1"]["lora_b"]
+    ref = _dense64(p["Dense_2"], np.tanh(h1), 0)
+    chex.assert_trees_all_close(np.asarray(rs(x), np.float64), ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
 def test_qlora_matches_dequantized_base_plus_adapters(tiny, qlora, call, tokens):
     kernel = qlora.params["layers"]["attn"]["q_proj"]["kernel"]
     assert isinstance(kernel, QArray) and "nf4" in kernel.format.name
