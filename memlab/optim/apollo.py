@@ -6,10 +6,10 @@ matrices, as under ``nn.scan``), a Gaussian random projection ``P`` (entries
 ``N(0, 1/r)``) maps the gradient to rank ``r`` along its shorter side:
 ``R = P G`` (``[..., r, n]``) when ``m <= n``, else ``R = G Pᵀ`` (``[..., m, r]``).
 ``P`` is never stored: it is regenerated from the stored PRNG key, the
-parameter's index and ``step // update_proj_gap``, so it changes every
-``update_proj_gap`` steps.  AdamW moments live in the projected space; the
-bias-corrected Adam direction ``R̃ = m̂ / (sqrt(v̂) + eps)`` only yields a
-gradient scaling factor
+parameter's index and ``step // update_proj_gap`` (:func:`random_projections`),
+so it changes every ``update_proj_gap`` steps.  AdamW moments live in the
+projected space; the bias-corrected Adam direction ``R̃ = m̂ / (sqrt(v̂) + eps)``
+only yields a gradient scaling factor
 
 * APOLLO: channel-wise, ``s_j = ||R̃[:, j]|| / ||R[:, j]||`` over the longer side;
 * APOLLO-Mini: rank 1 and tensor-wise, ``s = ||R̃|| / ||R||``,
@@ -24,7 +24,7 @@ limiter norm per matrix and full moments for the rest; see
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +33,7 @@ import optax
 from memlab.optim import register
 from memlab.optim.adamw import with_state_dtype
 from memlab.optim.galore import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MatrixLeaf, _check_common,
-                                 _compile, all_finite, check_rank, matrix_plan, skip_nonfinite,
-                                 zero_nonfinite)
+                                 _compile, check_rank, matrix_plan, skip_nonfinite)
 
 SCALE_TYPES = ("channel", "tensor")
 DEFAULT_RANK = 256
@@ -53,12 +52,19 @@ def _key_bytes() -> int:
     return tree_bytes(jax.eval_shape(lambda: jax.random.PRNGKey(0)))
 
 
-def random_projection(key: jax.Array, index: int, period: jax.Array, leaf: MatrixLeaf,
-                      dtype=jnp.float32) -> jax.Array:
-    """The Gaussian ``[..., r, min(m, n)]`` projection of leaf ``index`` in ``period``."""
-    k = jax.random.fold_in(jax.random.fold_in(key, index), period)
-    p = jax.random.normal(k, leaf.batch + (leaf.rank, leaf.side), jnp.float32)
-    return (p / math.sqrt(leaf.rank)).astype(dtype)
+def random_projections(key: jax.Array, period: jax.Array, plan: Sequence[MatrixLeaf],
+                       dtype=jnp.float32) -> tuple:
+    """The Gaussian ``[..., r, min(m, n)]`` projections (entries ``N(0, 1/r)``) of every
+    projected leaf of ``plan`` in ``period = step // update_proj_gap`` (None elsewhere).
+
+    One draw per leaf, from ``fold_in(fold_in(key, period), leaf index)``: XLA can
+    create and consume them one at a time, so only one lives in the step's temp.
+    """
+    k = jax.random.fold_in(key, period)
+    return tuple(
+        (jax.random.normal(jax.random.fold_in(k, i), lf.batch + (lf.rank, lf.side), jnp.float32)
+         / math.sqrt(lf.rank)).astype(dtype) if lf.projected else None
+        for i, lf in enumerate(plan))
 
 
 def apollo_state_bytes(params: Any, learning_rate: float = 1e-3, rank: Optional[int] = None,
@@ -106,19 +112,18 @@ def _apollo_core(learning_rate, rank, default_rank, update_proj_gap, scale, scal
         if weight_decay and params is None:
             raise ValueError(f"{where}: weight_decay needs params; call update(grads, state, params)")
         plan = plan_of(updates)
-        ok = all_finite(updates)
-        grads = zero_nonfinite(ok, updates)
+        grads = updates
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         wleaves = jax.tree_util.tree_leaves(params) if params is not None else [None] * len(leaves)
         t = optax.safe_int32_increment(state.count)
         bc1 = 1 - b1 ** t.astype(jnp.float32)
         bc2 = 1 - b2 ** t.astype(jnp.float32)
-        period = state.count // update_proj_gap
+        projections = random_projections(state.key, state.count // update_proj_gap, plan)
         out, mus, nus, norms = [], [], [], []
-        for i, (g, lf, mu, nu, prev, w) in enumerate(
-                zip(leaves, plan, state.mu, state.nu, state.norm, wleaves)):
+        for g, lf, mu, nu, prev, w, p in zip(leaves, plan, state.mu, state.nu, state.norm, wleaves,
+                                             projections):
             if lf.projected:
-                p = random_projection(state.key, i, period, lf, g.dtype)
+                p = p.astype(g.dtype)
                 r = (jnp.einsum("...rm,...mn->...rn", p, g) if lf.left
                      else jnp.einsum("...mn,...rn->...mr", g, p))
             else:
@@ -152,9 +157,9 @@ def _apollo_core(learning_rate, rank, default_rank, update_proj_gap, scale, scal
             mus.append(mu.astype(g.dtype))
             nus.append(nu.astype(g.dtype))
         new_state = ApolloState(t, state.key, tuple(mus), tuple(nus), tuple(norms))
-        return skip_nonfinite(ok, jax.tree_util.tree_unflatten(treedef, out), new_state, state)
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(init, skip_nonfinite(update))
 
 
 def _check(learning_rate, update_proj_gap, scale, scale_type, limiter, include, exclude, where):

@@ -31,7 +31,7 @@ import optax
 from memlab.model import path_str
 from memlab.optim import register
 from memlab.optim.adamw import with_state_dtype
-from memlab.optim.galore import _compile, all_finite, skip_nonfinite, zero_nonfinite
+from memlab.optim.galore import _compile, skip_nonfinite
 
 DEFAULT_FACTORED = r"kernel|embed"
 
@@ -98,8 +98,7 @@ def _came_core(learning_rate, b1, b2, b3, eps1, eps2, clip_threshold, weight_dec
     def update(updates, state, params=None):
         if weight_decay and params is None:
             raise ValueError("came: weight_decay needs params; call update(grads, state, params)")
-        ok = all_finite(updates)
-        grads = zero_nonfinite(ok, updates)
+        grads = updates
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         wleaves = jax.tree_util.tree_leaves(params) if params is not None else [None] * len(leaves)
         out, new = [], []
@@ -128,9 +127,9 @@ def _came_core(learning_rate, b1, b2, b3, eps1, eps2, clip_threshold, weight_dec
                 upd = upd - learning_rate * weight_decay * w
             out.append(upd.astype(g.dtype))
         new_state = CameState(tuple(new))
-        return skip_nonfinite(ok, jax.tree_util.tree_unflatten(treedef, out), new_state, state)
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(init, skip_nonfinite(update))
 
 
 @register("came", state_bytes=came_state_bytes)

@@ -134,18 +134,17 @@ def all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
-def skip_nonfinite(ok: jax.Array, updates: Any, new_state: Any, old_state: Any):
-    """Zero updates and the old state where ``ok`` is False."""
-    def keep(new, old):
-        return jnp.where(ok, new, old)
-    state = jax.tree_util.tree_map(keep, new_state, old_state)
-    updates = jax.tree_util.tree_map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates)
-    return updates, state
+def skip_nonfinite(step):
+    """Wrap ``step(grads, state, params) -> (updates, state)``: when any gradient is
+    not finite, return zero updates and the state unchanged (one ``lax.cond``, so
+    the step itself never runs on NaN/inf inputs)."""
+    def update(grads, state, params=None):
+        def skip(operands):
+            g, s, _ = operands
+            return jax.tree_util.tree_map(jnp.zeros_like, g), s
 
-
-def zero_nonfinite(ok: jax.Array, tree: Any) -> Any:
-    """Replace the gradients by zeros when a step is skipped (keeps SVDs and norms finite)."""
-    return jax.tree_util.tree_map(lambda g: jnp.where(ok, g, jnp.zeros_like(g)), tree)
+        return lax.cond(all_finite(grads), lambda ops: step(*ops), skip, (grads, state, params))
+    return update
 
 
 # ----------------------------------------------------------------------------- GaLore
@@ -268,8 +267,7 @@ def _galore_core(learning_rate, rank, update_proj_gap, scale, inner, weight_deca
         if weight_decay and params is None:
             raise ValueError("galore: weight_decay needs params; call update(grads, state, params)")
         plan = matrix_plan(updates, rank, 128, include, exclude, "galore")
-        ok = all_finite(updates)
-        grads = zero_nonfinite(ok, updates)
+        grads = updates
         leaves, treedef = jax.tree_util.tree_flatten(grads)
 
         def refresh(old):
@@ -287,9 +285,9 @@ def _galore_core(learning_rate, rank, update_proj_gap, scale, inner, weight_deca
             out = [u - learning_rate * weight_decay * w
                    for u, w in zip(out, jax.tree_util.tree_leaves(params))]
         new_state = GaLoreState(optax.safe_int32_increment(state.count), projectors, base_state)
-        return skip_nonfinite(ok, jax.tree_util.tree_unflatten(treedef, out), new_state, state)
+        return jax.tree_util.tree_unflatten(treedef, out), new_state
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformation(init, skip_nonfinite(update))
 
 
 @register("galore", state_bytes=galore_state_bytes)
