@@ -174,11 +174,12 @@ class TrainConfig:
         return d
 
     def trajectory_dict(self) -> dict:
-        """The fields that determine the loss trajectory (what the fingerprint hashes)."""
+        """The fields that determine the loss trajectory (what the fingerprint hashes),
+        JSON-safe (values JSON cannot hold, e.g. a dtype in optimizer_kwargs, become str)."""
         d = self.to_dict()
         for k in ("log_every", "ckpt_every", "ckpt_dir", "keep", "log_dir"):
             d.pop(k)
-        return d
+        return json.loads(json.dumps(d, default=str))
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +288,7 @@ def compute_model(model: Model, precision: str) -> Model:
         return model
     spec = model.spec
     if model.module is not None and dataclasses.is_dataclass(spec) and hasattr(spec, "dtype") \
-            and getattr(model.module, "config", None) is spec:
+            and getattr(model.module, "config", None) == spec:
         spec = dataclasses.replace(spec, dtype="bfloat16")
         return model.replace(spec=spec, module=model.module.clone(config=spec))
 
@@ -472,6 +473,11 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
                                   "uninterrupted one", UserWarning, stacklevel=2)
                 trainable, opt_state, rng = state["params"], state["opt_state"], state["rng"]
                 start = int(meta["data_position"])
+                if int(state["step"]) != latest or start != latest:
+                    raise ckpt.CheckpointError(
+                        f"checkpoint step {latest} in {manager.directory} is inconsistent: its "
+                        f"arrays say step {int(state['step'])}, its metadata data position "
+                        f"{start}; delete {manager.step_path(latest)}")
                 if start >= end:
                     warnings.warn(f"train: checkpoint step {start} is not below the last step "
                                   f"{end}; nothing to train", UserWarning, stacklevel=2)
