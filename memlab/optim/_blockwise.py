@@ -463,8 +463,10 @@ def quantized_adam(select: Select, learning_rate: float | optax.Schedule, b1: fl
         nus = treedef.flatten_up_to(state.nu)
         ps = treedef.flatten_up_to(params) if params is not None else [None] * len(leaves)
         finite = jnp.array(True)
-        for _, _, g in leaves:  # max |g| is NaN/Inf iff some entry is (XLA's max keeps NaN)
-            finite = finite & jnp.isfinite(jnp.max(jnp.abs(g)))
+        for _, _, g in leaves:  # g * 0 sums to NaN iff some entry is NaN/Inf; summed in
+            zero = jnp.zeros((), g.dtype)  # g's own dtype (no full-size float32 copy)
+            total = jax.lax.reduce(g * zero, zero, jax.lax.add, tuple(range(g.ndim)))
+            finite = finite & jnp.isfinite(total)
         count_inc = optax.safe_increment(state.count)
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         c1 = (1 - b1 ** count_inc).astype(jnp.float32)
