@@ -158,6 +158,8 @@ def test_rank_and_argument_errors():
         apollo_mini(update_proj_gap=0)
     with pytest.raises(ValueError, match="include=.*not a valid regex"):
         apollo(include="[")
+    with pytest.warns(UserWarning, match="apollo_mini: no parameter is projected"):
+        apollo_mini(exclude="kernel").init(params)
     tx = apollo(rank=2, weight_decay=0.1)
     with pytest.raises(ValueError, match="weight_decay needs params"):
         tx.update(_grads(jax.random.key(5), params), tx.init(params))

@@ -120,6 +120,8 @@ def test_rank_and_argument_errors():
     tx = galore(rank=4, weight_decay=0.1)
     with pytest.raises(ValueError, match="weight_decay needs params"):
         tx.update(_grads(jax.random.key(4), params), tx.init(params))
+    with pytest.warns(UserWarning, match="no parameter is projected"):
+        galore(include="attn").init(params)
     # rank 19 is allowed once the 23-row stack is excluded; rank = min(m, n) is allowed
     assert ml.optim.state_bytes("galore", params, rank=19, exclude="layers") > 0
 

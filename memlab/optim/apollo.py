@@ -33,7 +33,8 @@ import optax
 from memlab.optim import register
 from memlab.optim.adamw import with_state_dtype
 from memlab.optim.galore import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MatrixLeaf, _check_common,
-                                 _compile, check_rank, matrix_plan, skip_nonfinite)
+                                 _compile, check_rank, matrix_plan, skip_nonfinite,
+                                 warn_if_nothing_projected)
 
 SCALE_TYPES = ("channel", "tensor")
 DEFAULT_RANK = 256
@@ -100,6 +101,7 @@ def _apollo_core(learning_rate, rank, default_rank, update_proj_gap, scale, scal
 
     def init(params):
         plan = plan_of(params)
+        warn_if_nothing_projected(plan, include, exclude, where)
         leaves = jax.tree_util.tree_leaves(params)
         zeros = tuple(jnp.zeros(lf.low_shape if lf.projected else lf.shape, x.dtype)
                       for x, lf in zip(leaves, plan))

@@ -28,6 +28,7 @@ import dataclasses
 import inspect
 import math
 import re
+import warnings
 from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import jax
@@ -127,6 +128,14 @@ def matrix_plan(tree: Any, rank: Optional[int], default_rank: int, include: Opti
                 f"exclude=")
         out.append(MatrixLeaf(name, shape, r))
     return tuple(out)
+
+
+def warn_if_nothing_projected(plan: Sequence[MatrixLeaf], include, exclude, where: str) -> None:
+    """A typo in ``include`` would otherwise silently turn the optimizer into its full-size base."""
+    if plan and not any(lf.projected for lf in plan):
+        warnings.warn(f"{where}: no parameter is projected (include={include!r}, "
+                      f"exclude={exclude!r} matched no matrix); every parameter is optimized "
+                      f"at full size", stacklevel=3)
 
 
 def all_finite(tree: Any) -> jax.Array:
@@ -257,6 +266,7 @@ def _galore_core(learning_rate, rank, update_proj_gap, scale, inner, weight_deca
 
     def init(params):
         plan = matrix_plan(params, rank, 128, include, exclude, "galore")
+        warn_if_nothing_projected(plan, include, exclude, "galore")
         leaves = jax.tree_util.tree_leaves(params)
         projectors = tuple(jnp.zeros(lf.batch + (lf.side, lf.rank), x.dtype) if lf.projected
                            else None for x, lf in zip(leaves, plan))
