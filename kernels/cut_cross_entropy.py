@@ -49,13 +49,28 @@ contributes almost nothing to either gradient and is skipped (``lax.cond`` /
 ``pl.when``).  The paper uses ``2**-12`` (below bfloat16 resolution next to
 1); ``None`` (default) keeps the gradient exact.  The loss is never filtered.
 
-Backends of :func:`cut_cross_entropy` (``backend=``): ``"triton"`` (GPU),
-``"interpret"`` (the Triton kernels in the HLO interpreter, any device; the
-CPU tests), ``"xla"`` (:func:`cross_entropy_reference`), ``"auto"`` (triton on
-GPU, xla elsewhere).  There is no Mosaic TPU body: ``"mosaic_tpu"`` raises;
-use :func:`chunked_cross_entropy` on TPU.  Triton tiles are powers of two of
-at least 16 (``tl.dot``); ragged ``N``, ``V`` and ``D`` (any sizes) are
-handled with masked loads and stores, nothing is padded or copied.
+Backends of :func:`cut_cross_entropy` (``backend=``):
+
+* ``"triton"`` (GPU): one program per row block (forward, dH) or vocabulary
+  block (dW) with ``lax.fori_loop`` over the other axis and over ``block_d``
+  slices; tiles are powers of two of at least 16 (``tl.dot``); ragged ``N``,
+  ``V`` and ``D`` (any sizes) use masked loads and stores, nothing is padded
+  or copied.  dH and dW accumulate in float32 outputs (read-modify-write of the
+  program's own tile), cast to the input dtypes after the kernel.
+* ``"mosaic_tpu"`` (TPU): grid ``(row blocks, vocab blocks)`` (forward, dH)
+  or ``(vocab blocks, row blocks)`` (dW) with the last axis "arbitrary"; the
+  running ``m``, ``l``, target logit (lane-replicated ``[block_n, 128]``) and
+  the dH ``[block_n, D]`` / dW ``[D, block_v]`` accumulators live in VMEM
+  scratch; blocks span the full ``D``.  Per-row vectors travel lane-dense as
+  ``[1, N]``; the forward writes ``loss``/``lse`` lane-replicated ``[N, 128]``
+  (a transient; column 0 is kept).  Ragged edge blocks hold garbage, zeroed
+  (rows of ``h``, columns of ``W``) before any matmul that sums over them.  A
+  block smaller than its dimension must be a multiple of 128.
+* ``"interpret"``: the Triton kernels in the HLO interpreter (any device; the
+  CPU tests).  ``backend="mosaic_tpu", interpret=True`` runs the Mosaic
+  kernels in TPU interpret mode.
+* ``"xla"``: :func:`cross_entropy_reference`; ``"auto"``: triton on GPU,
+  mosaic_tpu on TPU, xla elsewhere.
 
 Numerics: logits, softmax statistics and accumulators are float32; float32
 inputs use ``Precision.HIGHEST`` dots, 16-bit inputs 16-bit products with
@@ -65,9 +80,11 @@ back in the input dtypes.  Targets outside ``[0, V)`` (other than
 ``ignore_index``) match no column: their target logit counts as 0.
 
 Verified without accelerators: the Triton kernels run in the HLO interpreter
-on CPU and lower (forward and backward) via ``jax.export`` for the ``cuda``
-platform to Triton IR; PTX compilation and speed are only exercised on a GPU.
-Default block sizes are untuned.
+and the Mosaic kernels in TPU interpret mode on CPU, and both lower (forward
+and backward) via ``jax.export`` for ``cuda`` / ``tpu`` to Triton IR / Mosaic
+MLIR; PTX / TPU compilation (register, shared-memory and VMEM budgets, Mosaic
+layout rules) and speed are only exercised on real devices, which these tests
+never had.  Default block sizes are untuned.
 """
 from __future__ import annotations
 
@@ -80,6 +97,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from ._common import cdiv, is_power_of_2, next_power_of_2, resolve_backend
@@ -456,8 +474,9 @@ class _KCfg:
     bn: int
     bv: int
     bd: int
-    interpret: bool
+    interpret: Any    # False | True | pltpu.InterpretParams
     cdt: Any          # compute dtype name
+    kernel: str = "triton"   # "triton" | "mosaic"
 
 
 def _fit(b: int, n: int) -> int:
@@ -707,9 +726,217 @@ def _nbytes(*arrays):
     return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
 
 
+# --------------------------------------------------------------------------
+# Mosaic (TPU) kernels
+# --------------------------------------------------------------------------
+_LANES = 128
+
+
+def _plan_mosaic(bs: BlockSizes, n: int, v: int) -> tuple[int, int]:
+    out = []
+    for name, b, dim, arg in (("block_n", bs.block_n, n, "N"), ("block_v", bs.block_v, v, "V")):
+        if dim <= b:
+            out.append(dim)
+        elif b % _LANES:
+            raise ValueError(
+                f"block_sizes.{name}={b} must be a multiple of {_LANES} on mosaic_tpu when it "
+                f"is smaller than {arg}={dim} (a lane dimension); use {name}="
+                f"{-(-b // _LANES) * _LANES} (or >= {dim}).")
+        else:
+            out.append(b)
+    return out[0], out[1]
+
+
+def _col_vec(ref, shape):
+    """A lane-dense ``(1, n)`` per-row block as an ``(n, 1)`` column, broadcast to ``shape``."""
+    return jnp.broadcast_to(jnp.expand_dims(ref[0], -1), shape)
+
+
+def _m_tile(k: _KCfg, h, w, precision):
+    z = _kdot(h.astype(k.cdt), w.astype(k.cdt), precision, trans_b=k.spec.tied)
+    return _cap(z, k.spec.softcap)
+
+
+def _m_zero_cols(k: _KCfg, w, j):
+    """Zero the classifier columns past V in a ragged edge block (they hold garbage)."""
+    if not k.spec.v % k.bv:
+        return w
+    ax = 0 if k.spec.tied else 1
+    cols = j * k.bv + lax.broadcasted_iota(jnp.int32, w.shape, ax)
+    return jnp.where(cols < k.spec.v, w, jnp.zeros((), w.dtype))
+
+
+def _m_zero_rows(k: _KCfg, x, i):
+    if not k.spec.n % k.bn:
+        return x
+    rows = i * k.bn + lax.broadcasted_iota(jnp.int32, x.shape, 0)
+    return jnp.where(rows < k.spec.n, x, jnp.zeros((), x.dtype))
+
+
+def _m_cols(k: _KCfg, j):
+    return j * k.bv + lax.broadcasted_iota(jnp.int32, (k.bn, k.bv), 1)
+
+
+def _mosaic_fwd_kernel(h_ref, w_ref, t_ref, loss_ref, lse_ref, m_sc, l_sc, zt_sc, *,
+                       k: _KCfg, nvb: int, precision):
+    sp = k.spec
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, _NEG_INF, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        zt_sc[...] = jnp.zeros(zt_sc.shape, jnp.float32)
+
+    z = _m_tile(k, h_ref[...], w_ref[...], precision)
+    cols = _m_cols(k, j)
+    hit = cols == _col_vec(t_ref, z.shape)
+    if sp.v % k.bv:
+        z = jnp.where(cols < sp.v, z, _NEG_INF)
+    zt_sc[...] += jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
+    m_prev = m_sc[...]                                              # [bn, 128]
+    m_next = jnp.maximum(m_prev, jnp.max(z, axis=1, keepdims=True))
+    l_sc[...] = jnp.exp(m_prev - m_next) * l_sc[...] + jnp.sum(
+        jnp.exp(z - m_next[:, :1]), axis=1, keepdims=True)
+    m_sc[...] = m_next
+
+    @pl.when(j == nvb - 1)
+    def _finish():
+        lse = m_sc[...] + jnp.log(l_sc[...])
+        t = _col_vec(t_ref, lse.shape)
+        lse_ref[...] = lse
+        loss_ref[...] = jnp.where(t != sp.ignore_index, lse - zt_sc[...], 0.0)
+
+
+def _m_dz(k: _KCfg, z, cols, t_ref, lse_ref, g_ref):
+    sp = k.spec
+    s = jnp.exp(z - _col_vec(lse_ref, z.shape)) - (cols == _col_vec(t_ref, z.shape)).astype(
+        jnp.float32)
+    if sp.v % k.bv:
+        s = jnp.where(cols < sp.v, s, 0.0)
+    dz = s * _col_vec(g_ref, z.shape)
+    if sp.softcap is not None:
+        dz = dz * (1.0 - jnp.square(z / sp.softcap))
+    return s, dz
+
+
+def _mosaic_dh_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dh_ref, dh_sc, *, k: _KCfg,
+                      nvb: int, precision):
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
+    def _init():
+        dh_sc[...] = jnp.zeros(dh_sc.shape, jnp.float32)
+
+    w = _m_zero_cols(k, w_ref[...], j)
+    z = _m_tile(k, h_ref[...], w, precision)
+    s, dz = _m_dz(k, z, _m_cols(k, j), t_ref, lse_ref, g_ref)
+
+    def accumulate():
+        dh_sc[...] += _kdot(dz.astype(k.cdt), w.astype(k.cdt), precision, trans_b=not k.spec.tied)
+
+    _filtered(k, s, accumulate)
+
+    @pl.when(j == nvb - 1)
+    def _finish():
+        dh_ref[...] = dh_sc[...].astype(dh_ref.dtype)
+
+
+def _mosaic_dw_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dw_ref, dw_sc, *, k: _KCfg,
+                      nb: int, precision):
+    j, i = pl.program_id(0), pl.program_id(1)
+
+    @pl.when(i == 0)
+    def _init():
+        dw_sc[...] = jnp.zeros(dw_sc.shape, jnp.float32)
+
+    h = _m_zero_rows(k, h_ref[...], i)
+    z = _m_tile(k, h, w_ref[...], precision)
+    s, dz = _m_dz(k, z, _m_cols(k, j), t_ref, lse_ref, g_ref)
+    dz = _m_zero_rows(k, dz, i).astype(k.cdt)       # garbage rows of an edge block
+    if k.spec.n % k.bn:
+        s = _m_zero_rows(k, s, i)
+
+    def accumulate():
+        hc = h.astype(k.cdt)
+        if k.spec.tied:
+            dw_sc[...] += _kdot(dz, hc, precision, trans_a=True)       # [bv, D]
+        else:
+            dw_sc[...] += _kdot(hc, dz, precision, trans_a=True)       # [D, bv]
+
+    _filtered(k, s, accumulate)
+
+    @pl.when(i == nb - 1)
+    def _finish():
+        dw_ref[...] = dw_sc[...].astype(dw_ref.dtype)
+
+
+def _m_specs(k: _KCfg, order: str):
+    """BlockSpecs of ``h, W, t, lse, g`` for a grid ``(rows, vocab)`` or ``(vocab, rows)``."""
+    sp = k.spec
+    if order == "nv":
+        ij = lambda f: lambda a, b: f(a, b)        # noqa: E731
+    else:
+        ij = lambda f: lambda a, b: f(b, a)        # noqa: E731
+    h = pl.BlockSpec((k.bn, sp.d), ij(lambda i, j: (i, 0)))
+    w = pl.BlockSpec((k.bv, sp.d), ij(lambda i, j: (j, 0))) if sp.tied else \
+        pl.BlockSpec((sp.d, k.bv), ij(lambda i, j: (0, j)))
+    row = pl.BlockSpec((1, k.bn), ij(lambda i, j: (0, i)))
+    return h, w, row
+
+
+def _mosaic_forward(k: _KCfg, h, w, t):
+    sp = k.spec
+    nb, nvb = cdiv(sp.n, k.bn), cdiv(sp.v, k.bv)
+    precision = _precision(k.cdt)
+    h_spec, w_spec, row = _m_specs(k, "nv")
+    out_spec = pl.BlockSpec((k.bn, _LANES), lambda i, j: (i, 0))
+    out = jax.ShapeDtypeStruct((sp.n, _LANES), jnp.float32)
+    loss, lse = pl.pallas_call(
+        functools.partial(_mosaic_fwd_kernel, k=k, nvb=nvb, precision=precision),
+        out_shape=[out, out], grid=(nb, nvb), in_specs=[h_spec, w_spec, row],
+        out_specs=[out_spec, out_spec],
+        scratch_shapes=[pltpu.VMEM((k.bn, _LANES), jnp.float32)] * 3,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=k.interpret, name="cut_cross_entropy_fwd",
+        cost_estimate=_cost(k, 1, _nbytes(h, w, t) + 8 * sp.n),
+    )(h, w, t[None, :])
+    return loss[:, 0], lse[:, 0]
+
+
+def _mosaic_backward(k: _KCfg, h, w, t, lse, g):
+    sp = k.spec
+    nb, nvb = cdiv(sp.n, k.bn), cdiv(sp.v, k.bv)
+    precision = _precision(k.cdt)
+    rows = (t[None, :], lse[None, :], g[None, :])
+    h_spec, w_spec, row = _m_specs(k, "nv")
+    dh = pl.pallas_call(
+        functools.partial(_mosaic_dh_kernel, k=k, nvb=nvb, precision=precision),
+        out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), grid=(nb, nvb),
+        in_specs=[h_spec, w_spec, row, row, row], out_specs=h_spec,
+        scratch_shapes=[pltpu.VMEM((k.bn, sp.d), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=k.interpret, name="cut_cross_entropy_bwd_dh",
+        cost_estimate=_cost(k, 2, _nbytes(h, w, *rows) + h.size * h.dtype.itemsize),
+    )(h, w, *rows)
+    h_spec, w_spec, row = _m_specs(k, "vn")
+    dw = pl.pallas_call(
+        functools.partial(_mosaic_dw_kernel, k=k, nb=nb, precision=precision),
+        out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype), grid=(nvb, nb),
+        in_specs=[h_spec, w_spec, row, row, row], out_specs=w_spec,
+        scratch_shapes=[pltpu.VMEM((k.bv, sp.d) if sp.tied else (sp.d, k.bv), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        interpret=k.interpret, name="cut_cross_entropy_bwd_dw",
+        cost_estimate=_cost(k, 2, _nbytes(h, w, *rows) + w.size * w.dtype.itemsize),
+    )(h, w, *rows)
+    return dh, dw
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _kernel_forward(k: _KCfg, h, w, t):
     sp = k.spec
+    if k.kernel == "mosaic":
+        return _mosaic_forward(k, h, w, t)
     precision = _precision(k.cdt)
     out = jax.ShapeDtypeStruct((sp.n,), jnp.float32)
     return pl.pallas_call(
@@ -728,6 +955,8 @@ def _kernel_backward(k: _KCfg, h, w, t, lse, g):
     sp = k.spec
     precision = _precision(k.cdt)
     g = jnp.where(t != sp.ignore_index, g.astype(jnp.float32), 0.0)
+    if k.kernel == "mosaic":
+        return _mosaic_backward(k, h, w, t, lse, g)
     ins = (h, w, t, lse, g)
     in_specs = [_full_spec(a.shape) for a in ins]
     common = dict(in_specs=in_specs, interpret=k.interpret,
@@ -776,10 +1005,13 @@ def cut_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
       classifier: ``[D, V]``, or ``[V, D]`` with ``tied=True`` (an embedding table).
       targets: int ``[N]``; rows equal to ``ignore_index`` give loss 0 and no gradient.
       softcap: optional logit soft-cap ``softcap * tanh(z / softcap)``.
-      block_sizes: a :class:`BlockSizes` (powers of two >= 16) or None.
-      backend: "auto" (triton on GPU, xla elsewhere), "triton", "interpret" or
-        "xla" (:func:`cross_entropy_reference`).
-      interpret: with "triton", True runs the kernels in the HLO interpreter.
+      block_sizes: a :class:`BlockSizes` (powers of two >= 16; on mosaic_tpu
+        ``block_n``/``block_v`` below their dimension must be multiples of 128,
+        ``block_d`` is unused) or None.
+      backend: "auto" (triton on GPU, mosaic_tpu on TPU, xla elsewhere),
+        "triton", "mosaic_tpu", "interpret" or "xla" (:func:`cross_entropy_reference`).
+      interpret: with "triton", True runs the kernels in the HLO interpreter;
+        with "mosaic_tpu", True (or a ``pltpu.InterpretParams``) in TPU interpret mode.
       filter_eps: skip backward blocks with every ``|softmax - onehot| < filter_eps``.
     """
     name = "cut_cross_entropy"
@@ -788,9 +1020,6 @@ def cut_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
                         f"{type(block_sizes).__name__}; pass BlockSizes(block_n=..., "
                         "block_v=..., block_d=...).")
     backend = resolve_backend(backend)
-    if backend == "mosaic_tpu":
-        raise ValueError(f"{name}: backend='mosaic_tpu' is not implemented (no Mosaic TPU "
-                         "body); use chunked_cross_entropy on TPU, or backend='xla'.")
     n, d, v = check_args(hidden, classifier, targets, tied=tied, name=name)
     spec = _Spec(n, d, v, bool(tied), _check_ignore(name, ignore_index),
                  _check_softcap(name, softcap), _check_eps(name, filter_eps))
@@ -803,8 +1032,13 @@ def cut_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
                             f"{backend!r}; use float32, bfloat16 or float16, or backend='xla'.")
     if n == 0:
         return _empty_vjp_safe(n, hidden, classifier)
-    bs = block_sizes or BlockSizes()
     cdt = jnp.dtype(_compute_dtype(hidden, classifier)).name
-    k = _KCfg(spec, bn=_fit(bs.block_n, n), bv=_fit(bs.block_v, v), bd=_fit(bs.block_d, d),
-              interpret=True if backend == "interpret" else bool(interpret), cdt=cdt)
+    if backend == "mosaic_tpu":
+        bn, bv = _plan_mosaic(block_sizes or BlockSizes(block_n=256, block_v=512), n, v)
+        interp = pltpu.InterpretParams() if interpret is True else (interpret or False)
+        k = _KCfg(spec, bn=bn, bv=bv, bd=d, interpret=interp, cdt=cdt, kernel="mosaic")
+    else:
+        bs = block_sizes or BlockSizes()
+        k = _KCfg(spec, bn=_fit(bs.block_n, n), bv=_fit(bs.block_v, v), bd=_fit(bs.block_d, d),
+                  interpret=True if backend == "interpret" else bool(interpret), cdt=cdt)
     return _cce(k, hidden, classifier, targets.astype(jnp.int32))

@@ -94,7 +94,7 @@ def test_auto_choice_and_context_default():
     impl, why = ml.nn.choose_cross_entropy(8192, 49152, platform="cpu")
     assert impl == "chunked" and "MiB" in why
     assert ml.nn.choose_cross_entropy(8, 8, platform="gpu")[0] == "pallas_triton"
-    assert ml.nn.choose_cross_entropy(8, 8, platform="tpu")[0] == "chunked"
+    assert ml.nn.choose_cross_entropy(8, 8, platform="tpu")[0] == "pallas_tpu"
     # The threshold is on float32 logits bytes.
     n = ml.nn.NAIVE_MAX_LOGITS_BYTES // (4 * 1000)
     assert ml.nn.choose_cross_entropy(n, 1000, platform="cpu")[0] == "naive"

@@ -15,11 +15,12 @@ each block), so a 49k-token vocabulary costs megabytes instead of gigabytes.
                        recomputing ``custom_vjp`` (Liger-kernel style fused linear
                        cross-entropy), any backend
 ``"pallas_triton"``    the CCE Pallas kernels, Triton backend (GPU)
-``"pallas_interpret"`` the same kernels in the HLO interpreter (tests, debugging)
+``"pallas_tpu"``       the same kernels' Mosaic backend (TPU)
+``"pallas_interpret"`` the Triton kernels in the HLO interpreter (tests, debugging)
 =====================  =======================================================
 
 ``impl="auto"`` (the default; :func:`choose_cross_entropy`): GPU -> the Triton
-kernels; TPU -> chunked (there is no Mosaic body); CPU and anything else ->
+kernels; TPU -> the Mosaic kernels; CPU and anything else ->
 naive while the float32 logits (``N * V * 4`` bytes) stay under
 :data:`NAIVE_MAX_LOGITS_BYTES` (64 MiB; faster for small heads), else chunked.
 ``with memlab.nn.use_cross_entropy("chunked"): ...`` sets the default for
@@ -54,7 +55,7 @@ from memlab_kernels import cut_cross_entropy as _cce
 __all__ = ["LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES", "REDUCTIONS", "choose_cross_entropy",
            "cross_entropy", "model_loss", "use_cross_entropy"]
 
-LOSS_IMPLS = ("auto", "naive", "chunked", "pallas_triton", "pallas_interpret")
+LOSS_IMPLS = ("auto", "naive", "chunked", "pallas_triton", "pallas_tpu", "pallas_interpret")
 REDUCTIONS = ("mean", "sum", "none")
 #: Above this many bytes of float32 logits the CPU path switches from naive to chunked.
 NAIVE_MAX_LOGITS_BYTES = 64 * 2**20
@@ -90,7 +91,7 @@ def choose_cross_entropy(n: int, v: int, platform: Optional[str] = None) -> tupl
     if platform == "gpu":
         return "pallas_triton", "GPU: the cut-cross-entropy Triton kernels"
     if platform == "tpu":
-        return "chunked", "TPU: no Mosaic cut-cross-entropy body; chunked XLA loops"
+        return "pallas_tpu", "TPU: the cut-cross-entropy Mosaic kernels"
     nbytes = int(n) * int(v) * 4
     if nbytes <= NAIVE_MAX_LOGITS_BYTES:
         return "naive", (f"{platform}: logits {nbytes / 2**20:.1f} MiB <= "
@@ -176,7 +177,8 @@ def cross_entropy(hidden, classifier, targets, *, tied: bool = False,
         rows = _cce.chunked_cross_entropy(h, classifier, t, chunk=chunk, vocab_chunk=vocab_chunk,
                                           filter_eps=filter_eps, **common)
     else:
-        backend = {"pallas_triton": "triton", "pallas_interpret": "interpret"}[impl]
+        backend = {"pallas_triton": "triton", "pallas_tpu": "mosaic_tpu",
+                   "pallas_interpret": "interpret"}[impl]
         rows = _cce.cut_cross_entropy(h, classifier, t, block_sizes=block_sizes, backend=backend,
                                       filter_eps=filter_eps, **common)
     if reduction == "none":
