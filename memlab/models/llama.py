@@ -50,6 +50,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax and norms always run in float32
     attention: str = "auto"  # memlab.nn.attention impl: auto, chunked, naive, pallas_triton, ...
+    mlp_chunks: int = 1  # Mini-Sequence (MsT): run the MLP over this many sequence chunks; 1 = off
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -64,6 +65,10 @@ class LlamaConfig:
             raise ValueError(f"LlamaConfig.head_dim={self.head_dim} must be even for RoPE")
         for f in ("param_dtype", "dtype"):
             jnp.dtype(getattr(self, f))  # raises on an unknown dtype name
+        if isinstance(self.mlp_chunks, bool) or not isinstance(self.mlp_chunks, int) \
+                or self.mlp_chunks < 1:
+            raise ValueError(f"LlamaConfig.mlp_chunks must be a positive int (1 = no Mini-Sequence "
+                             f"chunking), got {self.mlp_chunks!r}")
 
     # -- exact counts used by the analytic memory estimate ------------------
     def layer_param_count(self) -> int:
@@ -212,16 +217,38 @@ def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta)
 
 
 class MLP(nn.Module):
+    """SwiGLU.  With ``config.mlp_chunks > 1`` (Mini-Sequence Transformer, Luo et al.
+    2024) the sequence is cut into that many chunks, run one at a time under a
+    lifted scan whose body is rematerialized: the ``[B, T, d_ff]`` hidden exists one
+    chunk at a time in the forward and again in the backward.  A ragged T is padded
+    up to chunks of ``ceil(T / mlp_chunks)`` rows (rows are independent; the padding
+    is sliced off).  Init, T = 1 and sown intermediates (calibration) run unchunked.
+    """
+
     config: LlamaConfig
 
-    @nn.compact
-    def __call__(self, x):
+    def setup(self):
         c = self.config
-        dense = lambda n, name: nn.Dense(  # noqa: E731
-            n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
-        h = nn.silu(dense(c.d_ff, "gate_proj")(x)) * dense(c.d_ff, "up_proj")(x)
+        dense = lambda n: nn.Dense(  # noqa: E731
+            n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype)
+        self.gate_proj, self.up_proj, self.down_proj = dense(c.d_ff), dense(c.d_ff), dense(c.d_model)
+
+    def ffn(self, x):
+        h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
         h = checkpoint_name(h, "mlp_hidden")
-        return dense(c.d_model, "down_proj")(h)
+        return self.down_proj(h)
+
+    def __call__(self, x):
+        b, t, d = x.shape
+        size = -(-t // self.config.mlp_chunks)  # rows per chunk
+        n = -(-t // size)  # chunks actually needed (<= mlp_chunks)
+        if n == 1 or self.is_initializing() or self.is_mutable_collection("intermediates"):
+            return self.ffn(x)
+        xs = jnp.pad(x, ((0, 0), (0, n * size - t), (0, 0))).reshape(b, n, size, d).swapaxes(0, 1)
+        body = nn.remat(lambda mdl, carry, xc: (carry, mdl.ffn(xc)), prevent_cse=False)
+        chunked = nn.scan(body, variable_broadcast="params", split_rngs={"params": False}, length=n)
+        _, ys = chunked(self, None, xs)  # [n, B, size, D]
+        return ys.swapaxes(0, 1).reshape(b, n * size, d)[:, :t]
 
 
 class Block(nn.Module):
@@ -244,20 +271,53 @@ REMAT_POLICIES = {
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # copies every dot without batch dims to pinned host memory and back for the backward
+    # (saves device memory on GPU/TPU; on CPU host and device are the same memory)
+    "offload_dots_with_no_batch_dims": jax.checkpoint_policies.offload_dot_with_no_batch_dims(
+        offload_src="device", offload_dst="pinned_host"),
 }
+ACTIVATION_NAMES = ("qkv", "attn_out", "mlp_hidden")  # what the layers tag with checkpoint_name
+
+
+def remat_names(name: str) -> dict:
+    """The activation names a policy string refers to: ``'save:qkv;offload:mlp_hidden'`` ->
+    ``{'save': ('qkv',), 'offload': ('mlp_hidden',)}``; ``{}`` for a named JAX policy."""
+    if not isinstance(name, str):
+        raise TypeError(f"remat policy must be a string such as 'nothing_saveable', got "
+                        f"{type(name).__name__}")
+    if name in REMAT_POLICIES:
+        return {}
+    out: dict = {}
+    for part in name.split(";"):
+        kind, sep, rest = (s.strip() for s in part.partition(":"))
+        names = tuple(n.strip() for n in rest.split(",") if n.strip())
+        if not sep or kind not in ("save", "offload") or kind in out or not names:
+            raise ValueError(
+                f"remat policy {name!r} is unknown; choose one of {sorted(REMAT_POLICIES)}, "
+                "'save:<name>,<name>' (keep only these), 'offload:<name>,<name>' (to pinned "
+                "host) or 'save:<name>;offload:<name>'")
+        out[kind] = names
+    both = sorted(set(out.get("save", ())) & set(out.get("offload", ())))
+    if both:
+        raise ValueError(f"remat policy {name!r} both saves and offloads {both}; name each once")
+    return out
 
 
 def remat_policy(name: Optional[str]):
-    """A JAX checkpoint policy by name; ``save:qkv,attn_out`` saves only those names."""
+    """A JAX checkpoint policy by name (``REMAT_POLICIES``); ``save:qkv,attn_out`` saves only
+    those names, ``offload:qkv,mlp_hidden`` moves them to pinned host memory for the
+    backward, ``save:qkv;offload:mlp_hidden`` does both; everything else is recomputed."""
     if name is None:
         return None
-    if name.startswith("save:"):
-        names = [n for n in name[5:].split(",") if n]
-        return jax.checkpoint_policies.save_only_these_names(*names)
-    if name not in REMAT_POLICIES:
-        raise ValueError(f"remat policy {name!r} is unknown; choose one of "
-                         f"{sorted(REMAT_POLICIES)} or 'save:<name>,<name>'")
-    return REMAT_POLICIES[name]
+    named = remat_names(name)
+    if not named:
+        return REMAT_POLICIES[name]
+    if "offload" not in named:
+        return jax.checkpoint_policies.save_only_these_names(*named["save"])
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=list(named.get("save", ())),
+        names_which_can_be_offloaded=list(named["offload"]),
+        offload_src="device", offload_dst="pinned_host")
 
 
 class Llama(nn.Module):
