@@ -6,6 +6,8 @@ here; whole-model losses and gradients against the model's own logits path
 (``next_token_loss`` of ``model.apply``); the profiler's train-step memory is
 compiled on abstract shapes.
 """
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -177,6 +179,10 @@ def test_quantized_head_falls_back_to_logits_with_a_warning(tokens):
     ref = logits_loss(quant_head)(quant_head.params, tokens)
     with pytest.warns(UserWarning, match="quantized"):
         got = jax.jit(ml.nn.model_loss(quant_head, impl="chunked"))(quant_head.params, tokens)
+    chex.assert_trees_all_close(got, ref)
+    with warnings.catch_warnings():      # auto with small logits: the logits path, silently
+        warnings.simplefilter("error")
+        got = jax.jit(loss_fn(quant_head))(quant_head.params, tokens)
     chex.assert_trees_all_close(got, ref)
     # A float head over quantized layers: hidden_only passes through the pass's wrapper.
     float_head = ml.passes.quantize(ml.quant.int8(), rules={r"lm_head": None})(tiny)

@@ -53,7 +53,7 @@ import optax
 from memlab_kernels import cut_cross_entropy as _cce
 
 __all__ = ["LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES", "REDUCTIONS", "choose_cross_entropy",
-           "cross_entropy", "model_loss", "use_cross_entropy"]
+           "cross_entropy", "head_weight", "model_loss", "use_cross_entropy"]
 
 LOSS_IMPLS = ("auto", "naive", "chunked", "pallas_triton", "pallas_tpu", "pallas_interpret")
 REDUCTIONS = ("mean", "sum", "none")
@@ -239,13 +239,15 @@ def model_loss(model, *, impl: Optional[str] = None, chunk: int = 1024,
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
         chosen = _DEFAULT.get() if impl is None else impl
         w, tied, why = head_weight(model, params)
-        if chosen == "auto" and why is None:
-            n = inputs.shape[0] * inputs.shape[1]
-            chosen, _ = choose_cross_entropy(n, w.shape[0 if tied else 1])
+        vocab = getattr(getattr(getattr(model, "module", None), "config", None), "vocab_size", None)
+        if chosen == "auto":
+            # Not a memlab Llama: nothing else is possible, so no warning either.
+            chosen = "naive" if vocab is None else \
+                choose_cross_entropy(inputs.shape[0] * inputs.shape[1], vocab)[0]
         if why is not None or chosen == "naive":
             if why is not None and chosen != "naive":
                 warnings.warn(f"memlab.nn.model_loss: {why}; computing the loss from the "
-                              "model's [B, T, V] logits instead of cut cross-entropy.",
+                              f"model's [B, T, V] logits instead of impl={chosen!r}.",
                               stacklevel=2)
             logits = model.apply(params, inputs)
             return optax.softmax_cross_entropy_with_integer_labels(
