@@ -272,14 +272,34 @@ def lr_schedule(config: TrainConfig) -> optax.Schedule:
                                 [config.warmup])
 
 
-def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-    """Clip (optional), then the registry optimizer driven by :func:`lr_schedule`."""
+def make_optimizer(config: TrainConfig, params: Any = None) -> optax.GradientTransformation:
+    """Clip (optional), then the registry optimizer driven by :func:`lr_schedule`.
+
+    The schedule is passed as ``learning_rate=``.  An optimizer that needs a number
+    there (its update fails on a callable: checked with ``jax.eval_shape`` over
+    ``params`` when given) runs at ``learning_rate=1`` followed by
+    ``optax.scale_by_schedule``, the same update for any optimizer whose step is
+    proportional to its learning rate.
+    """
     from memlab import optim
-    inner = optim.get(config.optimizer, learning_rate=lr_schedule(config),
-                      **dict(config.optimizer_kwargs))
-    if config.clip_norm is None:
-        return inner
-    return optax.chain(optax.clip_by_global_norm(float(config.clip_norm)), inner)
+    kw = dict(config.optimizer_kwargs)
+    schedule = lr_schedule(config)
+
+    def clipped(inner):
+        if config.clip_norm is None:
+            return inner
+        return optax.chain(optax.clip_by_global_norm(float(config.clip_norm)), inner)
+
+    try:
+        tx = clipped(optim.get(config.optimizer, learning_rate=schedule, **kw))
+        if params is not None:
+            abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                              params)
+            jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), abstract)
+        return tx
+    except TypeError:
+        return clipped(optax.chain(optim.get(config.optimizer, learning_rate=1.0, **kw),
+                                   optax.scale_by_schedule(schedule)))
 
 
 def compute_model(model: Model, precision: str) -> Model:
@@ -441,8 +461,8 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
         _pos_int("stop_at", stop_at, where="train")
     end = config.steps if stop_at is None else min(int(stop_at), config.steps)
     factory = _as_factory(batches, model, config)
-    tx = make_optimizer(config)
     trainable, frozen = split_trainable(model)
+    tx = make_optimizer(config, trainable)
     if not jax.tree_util.tree_leaves(trainable):
         raise ValueError("train: the model has no trainable float params (its `trainable` "
                          "patterns match nothing)")

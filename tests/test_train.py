@@ -126,17 +126,43 @@ def test_loss_decreases_and_logs(straight):
                                res.grad_norms, rtol=1e-6)
 
 
-def test_params_and_opt_state_cover_the_trainable_tree_only(model, stream):
-    """With a trainable pattern, frozen params are untouched and have no optimizer state."""
+HEAD_CFG = dataclasses.replace(CFG, steps=3, warmup=1, optimizer="sgd", lr=0.5)
+
+
+@pytest.fixture(scope="module")
+def head_sgd(model, stream):
+    """SGD on the output head only (the model's trainable patterns)."""
     m = model.with_extras(trainable=(r"lm_head",))
-    res = train(m, dataclasses.replace(CFG, steps=2, warmup=0, optimizer="sgd"), stream,
-                progress=False)
+    return m, train(m, HEAD_CFG, stream, progress=False)
+
+
+def test_params_and_opt_state_cover_the_trainable_tree_only(model, head_sgd):
+    """With a trainable pattern, frozen params are untouched and have no optimizer state."""
+    _, res = head_sgd
     flat = jax.tree_util.tree_flatten_with_path(res.params)[0]
     assert [ml.path_str(p) for p, _ in flat] == ["lm_head/kernel"]
     moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), res.model.params,
                                    model.params)
     assert moved["lm_head"]["kernel"] and not moved["embed"]["embedding"]
     assert not any(jax.tree_util.tree_leaves(moved["layers"]))
+
+
+def test_optimizer_that_needs_a_float_learning_rate_gets_the_schedule(stream, head_sgd,
+                                                                      monkeypatch):
+    """An optimizer whose update computes ``-learning_rate * g`` (fails on a callable) runs
+    at lr 1 then scaled by the schedule: bitwise the same as SGD driven by the schedule."""
+    def float_lr_sgd(learning_rate=0.1):
+        def update(g, state, params=None):
+            return jax.tree_util.tree_map(lambda x: -learning_rate * x, g), state
+        return optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+
+    monkeypatch.setitem(ml.optim.OPTIMIZERS._items, "float_lr_sgd", float_lr_sgd)
+    m, ref = head_sgd
+    res = train(m, dataclasses.replace(HEAD_CFG, optimizer="float_lr_sgd"), stream,
+                progress=False)
+    np.testing.assert_array_equal(res.lrs, ref.lrs)
+    assert len(set(res.lrs.tolist())) == 3  # warmup then cosine: the schedule is not constant
+    chex.assert_trees_all_equal(res.params, ref.params)
 
 
 def test_qlora_trains_and_checkpoints_the_adapters_only(model, stream, straight, tmp_path):
