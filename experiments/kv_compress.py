@@ -42,8 +42,9 @@ flags.DEFINE_list("policies", [], "Subset of policy names to run (default: all).
 flags.DEFINE_string("out", "results/kv_compress.json", "Output JSON.")
 
 
-def policies(budget: int) -> dict:
-    """Name -> policy string (parsed by ml.kv.parse), in table order."""
+def policies(budget: int, room: int) -> dict:
+    """Name -> policy string (parsed by ml.kv.parse), in table order.  ``room``: decode tokens
+    reserved after the kept prompt by the compositions (eviction + storage)."""
     out = {
         "dense-f32": "dense",
         "dense-bf16": "dense:dtype=bfloat16",
@@ -62,6 +63,11 @@ def policies(budget: int) -> dict:
         f"h2o-{budget}": f"h2o:budget={budget}",
         f"snapkv-{budget}": f"snapkv:budget={budget}",
         f"pyramidkv-{budget}": f"pyramidkv:budget={budget}",
+        "minicache-s15-r0": "minicache:start=15,retain=0.0",
+        "minicache-s15-r0.05": "minicache:start=15,retain=0.05",
+        "minicache-s15-r0.2": "minicache:start=15,retain=0.2",
+        f"snapkv-{budget}+kivi2": f"snapkv:budget={budget}+kivi:bits=2,scale_dtype=bfloat16+room={room}",
+        f"snapkv-{budget}+kivi4": f"snapkv:budget={budget}+kivi:bits=4,scale_dtype=bfloat16+room={room}",
     }
     if FLAGS.policies:
         out = {k: v for k, v in out.items() if k in FLAGS.policies or v.split(":")[0] in FLAGS.policies}
@@ -157,7 +163,7 @@ def main(_):
     model = ml.models.load("smollm2-135m")
     tokens = data.tokenize(data.load_corpus("austen"), "test", model.tokenizer)
     budget = int(FLAGS.budget_frac * FLAGS.window)
-    table = policies(budget)
+    table = policies(budget, FLAGS.window - FLAGS.prefix)
     out = {"settings": {"window": FLAGS.window, "prefix": FLAGS.prefix, "windows": FLAGS.windows,
                         "budget": budget, "passkey_len": FLAGS.passkey_len,
                         "passkey_depths": FLAGS.passkey_depths,
@@ -167,7 +173,8 @@ def main(_):
         windows = data.eval_windows(tokens, FLAGS.window, max_windows=FLAGS.windows)
         out["perplexity"] = run_ppl(model, windows, table)
     if FLAGS.part in ("all", "passkey"):      # budgets relative to the passkey prompt
-        out["passkey"] = run_passkey(model, tokens, policies(int(FLAGS.budget_frac * FLAGS.passkey_len)))
+        out["passkey"] = run_passkey(model, tokens, policies(int(FLAGS.budget_frac * FLAGS.passkey_len),
+                                                             FLAGS.window - FLAGS.prefix))
     if FLAGS.part in ("all", "paged"):
         out["paged"] = run_paged(model)
     out = merge_previous(FLAGS.out, out)
