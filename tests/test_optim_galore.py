@@ -24,7 +24,8 @@ def _grads(key, params):
     leaves, treedef = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(key, len(leaves))
     return jax.tree_util.tree_unflatten(
-        treedef, [jax.random.normal(k, x.shape) * (1 + i) for i, (k, x) in enumerate(zip(keys, leaves))])
+        treedef, [jax.random.normal(k, x.shape) * (1 + i)
+                  for i, (k, x) in enumerate(zip(keys, leaves))])
 
 
 def _inner(state):

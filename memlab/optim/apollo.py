@@ -112,7 +112,8 @@ def _apollo_core(learning_rate, rank, default_rank, update_proj_gap, scale, scal
 
     def update(updates, state, params=None):
         if weight_decay and params is None:
-            raise ValueError(f"{where}: weight_decay needs params; call update(grads, state, params)")
+            raise ValueError(f"{where}: weight_decay needs params; "
+                             f"call update(grads, state, params)")
         plan = plan_of(updates)
         grads = updates
         leaves, treedef = jax.tree_util.tree_flatten(grads)
@@ -197,9 +198,9 @@ def apollo(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_
     """
     check_rank(rank, "apollo")
     _check(learning_rate, update_proj_gap, scale, scale_type, limiter, include, exclude, "apollo")
-    return with_state_dtype(_apollo_core(learning_rate, rank, DEFAULT_RANK, update_proj_gap, float(scale),
-                                         scale_type, b1, b2, eps, weight_decay, limiter, seed,
-                                         include, exclude, "apollo"), state_dtype)
+    return with_state_dtype(_apollo_core(learning_rate, rank, DEFAULT_RANK, update_proj_gap,
+                                         float(scale), scale_type, b1, b2, eps, weight_decay,
+                                         limiter, seed, include, exclude, "apollo"), state_dtype)
 
 
 @register("apollo_mini", state_bytes=apollo_mini_state_bytes)

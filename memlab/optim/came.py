@@ -10,7 +10,8 @@ of matrices, as under ``nn.scan``), with ``G`` its gradient:
 * ``U = G / sqrt(v)``, clipped: ``U ← U / max(1, RMS(U) / d)`` (RMS per matrix);
 * first moment ``m ← β1 m + (1-β1) U``;
 * instability ``I = (U - m)² + ε2``, factored the same way with ``β3``:
-  ``R ← β3 R + (1-β3) mean_n(I)``, ``C ← β3 C + (1-β3) mean_m(I)``, ``S = R Cᵀ / mean(R)``;
+  ``R ← β3 R + (1-β3) mean_n(I)``, ``C ← β3 C + (1-β3) mean_m(I)``,
+  ``S = R Cᵀ / mean(R)``;
 * update ``-lr (m / sqrt(S) + wd W)``.
 
 Parameters that are not factored (fewer than two axes, or a path not matching

@@ -198,7 +198,7 @@ def _resolve_base(base, learning_rate, base_kwargs=None) -> optax.GradientTransf
             accepts_wd = "weight_decay" in inspect.signature(factory).parameters
         except (TypeError, ValueError):
             accepts_wd = False
-        if accepts_wd:  # weight decay is applied by GaLore at full size, never in the projected space
+        if accepts_wd:  # GaLore applies weight decay at full size, never in the projected space
             kwargs.setdefault("weight_decay", 0.0)
         return factory(learning_rate=learning_rate, **kwargs)
     if isinstance(base, optax.GradientTransformation) or (
