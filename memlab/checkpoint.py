@@ -103,7 +103,8 @@ def incompatibilities(saved: dict, current: dict) -> list[str]:
 
 def config_changes(saved: dict, current: dict) -> list[str]:
     """Config fields whose values differ (they change the trajectory, not compatibility)."""
-    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current))
+    keys = sorted(set(saved) | set(current))
+    return [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys
             if saved.get(k) != current.get(k)]
 
 
@@ -173,7 +174,8 @@ class Checkpointer:
             raise CheckpointError(f"no finalized checkpoint for step {step} in {self.directory}; "
                                   f"finalized steps: {self.steps()}")
         try:
-            meta = self._mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            meta = self._mgr.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # noqa: BLE001 -- any failure here means unreadable data
             raise self._unreadable(step, e) from e
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -191,7 +193,8 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit this run:\n  - "
                 + "\n  - ".join(problems)
-                + "\nResume with the same model, trainable set and optimizer, or use a new ckpt_dir.")
+                + "\nResume with the same model, trainable set and optimizer, "
+                "or use a new ckpt_dir.")
         return meta
 
     def restore(self, step: int, like: Any, current_signature: Optional[dict] = None):

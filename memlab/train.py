@@ -142,7 +142,8 @@ class TrainConfig:
         if not isinstance(self.lr, (int, float)) or not self.lr > 0 or not math.isfinite(self.lr):
             raise ValueError(f"TrainConfig: lr must be a positive float, got {self.lr!r}")
         if not 0 <= self.end_lr_ratio <= 1:
-            raise ValueError(f"TrainConfig: end_lr_ratio must be in [0, 1], got {self.end_lr_ratio!r}")
+            raise ValueError(f"TrainConfig: end_lr_ratio must be in [0, 1], "
+                             f"got {self.end_lr_ratio!r}")
         if self.clip_norm is not None and not (isinstance(self.clip_norm, (int, float))
                                                and self.clip_norm > 0):
             raise ValueError(f"TrainConfig: clip_norm must be a positive float or None, "
@@ -214,7 +215,8 @@ def token_batches(tokens: np.ndarray, batch: int, seq: int, seed: int = 0) -> Ba
 
 
 def random_batches(vocab: int, batch: int, seq: int, seed: int = 0) -> BatchFactory:
-    """Factory of uniform random tokens in ``[0, vocab)``; batch ``s`` from ``default_rng([seed, s])``."""
+    """Factory of uniform random tokens in ``[0, vocab)``; batch ``s`` comes from
+    ``default_rng([seed, s])``."""
     def at(step: int) -> np.ndarray:
         return np.random.default_rng([seed, step]).integers(0, vocab, (batch, seq + 1),
                                                              dtype=np.int32)
@@ -241,7 +243,8 @@ def _as_factory(batches, model: Model, config: TrainConfig) -> BatchFactory:
     if callable(batches):
         return batches
     raise TypeError(f"train: batches must be None, a 1-D token array or a factory "
-                    f"start_step -> iterator of [batch, seq+1] arrays, got {type(batches).__name__}")
+                    f"start_step -> iterator of [batch, seq+1] arrays, "
+                    f"got {type(batches).__name__}")
 
 
 def _check_batch(x, config: TrainConfig, step: int) -> np.ndarray:
@@ -446,9 +449,8 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
     ``[batch, seq+1]`` int arrays whose batches depend on the step only.  ``stop_at``
     ends this call after that global step (a checkpoint is written there) while the
     schedule still spans ``config.steps``: a staged run resumes to the same result as
-    an uninterrupted one.  ``callbacks``
-    get every logged record (a dict with step, loss, lr, grad_norm, skipped, time) after
-    that step's checkpoint was started.
+    an uninterrupted one.  ``callbacks`` get every logged record (a dict with step, loss,
+    lr, grad_norm, skipped, time) after that step's checkpoint was started.
     """
     if not isinstance(model, Model):
         raise TypeError(f"train: model must be a memlab.Model, got {type(model).__name__}")
@@ -462,10 +464,10 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
     end = config.steps if stop_at is None else min(int(stop_at), config.steps)
     factory = _as_factory(batches, model, config)
     trainable, frozen = split_trainable(model)
-    tx = make_optimizer(config, trainable)
     if not jax.tree_util.tree_leaves(trainable):
         raise ValueError("train: the model has no trainable float params (its `trainable` "
                          "patterns match nothing)")
+    tx = make_optimizer(config, trainable)
     # Fresh buffers: the step donates them, the caller's model keeps its own.
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)
     opt_state = jax.jit(tx.init)(trainable)

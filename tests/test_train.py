@@ -278,7 +278,8 @@ def test_nan_stop_raises_naming_the_step_after_the_last_good_checkpoint(model, s
 
 
 @pytest.mark.parametrize("change, message", [
-    ("shapes", r"param 'layers/mlp/\w+_proj/kernel': checkpoint has shape \(2, (64, 128|128, 64)\)"),
+    ("shapes", r"param 'layers/mlp/\w+_proj/kernel': checkpoint has shape "
+               r"\(2, (64, 128|128, 64)\)"),
     ("optimizer", r"optimizer: checkpoint was trained with 'adamw', this run uses 'sgd'"),
     ("trainable", r"trainable set differs: \d+ param\(s\) train in one and are frozen"),
 ])
