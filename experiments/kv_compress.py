@@ -68,6 +68,8 @@ def policies(budget: int, room: int) -> dict:
         "minicache-s15-r0.2": "minicache:start=15,retain=0.2",
         f"snapkv-{budget}+kivi2": f"snapkv:budget={budget}+kivi:bits=2,scale_dtype=bfloat16+room={room}",
         f"snapkv-{budget}+kivi4": f"snapkv:budget={budget}+kivi:bits=4,scale_dtype=bfloat16+room={room}",
+        f"snapkv-{budget}+kivi2-r32": (f"snapkv:budget={budget}+kivi:bits=2,scale_dtype=bfloat16,"
+                                       f"residual=32+room={room}"),
     }
     if FLAGS.policies:
         out = {k: v for k, v in out.items() if k in FLAGS.policies or v.split(":")[0] in FLAGS.policies}
