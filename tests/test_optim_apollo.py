@@ -29,6 +29,9 @@ def _grads(key, params, mult=1.0):
         treedef, [mult * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
 
 
+_projections = jax.jit(random_projections, static_argnums=2)
+
+
 def _np_apollo(params, grads_seq, tx_state0, rank, scale, channel):
     """Float64 APOLLO over the same projections; returns the updates of every step."""
     plan = matrix_plan(params, rank, 256, "kernel", "embed|lm_head", "test")
@@ -40,7 +43,7 @@ def _np_apollo(params, grads_seq, tx_state0, rank, scale, channel):
     for step, grads in enumerate(grads_seq):
         t = step + 1
         upd = []
-        projections = random_projections(key, step // GAP, plan)
+        projections = _projections(key, step // GAP, plan)
         for i, (g, lf) in enumerate(zip(jax.tree_util.tree_leaves(grads), plan)):
             g = np.asarray(g, np.float64)
             if not lf.projected:
@@ -233,13 +236,8 @@ def test_minimizes_least_squares(name):
     assert float(final) < 0.01 * float(losses[0])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return ml.models.init("tiny", jax.random.key(11))
-
-
 @pytest.mark.parametrize("name", ["apollo", "apollo_mini"])
-def test_trains_tiny_llama_and_profile_matches(tiny, name):
+def test_trains_tiny_llama_and_profile_matches(tiny, name):  # conftest's session tiny Llama
     losses = _train_tiny_and_profile(tiny, name)
     print(f"tiny Llama, {name}:", [round(x, 3) for x in losses])
 

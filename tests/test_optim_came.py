@@ -163,8 +163,8 @@ def test_minimizes_small_mlp_regression():
     assert float(final) < 0.2 * float(losses[0])
 
 
-def test_trains_tiny_llama_and_profile_matches():
-    losses = _train_tiny_and_profile(ml.models.init("tiny", jax.random.key(8)), "came")
+def test_trains_tiny_llama_and_profile_matches(tiny):   # conftest's session-scoped tiny Llama
+    losses = _train_tiny_and_profile(tiny, "came")
     print("tiny Llama, came:", [round(x, 3) for x in losses])
 
 

@@ -231,12 +231,7 @@ def test_minimizes_least_squares():
     assert float(final) < 0.05 * float(losses[0])
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return ml.models.init("tiny", jax.random.key(12))
-
-
-def test_trains_tiny_llama_and_profile_matches(tiny):
+def test_trains_tiny_llama_and_profile_matches(tiny):  # conftest's session-scoped tiny Llama
     losses = _train_tiny_and_profile(tiny, "galore")
     print("tiny Llama, galore:", [round(x, 3) for x in losses])
 
