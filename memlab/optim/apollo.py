@@ -33,7 +33,7 @@ import optax
 from memlab.optim import register
 from memlab.optim.adamw import with_state_dtype
 from memlab.optim.galore import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MatrixLeaf, _check_common,
-                                 _compile, check_rank, matrix_plan, skip_nonfinite,
+                                 _compile, _increment, check_rank, matrix_plan, skip_nonfinite,
                                  warn_if_nothing_projected)
 
 SCALE_TYPES = ("channel", "tensor")
@@ -118,7 +118,7 @@ def _apollo_core(learning_rate, rank, default_rank, update_proj_gap, scale, scal
         grads = updates
         leaves, treedef = jax.tree_util.tree_flatten(grads)
         wleaves = jax.tree_util.tree_leaves(params) if params is not None else [None] * len(leaves)
-        t = optax.safe_int32_increment(state.count)
+        t = _increment(state.count)
         bc1 = 1 - b1 ** t.astype(jnp.float32)
         bc2 = 1 - b2 ** t.astype(jnp.float32)
         projections = random_projections(state.key, state.count // update_proj_gap, plan)

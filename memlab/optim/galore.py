@@ -41,6 +41,8 @@ from memlab.optim import register
 from memlab.optim.adamw import with_state_dtype
 
 DEFAULT_INCLUDE = r"kernel"
+# int32 step count that saturates instead of wrapping (newer optax names it safe_increment)
+_increment = getattr(optax, "safe_increment", None) or optax.safe_int32_increment
 DEFAULT_EXCLUDE = r"embed|lm_head"
 
 
@@ -294,7 +296,7 @@ def _galore_core(learning_rate, rank, update_proj_gap, scale, inner, weight_deca
         if weight_decay:
             out = [u - learning_rate * weight_decay * w
                    for u, w in zip(out, jax.tree_util.tree_leaves(params))]
-        new_state = GaLoreState(optax.safe_int32_increment(state.count), projectors, base_state)
+        new_state = GaLoreState(_increment(state.count), projectors, base_state)
         return jax.tree_util.tree_unflatten(treedef, out), new_state
 
     return optax.GradientTransformation(init, skip_nonfinite(update))
