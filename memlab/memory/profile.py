@@ -164,9 +164,16 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
     if task == "train":
         from memlab import optim
         tx = optim.get(optimizer) if isinstance(optimizer, str) else optimizer
+        offload = dict(model.extra("offload") or ())  # ml.passes.offload
+        if offload.get("optimizer_state"):  # the optimizer state in host memory
+            from memlab.offload import host_optimizer
+            tx = host_optimizer(tx, offload["memory_kind"])
         from memlab.model import merge_trainable, split_trainable
         trainable, frozen = split_trainable(abstract_model, params)  # LoRA: adapters only
         opt_state = jax.eval_shape(tx.init, trainable)
+        if offload.get("optimizer_state"):  # eval_shape drops the placement
+            from memlab.offload import place
+            opt_state = place(opt_state, offload["memory_kind"])
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
         compiled, secs = _compile(train_step_fn(abstract_model, tx), (params, opt_state, tokens),
                                   donate=(0, 1))
@@ -175,6 +182,7 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         analytic = est.over_trainable(analytic, opt_name)
         cats = {"params": tree_bytes(params), "gradients": tree_bytes(grads),
                 "optimizer_state": tree_bytes(opt_state), "inputs": tree_bytes(tokens)}
+        cats.update(_host_bytes(params=params, optimizer_state=opt_state))
     else:
         apply = abstract_model.apply
         if task == "prefill":
@@ -191,8 +199,21 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         compiled, secs = _compile(step, (params, tokens, cache), donate=(2,))
         cats = {"params": tree_bytes(params), "kv_cache": tree_bytes(cache),
                 "inputs": tree_bytes(tokens)}
+        cats.update(_host_bytes(params=params))
     return _report(compiled, name or getattr(spec, "name", "model"), task, batch, seq, cats,
                    {k: analytic.get(k) for k in cats}, secs, device)
+
+
+def _host_bytes(**trees) -> dict:
+    """``{"<name>_host": bytes}`` of the leaves placed in a host memory kind (ml.passes.offload),
+    for the trees that have any."""
+    out = {}
+    for name, tree in trees.items():
+        host = [x for x in jax.tree_util.tree_leaves(tree)
+                if "host" in (getattr(getattr(x, "sharding", None), "memory_kind", None) or "")]
+        if host:
+            out[f"{name}_host"] = tree_bytes(host)
+    return out
 
 
 def _report(compiled, name, task, batch, seq, cats, analytic, secs, device) -> MemoryReport:

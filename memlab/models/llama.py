@@ -335,6 +335,7 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     remat: Optional[str] = None
+    stream: Optional[tuple] = None  # (k, p): layer streaming from host memory (memlab.offload)
 
     @nn.compact
     def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False,
@@ -372,7 +373,16 @@ class Llama(nn.Module):
             block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers)
-        (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths, n_new)
+        if self.stream is not None and not self.is_initializing() \
+                and not self.is_mutable_collection("intermediates"):
+            from memlab.offload import stream_layers  # the offload pass: weights in host memory
+
+            def layer_fn(lp, carry):
+                return block(c, parent=None).apply({"params": lp}, carry, positions, lengths, n_new)[0]
+            x, kv, _ = stream_layers(layer_fn, self.variables["params"]["layers"],
+                                     (x, kv, jnp.int32(0)), c.n_layers, *self.stream)
+        else:
+            (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths, n_new)
         x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
         if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
             x = x[:, -1:]
