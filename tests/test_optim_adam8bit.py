@@ -47,8 +47,15 @@ def _adamw_f64(params, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
     return p
 
 
-def _run(tx, params, grads):
-    update = jax.jit(tx.update)
+@pytest.fixture(scope="module")
+def opt():
+    """The optimizer most tests use, with its jitted update (compiled once per module)."""
+    tx = optim.get("adamw8bit", learning_rate=1e-2, weight_decay=1e-2)
+    return tx, jax.jit(tx.update)
+
+
+def _run(tx, params, grads, update=None):
+    update = update or jax.jit(tx.update)
     state = tx.init(params)
     p = params
     for g in grads:
@@ -93,7 +100,7 @@ def test_nearest_code_matches_float64_argmin_within_half_gap(code):
     lo = -1.0 if code.min() < 0 else 0.0
     x = rng.uniform(lo, 1.0, 20_001)
     x[:50] = rng.choice(code, 50)  # exact codes decode exactly
-    idx = np.asarray(bw.nearest_code(jnp.asarray(x, jnp.float32), code))
+    idx = np.asarray(jax.jit(lambda x: bw.nearest_code(x, code))(jnp.asarray(x, jnp.float32)))
     deq = code.astype(np.float64)[idx]
     best = np.min(np.abs(code.astype(np.float64)[None, :] - x[:, None]), axis=1)
     err = np.abs(deq - x)
@@ -108,9 +115,10 @@ def test_blockwise_roundtrip_error_bounded_by_block_absmax_times_half_gap():
     x = rng.standard_normal(shape) * np.exp(rng.uniform(-4, 4, shape))
     codec = bw.BlockwiseCodec(SIGNED_MAP, block, 8)
     k = codec.n_units(shape)
-    state = codec.encode(jnp.asarray(x, jnp.float32).reshape(-1), k)
+    state = jax.jit(codec.encode, static_argnums=1)(jnp.asarray(x, jnp.float32).reshape(-1), k)
     assert state.codes.shape == (k, block) and state.codes.dtype == jnp.uint8
-    back = np.asarray(codec.decode(state, k), np.float64)[:x.size].reshape(shape)
+    back = np.asarray(jax.jit(codec.decode, static_argnums=1)(state, k), np.float64)
+    back = back[:x.size].reshape(shape)
     flat = np.pad(x.reshape(-1), (0, k * block - x.size)).reshape(k, block)
     absmax = np.abs(flat).max(axis=1)
     np.testing.assert_allclose(np.asarray(state.absmax), absmax, rtol=1e-6)
@@ -173,15 +181,14 @@ def test_1024_square_is_a_quarter_of_fp32_adam_plus_one_absmax_per_block():
 
 # --- optimization ----------------------------------------------------------------------
 
-def test_tracks_float64_adamw_within_quantization_error():
+def test_tracks_float64_adamw_within_quantization_error(opt):
     """20 steps at lr 1e-2.  Each step requantizes m and v; the dynamic map rounds an
     element within the top decade of its block (|x| >= absmax/10) to <= 7% of itself
     (half the 0.014 gap over 0.1), unbiased, and Adam's decay averages those errors
     over steps: measured ~1.8% of the displacement, ~1e-3 of the params.  Bounds leave
     ~2.5x headroom; a wrong map, scale or bias correction gives errors of order 1."""
     params, grads = _params(0), _grads(1, 20)
-    tx = optim.get("adamw8bit", learning_rate=1e-2, weight_decay=1e-2)
-    p, state = _run(tx, params, grads)
+    p, state = _run(opt[0], params, grads, opt[1])
     ref = _adamw_f64(params, grads, 1e-2, wd=1e-2)
     for k in ("w", "v"):
         err = np.linalg.norm(np.asarray(p[k], np.float64) - ref[k])
@@ -219,10 +226,9 @@ def test_chunked_loop_matches_single_pass():
             assert np.mean(np.asarray(a) != np.asarray(b)) < 1e-3
 
 
-def test_non_finite_gradient_skips_step_and_keeps_state_bit_exact():
+def test_non_finite_gradient_skips_step_and_keeps_state_bit_exact(opt):
     params, grads = _params(6), _grads(7, 3)
-    tx = optim.get("adamw8bit", learning_rate=1e-2)
-    update = jax.jit(tx.update)
+    tx, update = opt
     state = tx.init(params)
     u, state = update(grads[0], state, params)
     for bad in (np.nan, np.inf):

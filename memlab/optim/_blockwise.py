@@ -73,16 +73,24 @@ def max_gap(code: np.ndarray) -> float:
 
 
 def nearest_code(x: jax.Array, code: np.ndarray) -> jax.Array:
-    """Index (uint8) of the code nearest to each element of ``x`` (ties to the lower code)."""
+    """Index (uint8) of the code nearest to each element of ``x`` (ties to the lower code).
+
+    The index is the count of code midpoints below ``x``: counted by comparison against
+    every 16th midpoint (one fused compare-and-sum), then refined by a 4-step binary
+    search inside that group of 16 (elementwise, so XLA fuses it with its producer).
+    """
     c = np.asarray(code, np.float32)
-    if c.size & (c.size - 1) or c.size > 256:
-        raise ValueError(f"nearest_code: the code map needs a power-of-two size <= 256, got {c.size}")
-    mids = jnp.asarray((c[1:] + c[:-1]) / 2)
-    # Branchless binary search (lower bound: count of midpoints < x), unrolled so that
-    # XLA fuses it elementwise with its producer instead of looping over whole arrays.
-    step = c.size // 2
-    idx = jnp.where(mids[step - 1] < x, step, 0).astype(jnp.int32)  # first level: a scalar
-    step //= 2
+    if c.size & (c.size - 1) or not 2 <= c.size <= 256:
+        raise ValueError(f"nearest_code: the code map needs a power-of-two size in [2, 256], "
+                         f"got {c.size}")
+    mids = (c[1:] + c[:-1]) / 2
+    if c.size <= 16:
+        return jnp.sum(x[..., None] > jnp.asarray(mids), axis=-1, dtype=jnp.int32).astype(jnp.uint8)
+    group = 16
+    idx = group * jnp.sum(x[..., None] > jnp.asarray(mids[group - 1::group]), axis=-1,
+                          dtype=jnp.int32)
+    mids = jnp.asarray(mids)
+    step = group // 2
     while step:
         idx = jnp.where(jnp.take(mids, idx + step - 1) < x, idx + step, idx)
         step //= 2
