@@ -39,6 +39,9 @@ class MemoryReport:
     compile_seconds: float
     device: str
     gpu_peak_bytes: Optional[int] = None
+    # sharded models (ml.passes.shard): by_category and analytic are per device (XLA's
+    # memory_analysis is per device too); the whole-model bytes are kept here
+    global_by_category: Optional[dict] = None
 
     @property
     def peak_bytes(self) -> int:
@@ -60,7 +63,8 @@ class MemoryReport:
                  f"{self.device} · compiled in {self.compile_seconds:.1f}s",
                  f"{'XLA memory_analysis':<{w}} {'bytes':>14}"]
         lines += [f"  {k:<{w - 2}} {fmt_bytes(v):>14}" for k, v in rows]
-        lines.append(f"{'category':<{w}} {'exact':>14} {'analytic':>14} {'match':>6}")
+        per = " (per device)" if self.global_by_category is not None else ""
+        lines.append(f"{'category' + per:<{w}} {'exact':>14} {'analytic':>14} {'match':>6}")
         for cat, exact in self.by_category.items():
             ana = self.analytic.get(cat)
             ok = "—" if ana is None else ("yes" if ana == exact else f"{(exact - ana) / max(ana, 1):+.1%}")
@@ -175,6 +179,10 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
             from memlab.offload import place
             opt_state = place(opt_state, offload["memory_kind"])
         tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+        shard = model.extra("shard")  # ml.passes.shard: shard the state and batch like params
+        if shard is not None:
+            opt_state = shard.put_state(opt_state, trainable)
+            tokens = shard.put_batch(tokens)
         compiled, secs = _compile(train_step_fn(abstract_model, tx), (params, opt_state, tokens),
                                   donate=(0, 1))
         grads = jax.eval_shape(jax.grad(lambda t, f, x: loss_fn(abstract_model)(
@@ -183,6 +191,11 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         cats = {"params": tree_bytes(params), "gradients": tree_bytes(grads),
                 "optimizer_state": tree_bytes(opt_state), "inputs": tree_bytes(tokens)}
         cats.update(_host_bytes(params=params, optimizer_state=opt_state))
+        if shard is not None:
+            per_device = {"params": shard.param_bytes(params),
+                          "gradients": shard.param_bytes(grads),
+                          "optimizer_state": shard.state_bytes(opt_state, trainable),
+                          "inputs": shard.batch_bytes(tokens)}
     else:
         apply = abstract_model.apply
         if task == "prefill":
@@ -200,8 +213,14 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         cats = {"params": tree_bytes(params), "kv_cache": tree_bytes(cache),
                 "inputs": tree_bytes(tokens)}
         cats.update(_host_bytes(params=params))
-    return _report(compiled, name or getattr(spec, "name", "model"), task, batch, seq, cats,
-                   {k: analytic.get(k) for k in cats}, secs, device)
+        shard = model.extra("shard")
+        if shard is not None:  # the cache and tokens stay unsharded (replicated) here
+            per_device = dict(cats, params=shard.param_bytes(params))
+    report = _report(compiled, name or getattr(spec, "name", "model"), task, batch, seq, cats,
+                     {k: analytic.get(k) for k in cats}, secs, device)
+    if model.extra("shard") is not None:
+        report.global_by_category, report.by_category = cats, per_device
+    return report
 
 
 def _host_bytes(**trees) -> dict:

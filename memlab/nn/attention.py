@@ -50,6 +50,19 @@ DECODE_IMPLS = ("auto", "pallas_triton", "pallas_tpu", "interpret", "xla")
 NAIVE_MAX_SCORE_BYTES = 64 * 2**20
 
 _DEFAULT = contextvars.ContextVar("memlab_attention_impl", default="auto")
+# A function that replaces every attention() call while set (ring attention under the
+# shard pass: memlab.nn.ring_attention.use_ring_attention).
+_HOOK = contextvars.ContextVar("memlab_attention_hook", default=None)
+
+
+@contextlib.contextmanager
+def attention_hook(fn):
+    """Run the enclosed traces with ``fn(q, k, v, scale=, **mask)`` in place of attention()."""
+    token = _HOOK.set(fn)
+    try:
+        yield
+    finally:
+        _HOOK.reset(token)
 
 
 @contextlib.contextmanager
@@ -116,6 +129,9 @@ def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, se
     _check_impl(impl, IMPLS)
     mask = dict(causal=causal, window=window, segment_ids=segment_ids, q_positions=q_positions,
                 kv_positions=kv_positions)
+    hook = _HOOK.get()
+    if hook is not None:
+        return hook(q, k, v, scale=scale, **mask)
     if impl == "auto":
         impl, _ = choose(q, k, v, **mask)
     if impl == "naive":

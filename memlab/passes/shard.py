@@ -1,0 +1,129 @@
+"""The shard pass: params onto a device mesh by rules, activations constrained.
+
+    mesh = ml.shard.mesh((4, 2), ("data", "model"))
+    model = ml.passes.shard(mesh, ml.shard.fsdp_tp("data", "model"))(model)
+
+ZeRO-3 / FSDP (Rajbhandari et al. 2020), Megatron tensor parallelism (Shoeybi
+et al. 2019) and sequence parallelism with ring attention (Li et al. 2021; Liu
+et al. 2023) on JAX's own engine: each parameter gets a ``NamedSharding`` from
+:func:`memlab.shard.param_spec` (column-parallel q/k/v/gate/up/lm_head,
+row-parallel o/down, vocab-parallel embedding, FSDP on the largest divisible
+axis, never the stacked layer axis of ``nn.scan`` params), the model's apply is
+wrapped so params, the token batch and the output carry
+``with_sharding_constraint`` (batch over the data axes, sequence over the
+context axis), and with a context axis attention runs as ring attention
+(:mod:`memlab.nn.ring_attention`).  GSPMD inserts the collectives, so results
+equal the unsharded model's.
+
+Gradients follow the params' shardings; optimizer states (optax's, memlab's
+8-bit and 4-bit block states) are sharded with ``model.extra("shard").put_state``.
+The estimate gives **per-device** bytes: params, gradients and optimizer state
+divided leaf by leaf as the specs say (small replicated leaves counted whole),
+inputs divided over the batch axes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+
+from memlab import shard as sh
+from memlab.model import Model, Pass
+from memlab.passes import PASSES
+
+
+def _check_heads(spec, mesh, strategy) -> None:
+    """Tensor parallelism splits attention heads: the axis must divide both head counts."""
+    if strategy.tensor is None or not hasattr(spec, "n_kv_heads"):
+        return
+    n = mesh.shape[strategy.tensor]
+    for f in ("n_heads", "n_kv_heads"):
+        h = getattr(spec, f)
+        if h % n:
+            raise ValueError(
+                f"shard: {f}={h} is not divisible by the tensor-parallel mesh axis "
+                f"{strategy.tensor!r} of size {n} (Megatron splits whole heads); the nearest "
+                f"feasible {strategy.tensor!r} size is {sh._feasible([h], n)}")
+
+
+def _constrain_tree(tree, specs, mesh):
+    flat_s = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, sh.P))
+    flat_x, treedef = jax.tree_util.tree_flatten(tree)
+    return treedef.unflatten([jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s))
+                              for x, s in zip(flat_x, flat_s)])
+
+
+def _wrapper(sharded: sh.Sharded):
+    mesh, strategy = sharded.mesh, sharded.strategy
+
+    def wrap(apply):
+        def wrapped(params, tokens, *args, **kwargs):
+            params = _constrain_tree(params, sharded.param_specs(params), mesh)
+            training = kwargs.get("cache", args[0] if args else None) is None
+            spec = sharded.batch_spec(tokens.shape, seq_axis=training)
+            tokens = jax.lax.with_sharding_constraint(tokens, NamedSharding(mesh, spec))
+            if strategy.context is not None and training:
+                from memlab.nn.ring_attention import use_ring_attention
+                with use_ring_attention(mesh, strategy.context, strategy.batch):
+                    out = apply(params, tokens, *args, **kwargs)
+            else:
+                out = apply(params, tokens, *args, **kwargs)
+            if isinstance(out, jax.Array) and out.shape[:2] == tokens.shape[:2]:
+                out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+            return out
+        wrapped.__name__ = "shard_constraints"
+        return wrapped
+    return wrap
+
+
+def _scaled(value: int, exact_global: int, exact_device: int) -> int:
+    """Per-device bytes: exact when the category is what the shapes say, else scaled."""
+    if value == exact_global:
+        return exact_device
+    return int(round(value * exact_device / max(exact_global, 1)))
+
+
+@PASSES.register("shard")
+def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
+    """Shard a model's params over ``mesh`` by ``strategy`` (``memlab.shard.dp/fsdp/tp/
+    fsdp_tp/sp``).  ``optimizer`` names the optimizer the estimate divides the state of."""
+    sh.check_strategy(mesh, strategy)
+    sharded = sh.Sharded(mesh, strategy)
+
+    def transform(model: Model, calib) -> Model:
+        _check_heads(model.spec, mesh, strategy)
+        params = sharded.put_params(model.params)  # raises on a mesh that does not divide
+        out = model.replace(params=params)
+        wrap = _wrapper(sharded)
+        return out.wrap(wrap).with_extras(shard=sharded)
+
+    def estimate(current, spec, workload):
+        shapes_fn = getattr(spec, "param_shapes", None)
+        if shapes_fn is None:
+            return current
+        from memlab.memory.bytes import tree_bytes
+        from memlab.model import Model as _M, split_trainable
+        shapes = shapes_fn()
+        out = dict(current)
+        g_params, d_params = tree_bytes(shapes), sharded.param_bytes(shapes)
+        if "params" in out:
+            out["params"] = _scaled(out["params"], g_params, d_params)
+        trainable, _ = split_trainable(_M(params=shapes, fn=lambda p: p), shapes)
+        if "gradients" in out:
+            out["gradients"] = _scaled(out["gradients"], tree_bytes(trainable),
+                                       sharded.param_bytes(trainable))
+        if "optimizer_state" in out and optimizer is not None:
+            from memlab import optim
+            state = jax.eval_shape(optim.get(optimizer).init, trainable)
+            out["optimizer_state"] = _scaled(out["optimizer_state"], tree_bytes(state),
+                                             sharded.state_bytes(state, trainable))
+        if "inputs" in out and strategy.batch:
+            n = math.prod(mesh.shape[a] for a in strategy.batch)
+            if workload.batch % n == 0:
+                out["inputs"] = out["inputs"] // n
+        return out
+
+    return Pass(f"shard({strategy.name}, {dict(mesh.shape)})", transform, estimate)
