@@ -369,21 +369,13 @@ def _put_units(tree, piece, start):
 
 
 def _chunk_units(n_units: int, max_units: int) -> int:
-    """Units per chunk: the largest divisor of ``n_units`` up to ``max_units`` (so the
-    loop has no remainder), unless that is under a quarter of ``max_units``."""
-    best = max(d for d in range(1, min(n_units, max_units) + 1) if n_units % d == 0) \
-        if n_units <= 1 << 20 else _large_divisor(n_units, max_units)
-    return best if 4 * best >= min(n_units, max_units) else max_units
-
-
-def _large_divisor(n: int, cap: int) -> int:
-    divs = set()
-    d = 1
-    while d * d <= n:
-        if n % d == 0:
-            divs.update((d, n // d))
-        d += 1
-    return max(x for x in divs if x <= cap)
+    """Units per chunk: the largest divisor of ``n_units`` up to ``max_units`` (the loop
+    then has no remainder), or ``max_units`` when that divisor is under a quarter of it
+    (a remainder chunk follows the loop)."""
+    cap = min(n_units, max_units)
+    best = max(d for k in range(1, math.isqrt(n_units) + 1) if n_units % k == 0
+               for d in (k, n_units // k) if d <= cap)
+    return best if 4 * best >= cap else cap
 
 
 def _quantized_leaf(step, finite, mu_c, nu_c, shape, g, mu_s, nu_s, p, chunk_size):
@@ -515,7 +507,8 @@ def quantized_adam(select: Select, learning_rate: float | optax.Schedule, b1: fl
 
 def float_rules_select(rules: Sequence[re.Pattern], min_size: int, state_dtype: str,
                        quantized: Callable[[tuple], tuple]) -> Select:
-    """``select`` keeping float state for small tensors and rule matches, else ``quantized(shape)``."""
+    """``select`` keeping float state for small tensors and rule matches, else
+    ``quantized(shape)``."""
     fp = FloatCodec(state_dtype)
 
     def select(name: str, shape: tuple):

@@ -72,6 +72,7 @@ def adam8bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: 
 
 @register("adamw8bit", state_bytes=adam8bit_state_bytes)
 def adamw8bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
-              eps: float = 1e-8, weight_decay: float = 1e-2, **kwargs) -> optax.GradientTransformation:
+              eps: float = 1e-8, weight_decay: float = 1e-2,
+              **kwargs) -> optax.GradientTransformation:
     """:func:`adam8bit` with AdamW's default decoupled ``weight_decay=1e-2``."""
     return adam8bit(learning_rate, b1, b2, eps, weight_decay, **kwargs)
