@@ -8,12 +8,12 @@ nibble packing, and the quantized-Adam core shared by ``adam8bit`` and ``adam4bi
   the 4-bit dynamic-exponent map for the first moment, the linear map without zero
   and rank-1 (row/column max) normalization for the second moment.
 
-A moment of one tensor is stored by a *codec* (a frozen dataclass): ``init(shape)``
-gives zero state, ``encode(x)`` quantizes a float32 tensor, ``decode(state, shape)``
-dequantizes it, and ``nbytes(shape)`` is the exact byte count of that state
-(``memlab.memory.bytes.tree_bytes``), so optimizer state bytes are known from shapes
-alone.  Quantization rounds to the nearest code: ``searchsorted`` on the midpoints of
-the sorted code map.
+A moment of one tensor is stored by a *codec* (a frozen dataclass, see the Codecs
+section): ``init(shape)`` gives zero state, ``encode``/``decode`` convert between a
+flat float32 piece and its quantized state, and ``nbytes(shape)`` is the exact byte
+count of that state (``memlab.memory.bytes.tree_bytes``), so optimizer state bytes
+are known from shapes alone.  Quantization rounds to the nearest code (the count of
+code midpoints below the value).
 """
 from __future__ import annotations
 
@@ -385,7 +385,7 @@ def _quantized_leaf(step, finite, mu_c, nu_c, shape, g, mu_s, nu_s, p, chunk_siz
     n = math.prod(shape)
     um, uv = mu_c.unit(shape), nu_c.unit(shape)
     unit = math.lcm(um, uv)
-    n_units, partial = divmod(n, unit)
+    n_units = n // unit  # whole units; a partial (padded) last block goes to the tail
 
     def piece(gf, pf, e0, length, mu_s, nu_s):
         km, kv = -(-length // um), -(-length // uv)
