@@ -125,7 +125,10 @@ def schedule(n_layers: int, k: int, p: int) -> tuple:
 # Placement
 # ---------------------------------------------------------------------------
 def _sharding(kind: str):
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=kind)
+    # a NamedSharding (not SingleDeviceSharding): only it gives a ShapeDtypeStruct's aval its
+    # memory space, so abstract params trace as host arrays like concrete ones
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("offload",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(), memory_kind=kind)
 
 
 def place(tree, kind: str):

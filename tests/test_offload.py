@@ -18,6 +18,7 @@ import pytest
 import memlab as ml
 import memlab.offload as off
 from memlab.memory import tree_bytes
+from memlab.memory.bytes import abstractify
 from memlab.memory.estimate import bytes_by_category
 from memlab.memory.profile import loss_fn
 from memlab.model import Workload
@@ -41,7 +42,7 @@ _forward = jax.jit(lambda m, t: m(t))
 def _entry_params(compiled_text):
     """The entry computation's parameter layouts, e.g. ``f32[5,64,32]{2,1,0:S(5)}``."""
     layout = re.search(r"entry_computation_layout=\{(.*?)\}(?:, \w+=|\n)", compiled_text).group(1)
-    return re.findall(r"\w+\[[\d,]*\]\{[^}]*\}", layout.split(")->(")[0])
+    return re.findall(r"\w+\[[\d,]*\]\{[^}]*\}", layout.split(")->")[0])
 
 
 def _np(tree):
@@ -117,12 +118,17 @@ def test_gradients_bit_identical_and_layer_grads_in_host_memory(model, train_tok
     chex.assert_trees_all_equal(_np(g1), _np(g0))
     assert off.memory_kinds_of(g1["layers"]) == {"pinned_host"}
     assert off.memory_kinds_of(g1["embed"]) == {"device"}
+    # compiled from abstract shapes (as the profiler does) the layer gradients are outputs in
+    # host memory space S(5) too
+    step = jax.jit(lambda prm: vg(prm, streamed))
+    out_layout = re.search(r"entry_computation_layout=\{(.*?)\}(?:, \w+=|\n)", step.lower(
+        abstractify(streamed.params)).compile().as_text()).group(1).split(")->")[1]
+    n_leaves = len(jax.tree_util.tree_leaves(model.params["layers"]))
+    assert out_layout.count(":S(5)") == n_leaves
     # the backward fetches each block from host again and sends its gradients to host
-    text = jax.jit(lambda prm: vg(prm, streamed)).trace(streamed.params).lower(
-        lowering_platforms=("cuda",)).as_text()
+    text = step.trace(streamed.params).lower(lowering_platforms=("cuda",)).as_text()
     moves = off.transfers(text)
     steps, rest = off.schedule(N_LAYERS, k, p)
-    n_leaves = len(jax.tree_util.tree_leaves(model.params["layers"]))
     to_host = [s[0] for w, s, _ in moves if w == "pinned_host" and len(s) >= 2]
     assert sorted(to_host) == sorted([k] * n_leaves + ([rest] * n_leaves if rest else []))
 
