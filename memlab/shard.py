@@ -33,6 +33,7 @@ from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from memlab.model import path_str
@@ -376,6 +377,9 @@ def put(tree, specs, mesh: Mesh):
         sh = NamedSharding(mesh, s)
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+        if not sh.is_fully_addressable:  # multi-host: every process holds the same value
+            host = np.asarray(x)
+            return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
         return jax.device_put(x, sh)
     flat_s, _ = jax.tree_util.tree_flatten(specs, is_leaf=lambda s: isinstance(s, P))
     flat_x, treedef = jax.tree_util.tree_flatten(tree)

@@ -4,6 +4,10 @@ import os
 import jax
 import pytest
 
+# 8 simulated CPU devices for the sharding tests (tests/test_shard.py); must be set before
+# JAX initializes its backend.  Unsharded code still runs on device 0.
+jax.config.update("jax_num_cpu_devices", 8)
+
 import memlab as ml  # noqa: F401  (sets the CPU memory-optimized scheduler flag first)
 
 _CACHE = os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")
