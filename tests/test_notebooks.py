@@ -9,7 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.endswith(".ipynb"))
 # what each notebook must print, so a silently broken cell cannot pass
 EXPECT = {"tour.ipynb": ["Paris", "kv_cache"], "quantize.ipynb": ["4.127", "Paris", "llm.int8()"],
-          "kv_cache.ipynb": ["B/token", "Paris", "paged waste", "decoded tokens"]}
+          "kv_cache.ipynb": ["B/token", "Paris", "paged waste", "decoded tokens"],
+          "training_memory.ipynb": ["resume bit-exact: True True", "exact==analytic True",
+                                    "cuts activation temp", "x less"]}
 
 
 @pytest.mark.slow
