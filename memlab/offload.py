@@ -50,7 +50,16 @@ Limits (jax 0.10.2):
 * ``device`` counts the live weights; the concatenation of the window with a
   fetched block is a transient copy of up to ``k + p`` layers that XLA may or
   may not elide.
-* Single device only (the placement uses ``jax.devices()[0]``).
+* Single device only: the placement is a one-device ``NamedSharding`` with a
+  host ``memory_kind`` (a ``SingleDeviceSharding`` would not give abstract
+  ``ShapeDtypeStruct`` params a host memory space when traced, and their
+  gradients would come back on the device).
+* Float models: logits, KV-cache prefill/decode and gradients are bit-identical
+  to the resident model (tested).  Quantized layers (``QArray`` leaves): logits
+  bit-identical, gradients of their float leaves equal to float rounding (a
+  per-layer scale's gradient is summed in another order, ~2e-7 relative).
+  The backward re-enters the Flax method interceptors active at the forward
+  (quantized ``nn.Dense`` dispatch) by reading Flax's interceptor stack.
 """
 from __future__ import annotations
 
@@ -228,13 +237,14 @@ def _float_leaf(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _trainable(layer_fn, n_layers, k, p):
-    """``f(host_float, host_other, x)``: the streamed stack with a streaming backward."""
+def _trainable(layer_fn, treedef, is_float, n_layers, k, p):
+    """``f(float_leaves, other_leaves, x)``: the streamed stack with a streaming backward
+    (only the float leaves of the layers get gradients; codes of quantized weights do not)."""
     steps, rest = schedule(n_layers, k, p)
 
     def merge(fl, other):
-        return jax.tree_util.tree_map(lambda a, b: b if a is None else a, fl, other,
-                                      is_leaf=lambda v: v is None)
+        fl, other = iter(fl), iter(other)
+        return treedef.unflatten([next(fl) if f else next(other) for f in is_float])
 
     def carry_of(x, layer):
         return (x, None, jnp.asarray(layer, jnp.int32))
@@ -275,11 +285,30 @@ def _trainable(layer_fn, n_layers, k, p):
         d_fl = d_main if d_tail is None else jax.tree_util.tree_map(
             lambda a, b: jnp.concatenate([a, b], 0), d_main, d_tail)
         d_fl = jax.tree_util.tree_map(_like, d_fl, fl)  # the primal's memory space
-        d_other = jax.tree_util.tree_map(lambda a: None, other)
-        return d_fl, d_other, ct
+        return d_fl, tuple(None for _ in other), ct
 
     f.defvjp(fwd, bwd)
     return f
+
+
+def _keep_interceptors(fn):
+    """``fn`` run under the Flax method interceptors active now (a quantized model's
+    ``nn.Dense`` dispatch): the custom_vjp backward is traced after the forward's
+    ``intercept_methods`` contexts have exited.  Reads Flax's interceptor stack."""
+    import contextlib
+
+    import flax.linen as nn
+    from flax.linen import module as flax_module
+    stack = list(getattr(flax_module, "_global_interceptor_stack", ()))[::-1]  # outermost first
+
+    def wrapped(*args):
+        if not stack or len(flax_module._global_interceptor_stack):
+            return fn(*args)          # the forward: the interceptors are still installed
+        with contextlib.ExitStack() as ctx:
+            for interceptor in stack:
+                ctx.enter_context(nn.intercept_methods(interceptor))
+            return fn(*args)
+    return wrapped
 
 
 def stream_layers(layer_fn: Callable, host_layers, carry, n_layers: int, k: int, p: int):
@@ -292,10 +321,11 @@ def stream_layers(layer_fn: Callable, host_layers, carry, n_layers: int, k: int,
     if carry[1] is not None:
         return _forward(layer_fn, host_layers, carry, n_layers, k, p)[0]
     leaves, treedef = jax.tree_util.tree_flatten(host_layers)
-    fl = treedef.unflatten([a if _float_leaf(a) else None for a in leaves])
-    other = treedef.unflatten([None if _float_leaf(a) else a for a in leaves])
+    is_float = tuple(_float_leaf(a) for a in leaves)
+    fl = tuple(a for a, f in zip(leaves, is_float) if f)
+    other = tuple(a for a, f in zip(leaves, is_float) if not f)
     x, _, layer = carry
-    out = _trainable(layer_fn, n_layers, k, p)(fl, other, x)
+    out = _trainable(_keep_interceptors(layer_fn), treedef, is_float, n_layers, k, p)(fl, other, x)
     return out, None, layer + n_layers
 
 
