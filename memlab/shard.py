@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +98,8 @@ class Strategy:
             v = getattr(self, f)
             if v is not None and not isinstance(v, str):
                 raise TypeError(f"Strategy.{f} must be a mesh axis name or None, got {v!r}")
-        if isinstance(self.min_size, bool) or not isinstance(self.min_size, int) or self.min_size < 0:
+        m = self.min_size
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(f"Strategy.min_size must be a non-negative int, got {self.min_size!r}")
         used = list(self.fsdp) + [a for a in (self.tensor,) if a]
         if len(set(used)) != len(used):
@@ -265,7 +266,8 @@ def _storage_spec(path: str, x, logical: tuple, lspec: P, mesh: Mesh, strategy: 
         if shape and shape[-1] == logical[-1] and shape[-1] % _size(mesh, lspec[-1]) == 0:
             spec[-1] = lspec[-1]
     used = {a for s in spec if s is not None for a in _axes(s)}
-    if strategy.fsdp and not used.intersection(strategy.fsdp) and math.prod(shape) >= strategy.min_size:
+    if (strategy.fsdp and not used.intersection(strategy.fsdp)
+            and math.prod(shape) >= strategy.min_size):
         rest = Strategy("storage", fsdp=strategy.fsdp, min_size=strategy.min_size,
                         stacked=strategy.stacked)
         extra = tuple(param_spec(path, shape, mesh, rest, strict=False))
@@ -422,7 +424,8 @@ def batch_spec(mesh: Mesh, strategy: Strategy, shape: Sequence[int], what: str =
         if shape[1] % n:
             raise ValueError(f"shard: {what} length {shape[1]} is not divisible by the context "
                              f"axis {strategy.context!r} of size {n}; use a sequence length "
-                             f"that is a multiple of {n} (nearest: {n * max(1, round(shape[1] / n))})")
+                             f"that is a multiple of {n} "
+                             f"(nearest: {n * max(1, round(shape[1] / n))})")
         spec[1] = strategy.context
     while spec and spec[-1] is None:
         spec.pop()

@@ -46,7 +46,8 @@ def test_two_process_sharded_train_step_equals_single_process(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(
         [HERE, os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
     env.pop("XLA_FLAGS", None)  # memlab sets its own; no forced device count in the children
-    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(HERE), ".cache", "jax"))
+    env.setdefault("JAX_COMPILATION_CACHE_DIR",
+                   os.path.join(os.path.dirname(HERE), ".cache", "jax"))
     outs = [tmp_path / f"proc{i}.json" for i in range(2)]
     logs = [open(tmp_path / f"proc{i}.log", "w+") for i in range(2)]
     procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "_distributed_worker.py"),

@@ -216,7 +216,10 @@ def test_ring_attention_gradients_and_explicit_positions():
 
 def test_sequence_parallel_model_equals_unsharded(base, tokens):
     mesh = ml.shard.mesh((2, 4), ("data", "context"))
-    model = ml.passes.shard(mesh, ml.shard.sp("context", data="data"))(base)
+    # batch over 'data', sequence over 'context', params ZeRO-3 over both (8-way)
+    model = ml.passes.shard(mesh, ml.shard.sp("context", data="data", fsdp=True))(base)
+    q = model.params["layers"]["attn"]["q_proj"]["kernel"]
+    assert math.prod(q.sharding.shard_shape(q.shape)) * 8 == q.size
     loss = loss_fn
     ref = jax.jit(jax.value_and_grad(loss(base)))(base.params, tokens)
     out = jax.jit(jax.value_and_grad(loss(model)))(model.params, tokens)
@@ -236,7 +239,8 @@ def test_bad_meshes_and_strategies_raise_clear_errors(base, mesh42):
                                          r"'data',\) of size 8.*nearest feasible size is 6"):
         ml.passes.shard(ml.shard.mesh((8,), ("data",)), ml.shard.fsdp("data"))(odd)
     with pytest.raises(ValueError, match=r"'layers/mlp/down_proj/kernel. has dimension 90.*"
-                                         r"'model' of size 4.*nearest feasible 'model' size is 3 or 5"):
+                                         r"'model' of size 4.*nearest feasible 'model' size "
+                                         r"is 3 or 5"):
         ml.passes.shard(ml.shard.mesh((2, 4), ("data", "model")),
                         ml.shard.tp("model"))(ml.models.abstract(CFG, d_model=60, d_ff=90))
     with pytest.raises(ValueError, match=r"n_heads=4 is not divisible .*'model' of size 8"):
@@ -262,3 +266,16 @@ def test_specs_follow_megatron_and_fsdp_rules(mesh42):
     expect = sum(array_bytes(x) // (8 if x.size >= 1024 else 1)
                  for x in jax.tree_util.tree_leaves(shapes))
     assert by_device == expect
+
+
+def test_sharded_decode_profile_and_logits(base, mesh42, tokens):
+    model = ml.passes.shard(mesh42, ml.shard.fsdp_tp("data", "model"))(base)
+    rep = ml.memory.profile(model, "decode", batch=4, seq=32)
+    specs = ml.shard.param_specs(base.params, mesh42, model.extra("shard").strategy)
+    assert rep.by_category["params"] == rep.analytic["params"] == \
+        ml.shard.per_device_bytes(base.params, specs, mesh42) < tree_bytes(base.params) / 7
+    assert rep.by_category["inputs"] == 4 * 4 // 4  # [4, 1] int32 tokens over 'data' (4)
+    assert rep.global_by_category["params"] == tree_bytes(base.params)
+    assert "per device" in rep.table()
+    out = jax.jit(lambda m, t: m(t))(model, tokens[:4, :-1])
+    chex.assert_trees_all_close(out, base(tokens[:4, :-1]), rtol=1e-5, atol=1e-5)

@@ -169,9 +169,9 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         from memlab import optim
         tx = optim.get(optimizer) if isinstance(optimizer, str) else optimizer
         offload = dict(model.extra("offload") or ())  # ml.passes.offload
-        if offload.get("optimizer_state"):  # the optimizer state in host memory
+        if offload:  # layers in host memory; the state there too with optimizer_state=True
             from memlab.offload import host_optimizer
-            tx = host_optimizer(tx, offload["memory_kind"])
+            tx = host_optimizer(tx, offload["memory_kind"] if offload["optimizer_state"] else "device")
         from memlab.model import merge_trainable, split_trainable
         trainable, frozen = split_trainable(abstract_model, params)  # LoRA: adapters only
         opt_state = jax.eval_shape(tx.init, trainable)
@@ -204,6 +204,8 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         else:
             tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
             cache = _kv_cache(model, batch, seq, seq - 1)
+        if model.extra("shard") is not None:
+            tokens = model.extra("shard").put_batch(tokens)
 
         def step(params, tokens, cache):
             logits, cache = apply(params, tokens, cache=cache, last_only=True)
@@ -214,8 +216,9 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
                 "inputs": tree_bytes(tokens)}
         cats.update(_host_bytes(params=params))
         shard = model.extra("shard")
-        if shard is not None:  # the cache and tokens stay unsharded (replicated) here
-            per_device = dict(cats, params=shard.param_bytes(params))
+        if shard is not None:  # tokens split over the batch axes; the cache is not sharded
+            per_device = dict(cats, params=shard.param_bytes(params),
+                              inputs=shard.batch_bytes(tokens))
     report = _report(compiled, name or getattr(spec, "name", "model"), task, batch, seq, cats,
                      {k: analytic.get(k) for k in cats}, secs, device)
     if model.extra("shard") is not None:

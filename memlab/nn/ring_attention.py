@@ -37,7 +37,8 @@ PAD_POSITION = int(np.iinfo(np.int32).max)  # keys here are never attended
 
 def _check(q, k, v, mesh, axis, window, segment_ids):
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"ring_attention: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+        raise TypeError(f"ring_attention: mesh must be a jax.sharding.Mesh, got "
+                        f"{type(mesh).__name__}")
     if axis not in mesh.axis_names:
         raise ValueError(f"ring_attention: axis={axis!r} is not a mesh axis; the mesh has "
                          f"{tuple(mesh.axis_names)}")
@@ -45,7 +46,8 @@ def _check(q, k, v, mesh, axis, window, segment_ids):
         raise ValueError(f"ring_attention: q, k, v must be [batch, seq, heads, head_dim]; got "
                          f"{q.shape}, {k.shape}, {v.shape}")
     if k.shape[:3] != v.shape[:3] or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"ring_attention: shapes do not agree: q {q.shape}, k {k.shape}, v {v.shape}")
+        raise ValueError(f"ring_attention: shapes do not agree: q {q.shape}, k {k.shape}, "
+                         f"v {v.shape}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"ring_attention: {q.shape[2]} query heads are not a multiple of "
                          f"{k.shape[2]} KV heads (grouped-query attention)")
@@ -124,7 +126,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str, causal: bool = False,
     qq, kk, vv = _pad_to(q, n, 1, 0), _pad_to(k, n, 1, 0), _pad_to(v, n, 1, 0)
     batch_axes = tuple(batch_axes)
     nb = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
-    bax = None if not batch_axes or b % nb else (batch_axes[0] if len(batch_axes) == 1 else batch_axes)
+    bax = None if not batch_axes or b % nb else (
+        batch_axes[0] if len(batch_axes) == 1 else batch_axes)
     xs, ps = P(bax, axis), P(bax, axis)
     fn = jax.shard_map(functools.partial(_ring_local, axis=axis, n=n, causal=causal, scale=scale),
                        mesh=mesh, in_specs=(xs, xs, xs, ps, ps), out_specs=xs, check_vma=False)

@@ -27,7 +27,6 @@ import math
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import NamedSharding
 
 from memlab import shard as sh
