@@ -167,6 +167,13 @@ def check_strategy(mesh: Mesh, strategy: Strategy) -> None:
     if not isinstance(strategy, Strategy):
         raise TypeError(f"shard: strategy must be a memlab.shard.Strategy (ml.shard.dp(), "
                         f"fsdp(), tp(), fsdp_tp(), sp()), got {type(strategy).__name__}")
+    from jax.sharding import AxisType
+    types = getattr(mesh, "axis_types", None) or ()
+    if any(t != AxisType.Auto for t in types):
+        raise ValueError(f"shard: the mesh has axis types {tuple(types)}; the shard pass is "
+                         "GSPMD code and needs AxisType.Auto axes: build the mesh with "
+                         "ml.shard.mesh(shape, names) or jax.make_mesh(..., "
+                         "axis_types=(AxisType.Auto,) * n)")
     missing = [a for a in strategy.axes if a not in mesh.axis_names]
     if missing:
         raise ValueError(f"shard: strategy {strategy.name} uses mesh axis {missing[0]!r} but the "

@@ -232,6 +232,9 @@ def test_sequence_parallel_model_equals_unsharded(base, tokens):
 def test_bad_meshes_and_strategies_raise_clear_errors(base, mesh42):
     with pytest.raises(ValueError, match=r"uses mesh axis 'model'.*\('data',\)"):
         ml.passes.shard(ml.shard.mesh((8,), ("data",)), ml.shard.tp("model"))
+    explicit = jax.make_mesh((8,), ("data",))  # jax's default: Explicit axes
+    with pytest.raises(ValueError, match=r"needs AxisType.Auto axes.*ml.shard.mesh"):
+        ml.passes.shard(explicit, ml.shard.fsdp("data"))
     with pytest.raises(TypeError, match="strategy must be a memlab.shard.Strategy"):
         ml.passes.shard(mesh42, "fsdp")
     odd = ml.models.abstract(CFG, d_model=60, d_ff=90, vocab_size=250)
