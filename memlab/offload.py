@@ -76,6 +76,7 @@ __all__ = ["StreamConfig", "check_stream", "host_memory_kinds", "place", "param_
            "stream_layers", "schedule", "transfers", "memory_kinds_of", "host_optimizer"]
 
 LAYERS = "layers"  # the params key of the scanned decoder layers
+_TRACER = getattr(jax.core, "Tracer", None) or jax._src.core.Tracer
 
 
 def host_memory_kinds(device=None) -> list:
@@ -346,15 +347,19 @@ def transfers(lowered_text: str) -> list:
 # Optimizer state in host memory
 # ---------------------------------------------------------------------------
 def host_optimizer(tx, memory_kind: str = "pinned_host", compute: str = "host"):
-    """``tx`` with its state kept in host memory (ZeRO-Offload style).
+    """``tx`` for params that live partly in host memory, with its state in ``memory_kind``.
 
-    ``init`` places the state in ``memory_kind`` (``S(5)`` arguments and outputs of a
-    compiled step).  ``compute="host"`` runs ``tx.update`` on the host
-    (``compute_on("device_host")``: gradients and params go to host, updates come back;
-    the state never reaches the device, results equal the device update to float
-    rounding, ~1e-10).  ``compute="device"`` moves the state to the device, updates it
-    there and moves it back (bit-identical to the resident optimizer, but the whole state
-    may be on the device during the update)."""
+    ``memory_kind="pinned_host"`` (ZeRO-Offload style): ``init`` places the state in host
+    memory (``S(5)`` arguments and outputs of a compiled step).  ``compute="host"`` runs
+    ``tx.update`` on the host (``compute_on("device_host")``; gradients and params go to
+    host, the state never reaches the device; results equal the device update to float
+    rounding, ~1e-10); ``compute="device"`` moves the state to the device, updates there
+    and moves it back (bit-identical to the resident optimizer, but the whole state may be
+    on the device during the update).  ``memory_kind="device"``: the state on the device
+    and the update there (host gradients are moved over).
+
+    Either way the updates come back in each param's memory space, so
+    ``optax.apply_updates`` adds host updates to host params."""
     import optax
     from jax.experimental.compute_on import compute_on
 
@@ -362,18 +367,26 @@ def host_optimizer(tx, memory_kind: str = "pinned_host", compute: str = "host"):
         raise ValueError(f"host_optimizer: compute={compute!r} must be 'host' (update on the "
                          "host, compute_on('device_host')) or 'device' (move the state over)")
     tmap = jax.tree_util.tree_map
+    on_device = compute == "device" or memory_kind == "device"
 
     def init(params):
-        return place(tx.init(params), memory_kind)
+        leaves = jax.tree_util.tree_leaves(params)
+        if not all(isinstance(x, jax.Array) and not isinstance(x, _TRACER) for x in leaves):
+            return place(tx.init(params), memory_kind)      # traced (jit, eval_shape)
+        # eager zeros_like of a host array fails in jax 0.10: build the state in one program
+        return jax.jit(tx.init, out_shardings=_sharding(memory_kind))(params)
 
     def update(grads, state, params=None):
-        if compute == "device":
+        like = grads if params is None else params
+        if on_device:
             updates, new = tx.update(tmap(_to_device, grads), tmap(_to_device, state),
                                      None if params is None else tmap(_to_device, params))
-            return updates, tmap(_to_host, new)
-        with compute_on("device_host"):
-            updates, new = jax.jit(tx.update)(
-                tmap(_to_host, grads), tmap(_to_host, state), None if params is None else tmap(_to_host, params))
-        return tmap(_to_device, updates), tmap(_to_host, new)
+        else:
+            with compute_on("device_host"):
+                updates, new = jax.jit(tx.update)(
+                    tmap(_to_host, grads), tmap(_to_host, state),
+                    None if params is None else tmap(_to_host, params))
+        new = new if memory_kind == "device" else tmap(_to_host, new)
+        return tmap(_like, updates, like), new
 
     return optax.GradientTransformation(init, update)

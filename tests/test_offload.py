@@ -224,6 +224,30 @@ def test_profile_reports_host_bytes(model):
     assert r.by_category["params"] == tree_bytes(model.params)
 
 
+def test_train_step_equals_resident_and_profile_reports_host_state(model, train_tokens):
+    """One AdamW step through memlab's train step: the streamed model (state on the device,
+    host gradients moved over, updates back to host) gives the resident step's new params bit
+    for bit, keeping the layers in host memory; the profile of the optimizer-offloaded model
+    counts params and optimizer state in host memory exactly as the estimate says."""
+    from memlab.memory.profile import train_step_fn
+    tx = optax.adamw(1e-2)
+    streamed = ml.passes.offload(2, 1)(model)
+    stx = ml.passes.offload.optimizer(streamed, tx)
+    new0, _, loss0 = jax.jit(train_step_fn(model, tx))(model.params, tx.init(model.params),
+                                                       train_tokens)
+    new1, state1, loss1 = jax.jit(train_step_fn(streamed, stx))(
+        streamed.params, stx.init(streamed.params), train_tokens)
+    assert float(loss0) == float(loss1)
+    chex.assert_trees_all_equal(_np(new1), _np(new0))
+    assert off.memory_kinds_of(new1["layers"]) == {"pinned_host"}
+    assert off.memory_kinds_of(state1) == {"device"}
+    r = ml.memory.profile(ml.passes.offload(1, 1, optimizer_state=True)(model), task="train",
+                          batch=2, seq=9)
+    for cat in ("params_host", "optimizer_state_host"):
+        assert r.by_category[cat] == r.analytic[cat]
+    assert r.by_category["optimizer_state_host"] == r.by_category["optimizer_state"]
+
+
 def test_optimizer_state_in_host_memory(model):
     """host_optimizer: state in pinned_host, arguments S(5) in the compiled step; the device
     mode is bit-identical to plain AdamW, the host mode (compute_on) equal to rounding."""
@@ -251,8 +275,8 @@ def test_optimizer_state_in_host_memory(model):
                 chex.assert_trees_all_equal(_np(u), _np(want))
             else:
                 chex.assert_trees_all_close(_np(u), _np(want), rtol=1e-5, atol=1e-9)
-    # without optimizer_state=True the transformation is returned unchanged
-    assert ml.passes.offload.optimizer(ml.passes.offload(1, 1)(model), tx) is tx
+    # a model without the pass keeps the transformation as it is
+    assert ml.passes.offload.optimizer(model, tx) is tx
 
 
 def test_bad_input(model, monkeypatch):

@@ -50,12 +50,17 @@ def _layer_bytes(spec) -> tuple:
 
 
 def optimizer(model: Model, tx, compute: str = "host"):
-    """``tx`` for ``model``: with its state in host memory when the model went through
-    ``offload(optimizer_state=True)``, else ``tx`` unchanged."""
+    """``tx`` for ``model``: unchanged for a model without the offload pass; else
+    :func:`memlab.offload.host_optimizer` with the state in host memory
+    (``offload(optimizer_state=True)``) or on the device, and the updates returned in
+    each param's memory space (host for the streamed layers)."""
     cfg = model.extra("offload")
-    if cfg is None or not dict(cfg)["optimizer_state"]:
+    if cfg is None:
         return tx
-    return host_optimizer(tx, dict(cfg)["memory_kind"], compute=compute)
+    cfg = dict(cfg)
+    if not cfg["optimizer_state"]:
+        return host_optimizer(tx, "device")
+    return host_optimizer(tx, cfg["memory_kind"], compute=compute)
 
 
 @PASSES.register("offload")
