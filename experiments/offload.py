@@ -1,6 +1,6 @@
 """Layer streaming (Superpipeline / PIPELOAD): device bytes vs k, unchanged outputs.
 
-    python experiments/offload.py                    # ~2-3 min on a 2-core CPU
+    python experiments/offload.py                    # ~1.5 min on a 2-core CPU
     python experiments/offload.py --smol_k=1,2,3,5,10,15,30 --compile_7b=1:1,4:4,8:0
 
 Two parts, written to results/offload.json:
@@ -13,7 +13,8 @@ Two parts, written to results/offload.json:
   lowered for CUDA (the bytes of one scan step's fetched block plus the prefetch
   window, from the ``annotate_device_placement`` transfers).
 * **SmolLM2-135M** (real weights): logits of the streamed model vs the resident one on a
-  real prompt for every k in ``--smol_k`` (max |diff| must be 0), and its device bytes.
+  real prompt for every k in ``--smol_k`` (max |diff| must be 0), its device bytes, and
+  the loss gradient of ``--smol_grad`` against the resident gradient.
 
 Time overhead is not measured: on CPU host and device are the same memory and the
 in-jit transfers lower to nothing, so streaming costs no time here (and saves no
@@ -41,6 +42,8 @@ flags.DEFINE_string("train_7b", "1:1", "k:p of a llama2-7b loss+gradient program
 flags.DEFINE_integer("seq_7b", 128, "Prefill tokens for the compiled llama2-7b programs.")
 flags.DEFINE_list("smol_k", ["1", "2", "5", "15", "30"], "layers_on_device for SmolLM2-135M.")
 flags.DEFINE_integer("smol_p", 1, "prefetch for SmolLM2-135M (clipped to 30 - k).")
+flags.DEFINE_string("smol_grad", "2:1", "k:p of a SmolLM2 loss gradient compared with the "
+                    "resident one ('' to skip).")
 flags.DEFINE_string("prompt", "The capital of France is Paris. The capital of Italy is",
                     "Prompt scored by SmolLM2.")
 flags.DEFINE_string("out", "results/offload.json", "Output JSON.")
@@ -165,13 +168,30 @@ def smollm2():
                      "device_param_bytes": nb["device"], "host_param_bytes": nb["host"],
                      "device_fraction": nb["device"] / total, "layer_memory_kinds": kinds,
                      "first_call_seconds_cpu": secs})
+    grad = None
+    if FLAGS.smol_grad:
+        from memlab.memory.profile import loss_fn
+        k, p = map(int, FLAGS.smol_grad.split(":"))
+        m = ml.passes.offload(k, p)(model)
+        vg = jax.value_and_grad(lambda prm, mm: loss_fn(mm)(prm, tokens))
+        t0 = time.perf_counter()
+        l0, g0 = jax.jit(lambda prm: vg(prm, model))(model.params)
+        l1, g1 = jax.jit(lambda prm: vg(prm, m))(m.params)
+        diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                   for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)))
+        grad = {"k": k, "p": p, "loss": float(l0), "loss_equal": float(l0) == float(l1),
+                "max_abs_grad_diff": diff,
+                "layer_grad_memory_kinds": sorted(off.memory_kinds_of(g1["layers"])),
+                "seconds": time.perf_counter() - t0}
+        print(f"SmolLM2 loss+grad k={k} p={p}: loss {float(l0):.4f} (equal: {grad['loss_equal']}), "
+              f"max |Δgrad| {diff:.3g}, layer grads in {grad['layer_grad_memory_kinds']}")
     print(f"\nSmolLM2-135M f32, {len(ids)} prompt tokens; resident weights {fmt_bytes(total)}")
     print(f"{'k':>3} {'p':>3} {'device':>12} {'fraction':>9} {'max|Δlogit|':>12}")
     for r in rows:
         print(f"{r['k']:>3} {r['p']:>3} {fmt_bytes(r['device_param_bytes']):>12} "
               f"{r['device_fraction']:9.3f} {r['max_abs_logit_diff']:12.3g}")
     return {"model": "smollm2-135m", "dtype": "float32", "prompt_tokens": len(ids),
-            "resident_param_bytes": total, "rows": rows}
+            "resident_param_bytes": total, "rows": rows, "gradient": grad}
 
 
 def main(_):
@@ -184,6 +204,8 @@ def main(_):
         "llama2_7b_max_device_weight_reduction": 1 - best7,
         "smollm2_max_device_weight_reduction": 1 - best_s,
         "smollm2_outputs_unchanged": all(r["max_abs_logit_diff"] == 0 for r in smol["rows"]),
+        "smollm2_gradients_unchanged": None if smol["gradient"] is None
+        else smol["gradient"]["max_abs_grad_diff"] == 0,
         "holds_in_direction": (1 - best7) >= 0.6 and (1 - best_s) >= 0.6,
         "note": ("weights only: activations, KV cache and workspace are not streamed; on CPU "
                  "host and device are one memory, so these are placement bytes, not a measured "

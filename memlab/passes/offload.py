@@ -15,10 +15,12 @@ the resident model.  The mechanism is :mod:`memlab.offload`::
   ``memory_kind`` (``pinned_host``); the other params (embedding, final norm,
   head) stay on the device; the module runs its layers through
   :func:`memlab.offload.stream_layers` (``Llama.stream = (k, p)``).
-* ``optimizer_state=True`` records that the optimizer state lives in host memory:
-  :func:`optimizer` wraps an optax transformation with
-  :func:`memlab.offload.host_optimizer` (update under ``compute_on("device_host")``)
-  and :func:`memlab.memory.profile` uses it for the model's train step.
+* training: the layer gradients come back in host memory, so the optimizer must be
+  wrapped: :func:`optimizer` (``ml.passes.offload.optimizer(model, tx)``) returns
+  :func:`memlab.offload.host_optimizer`, whose updates land in each param's memory
+  space; the state is on the device, or in host memory with ``optimizer_state=True``
+  (update under ``compute_on("device_host")``, or ``compute="device"``: moved over and
+  back).  :func:`memlab.memory.profile` wraps its train step's optimizer the same way.
 * activations: compose with ``ml.passes.remat("offload:<names>")``.
 
 Estimate (exact, checked against ``tree_bytes`` in the tests): ``params`` and
@@ -31,7 +33,9 @@ Here ``layer`` is one layer's bytes of ``params["layers"]``.
 
 Limits: memlab's Llama only (its layers under ``nn.scan``); one device; on CPU the
 placement is real at the program boundary but saves nothing (see
-:mod:`memlab.offload`).
+:mod:`memlab.offload`).  The estimate takes layer bytes from the spec's weight
+format: a cast or quantize pass applied *before* offload is not reflected in the
+``*_device`` / ``*_host`` entries (``param_bytes(params, ...)`` of the real pytree is).
 """
 from __future__ import annotations
 
