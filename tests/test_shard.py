@@ -102,7 +102,6 @@ def test_fsdp8_per_device_bytes_formula_vs_xla(opt, base):
     mesh = ml.shard.mesh((8,), ("data",))
     # adamw by name: the profile's analytic column replays the pass's per-device estimate
     tx = ml.optim.get(opt, block_size=256) if opt == "adamw8bit" else "adamw"
-    rep = ml.memory.profile(base, "train", batch=8, seq=16, optimizer=tx)
     model = ml.passes.shard(mesh, ml.shard.fsdp("data"))(base)
     sh = ml.memory.profile(model, "train", batch=8, seq=16, optimizer=tx)
     tx = ml.optim.get(tx) if isinstance(tx, str) else tx
@@ -110,7 +109,7 @@ def test_fsdp8_per_device_bytes_formula_vs_xla(opt, base):
     per = _expected_device_bytes(base.params, 8, 1024)
     assert sh.by_category["params"] == per == sh.by_category["gradients"]
     assert sh.global_by_category["params"] == full
-    assert rep.by_category["params"] / sh.by_category["params"] > 7.5  # ~1/8, small leaves whole
+    assert full / sh.by_category["params"] > 7.5  # ~1/8: small leaves stay whole
     state = jax.eval_shape(tx.init, base.params)
     if opt == "adamw":  # mu and nu shaped like params, one int32 count
         assert sh.by_category["optimizer_state"] == 2 * per + 4
@@ -126,9 +125,12 @@ def test_fsdp8_per_device_bytes_formula_vs_xla(opt, base):
     # XLA's argument bytes are per device: params + optimizer state + tokens
     cats = sh.by_category
     assert sh.argument_bytes == cats["params"] + cats["optimizer_state"] + cats["inputs"]
-    assert rep.argument_bytes == sum(rep.by_category[k] for k in ("params", "optimizer_state",
-                                                                  "inputs"))
-    if opt == "adamw":  # the pass's analytic estimate replays to the exact per-device bytes
+    if opt == "adamw":
+        rep = ml.memory.profile(base, "train", batch=8, seq=16, optimizer=tx)  # unsharded
+        assert rep.argument_bytes == sum(rep.by_category[k] for k in ("params", "optimizer_state",
+                                                                      "inputs"))
+        assert rep.argument_bytes > 7.5 * sh.argument_bytes
+        # the pass's analytic estimate replays to the exact per-device bytes
         for k in ("params", "gradients", "optimizer_state", "inputs"):
             assert sh.analytic[k] == cats[k], k
 
@@ -155,9 +157,8 @@ def test_adamw8bit_step_sharded_equals_unsharded(base, tokens):
     assert a.size > 0 and np.mean(a == b) > 0.999
 
 
-@pytest.mark.parametrize("fmt", ["int8", "nf4"])
-def test_quantized_params_shard_and_match(fmt, base, mesh42, tokens):
-    q = ml.passes.quantize(ml.quant.int8() if fmt == "int8" else ml.quant.nf4(block=32))(base)
+def test_quantized_params_shard_and_match(base, mesh42, tokens):
+    q = ml.passes.quantize(ml.quant.nf4(block=32))(base)  # packed 4-bit codes + block scales
     ref = jax.jit(lambda m, t: m(t))(q, tokens[:, :-1])
     model = ml.passes.shard(mesh42, ml.shard.fsdp_tp("data", "model"))(q)
     out = jax.jit(lambda m, t: m(t))(model, tokens[:, :-1])
