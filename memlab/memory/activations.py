@@ -1,0 +1,212 @@
+"""Activation (temp) bytes of a compiled step, per remat policy: a calibrated closed form.
+
+Chen et al. 2016 ("Training Deep Nets with Sublinear Memory Cost") and Korthikanti
+et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models") count
+what each checkpointing policy keeps per token and layer; this module does the same
+for memlab's Llama (layers under ``nn.scan``, chunked attention, chunked loss) and
+adds what XLA's memory-optimized scheduler keeps beside it.  The model of XLA's
+``temp_size_in_bytes`` for a training step (B rows of T tokens, L layers)::
+
+    temp = a[opt] * P_layers + A_OTHER * P_other               gradients + update temporaries
+         + L * B * T * sigma[policy] * saved(policy) * cs      residuals kept across layers
+         + B * T * kappa[policy] * work * 4                    one layer's recompute + backward
+         + ATT_BLOCKS * B * H * min(T, 512) * min(T, 1024) * 4 chunked-attention score blocks
+         + loss + c0[policy]
+
+with ``saved`` the activation elements per token the policy keeps (``d`` for the
+layer input when nothing is saveable; q/k/v/o and the MLP projections for
+``dots_with_no_batch_dims_saveable``; the named tensors for ``save:``), ``work =
+10 d + 5 d_ff`` the elements a layer's backward touches per token, ``cs`` the compute
+itemsize, ``P_layers``/``P_other`` the trainable parameters inside/outside the
+scanned layers whose update runs on the device.  ``sigma``, ``kappa``, ``a`` and
+``c0`` were fitted (:func:`fit`) to XLA:CPU on small Llamas (d=256, d_ff=688, 2-4
+layers, T=256/512, memory-optimized scheduler); ``experiments/plan.py`` refits
+them and validates the form on held-out shapes and at 7B.
+
+Inference (decode of one token over a cache of S slots)::
+
+    temp = 2 * B * V * 4 (logits) + B * H * min(S, 1024) * 4 * 2 (score chunk)
+         + dequantized cache of one layer (quantized KV policies) + c0_decode
+
+The numbers are XLA:CPU's; a GPU's scheduler and fused kernels differ (cuDNN
+attention keeps no score blocks), so the planner verifies its winner by compiling.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+# the fitted constants (see the module docstring; refit with ``fit``)
+# a[opt]: bytes per trainable layer param (its gradient + the update's temporaries).
+# adamw / apollo_mini / galore / came: slopes over 2 -> 4 layers (d=256) agree at 6.35-6.37.
+# The blockwise 8/4-bit states update in chunks (memlab.optim._blockwise), so their temp
+# does not scale with the leaf: 11.9 (8-bit) and 9.8 (4-bit) at d=256, but 6.17 from the
+# llama2-7b step (T=2048, nothing_saveable: temp 41.54 GB); the 7B value is used, since
+# large models are what the planner is for (small ones are underpredicted).
+OPT_BYTES_PER_PARAM = {
+    "adamw": 6.35, "adam8bit": 6.17, "adamw8bit": 6.17, "adam4bit": 6.17, "adamw4bit": 6.17,
+    "apollo_mini": 6.37, "apollo": 6.37, "galore": 6.37, "came": 6.37, "sgd": 4.0,
+}
+A_OTHER = 0.57  # bytes per trainable embedding / head param (measured: V 1000 -> 8000)
+SIGMA = {"none": 2.738, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.714,
+         "dots_saveable": 1.714, "save": 1.855, "offload": 1.0}
+KAPPA = {"none": 0.409, "nothing_saveable": 0.844, "dots_with_no_batch_dims_saveable": 0.610,
+         "dots_saveable": 0.610, "save": 0.473, "offload": 0.473}
+C0 = {"none": -3.93e6, "nothing_saveable": -3.40e6, "dots_with_no_batch_dims_saveable": -3.93e6,
+      "dots_saveable": -3.93e6, "save": -3.93e6, "offload": -3.93e6}
+ATT_BLOCKS = 2  # float32 [B, H, q_chunk, kv_chunk] score blocks live at once (s and p or ds)
+Q_CHUNK, KV_CHUNK = 512, 1024  # memlab_kernels.chunked_attention defaults
+LOSS_CHUNK, LOSS_VOCAB_CHUNK = 1024, 2048  # memlab.nn.cross_entropy "chunked" defaults
+
+
+def policy_family(policy: Optional[str]) -> str:
+    """The key of the fitted tables for a remat policy name (None = no remat)."""
+    if policy is None:
+        return "none"
+    if policy.startswith("save:"):
+        return "offload" if ";offload:" in policy else "save"
+    if policy.startswith("offload"):
+        return "offload"
+    return policy
+
+
+def _named(policy: str, cfg) -> float:
+    """Elements per token of the activations a ``save:``/``offload:`` policy names."""
+    from memlab.models.llama import remat_names
+    kv = cfg.n_kv_heads * cfg.head_dim
+    size = {"qkv": cfg.n_heads * cfg.head_dim + 2 * kv, "attn_out": cfg.n_heads * cfg.head_dim,
+            "mlp_hidden": cfg.d_ff}
+    names = remat_names(policy)
+    return {k: float(sum(size[n] for n in v)) for k, v in names.items()}
+
+
+def saved_elements(policy: Optional[str], cfg) -> tuple:
+    """(device, host) activation elements per token and layer kept for the backward."""
+    d, f = cfg.d_model, cfg.d_ff
+    q = cfg.n_heads * cfg.head_dim
+    kv = cfg.n_kv_heads * cfg.head_dim
+    fam = policy_family(policy)
+    if fam == "nothing_saveable":
+        return float(d), 0.0
+    if fam == "dots_with_no_batch_dims_saveable":  # x + q, k, v, o, gate, up, down outputs
+        return float(d + q + 2 * kv + d + 2 * f + d), 0.0
+    if fam == "dots_saveable":
+        return float(d + q + 2 * kv + d + 2 * f + d + q), 0.0
+    if fam == "offload_dots_with_no_batch_dims":
+        return float(d), float(q + 2 * kv + d + 2 * f + d)
+    if fam == "none":  # everything the layer computes: norms, projections, SwiGLU pieces
+        return float(6 * d + q + 2 * kv + 4 * f), 0.0
+    named = _named(policy, cfg)
+    return float(d + named.get("save", 0.0)), named.get("offload", 0.0)
+
+
+def work_elements(cfg) -> float:
+    """Elements per token that one layer's recompute and backward touch."""
+    return float(10 * cfg.d_model + 5 * cfg.d_ff)
+
+
+def _itemsize(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFeatures:
+    """The terms of the training-temp model for one configuration (bytes)."""
+
+    p_layers: float      # trainable layer params updated on the device (count)
+    p_other: float       # trainable non-layer params updated on the device (count)
+    saved: float         # L * B * T * saved_elements * cs
+    saved_host: float    # bytes of offloaded activations (host memory)
+    work: float          # B * T * work_elements * 4
+    attention: float     # ATT_BLOCKS * score block bytes
+    loss: float          # loss workspace
+    family: str
+
+
+def train_features(cfg, batch: int, seq: int, policy: Optional[str], *, p_layers: float,
+                   p_other: float, loss: str = "chunked", dequant_layer_bytes: float = 0.0
+                   ) -> TrainFeatures:
+    cs = _itemsize(cfg.dtype)
+    dev, host = saved_elements(policy, cfg)
+    tokens = batch * seq
+    saved = cfg.n_layers * tokens * dev * cs
+    saved_host = cfg.n_layers * tokens * host * cs
+    work = tokens * work_elements(cfg) * 4 + 2 * dequant_layer_bytes
+    att = ATT_BLOCKS * batch * cfg.n_heads * min(seq, Q_CHUNK) * min(seq, KV_CHUNK) * 4
+    if loss == "naive":
+        lw = 3.0 * tokens * cfg.vocab_size * 4
+    else:
+        lw = 2.0 * min(tokens, LOSS_CHUNK) * min(cfg.vocab_size, LOSS_VOCAB_CHUNK) * 4 \
+            + tokens * cfg.d_model * 4
+    return TrainFeatures(float(p_layers), float(p_other), float(saved), float(saved_host),
+                         float(work), float(att), float(lw), policy_family(policy))
+
+
+def train_temp(f: TrainFeatures, optimizer: Optional[str]) -> float:
+    """Predicted XLA temp bytes of a training step on the device."""
+    a = OPT_BYTES_PER_PARAM.get(optimizer or "adamw", OPT_BYTES_PER_PARAM["adamw"])
+    fam = f.family if f.family in SIGMA else "save"
+    return (a * f.p_layers + A_OTHER * f.p_other + SIGMA[fam] * f.saved + KAPPA[fam] * f.work
+            + f.attention + f.loss + C0[fam])
+
+
+def decode_temp(cfg, batch: int, seq: int, *, kv_dequant_layer_bytes: float = 0.0,
+                dequant_layer_bytes: float = 0.0) -> float:
+    """Predicted XLA temp bytes of one decode step (see the module docstring)."""
+    logits = 2.0 * batch * cfg.vocab_size * 4
+    scores = 2.0 * batch * cfg.n_heads * min(seq, KV_CHUNK) * 4
+    return logits + scores + kv_dequant_layer_bytes + 2 * dequant_layer_bytes + DECODE_C0
+
+
+DECODE_C0 = 0.0
+
+
+def prefill_temp(cfg, batch: int, seq: int, *, dequant_layer_bytes: float = 0.0) -> float:
+    """Predicted XLA temp bytes of a prefill of ``seq`` tokens: one layer's forward
+    working set, the score blocks and the last position's logits."""
+    cs = _itemsize(cfg.dtype)
+    tokens = batch * seq
+    work = tokens * (4 * cfg.d_model + 3 * cfg.d_ff) * cs
+    att = 2 * batch * cfg.n_heads * min(seq, Q_CHUNK) * min(seq, KV_CHUNK) * 4
+    return work + att + batch * cfg.vocab_size * 4 + 2 * dequant_layer_bytes
+
+
+def fit(points: Iterable[tuple]) -> dict:
+    """Refit the training-temp constants from ``(features, optimizer, temp)`` points.
+
+    Per remat family: ``c0`` and ``kappa`` by least squares over its points (sigma
+    fixed at 1 for ``nothing_saveable``, else fitted too when the family has >= 3
+    points); ``a[opt]`` from ``nothing_saveable`` points only.  Returns the tables.
+    """
+    pts = list(points)
+    out = {"a": {}, "sigma": {}, "kappa": {}, "c0": {}}
+    ns = [(f, o, t) for f, o, t in pts if f.family == "nothing_saveable"]
+    by_opt: dict = {}
+    for f, o, t in ns:
+        by_opt.setdefault(o, []).append((f, t))
+    for o, rows in by_opt.items():  # unknowns: a[o], kappa, c0 (sigma = 1)
+        X = np.array([[f.p_layers, f.work, 1.0] for f, _ in rows])
+        y = np.array([t - A_OTHER * f.p_other - f.saved - f.attention - f.loss for f, t in rows])
+        if len(rows) >= 3:
+            sol = np.linalg.lstsq(X, y, rcond=None)[0]
+            out["a"][o] = float(sol[0])
+            if o == "adamw":
+                out["kappa"]["nothing_saveable"], out["c0"]["nothing_saveable"] = map(float, sol[1:])
+        elif len(rows) == 2:  # slope in the layer count: a only
+            (f1, t1), (f2, t2) = rows
+            out["a"][o] = float(((t2 - t1) - (f2.saved - f1.saved)) / (f2.p_layers - f1.p_layers))
+    a = out["a"].get("adamw", OPT_BYTES_PER_PARAM["adamw"])
+    fams = {f.family for f, _, _ in pts} - {"nothing_saveable"}
+    for fam in fams:
+        rows = [(f, t) for f, o, t in pts if f.family == fam and o == "adamw"]
+        if len(rows) < 3:
+            continue
+        X = np.array([[f.saved, f.work, 1.0] for f, _ in rows])
+        y = np.array([t - a * f.p_layers - A_OTHER * f.p_other - f.attention - f.loss
+                      for f, t in rows])
+        s, k, c = np.linalg.lstsq(X, y, rcond=None)[0]
+        out["sigma"][fam], out["kappa"][fam], out["c0"][fam] = float(s), float(k), float(c)
+    return out

@@ -1,0 +1,732 @@
+"""The memory planner: the fastest (or most accurate) composition of passes that fits a budget.
+
+ProTrain (Yang et al. 2024, "ProTrain: Efficient LLM Training via Memory-Aware
+Techniques") searches checkpointing, offloading and sharding settings with a
+memory and runtime model, then runs the best; ZeRO (Rajbhandari et al. 2020),
+Superpipeline (Abbasi et al. 2024) and HeadInfer (Luo et al. 2025) supply the
+sharding, layer streaming and host-KV pieces.  Here::
+
+    plan = ml.memory.plan("llama2-7b", "train", "24GB")
+    model = plan.passes(ml.models.abstract("llama2-7b"))     # the chosen ml.compose(...)
+    print(plan.table())
+
+1. **Search space** (:func:`candidates`): weight format (``bf16`` / ``int8`` /
+   ``nf4``), remat policy, optimizer (``ml.optim`` names), chunked or naive loss,
+   layer streaming ``offload(k, p)`` (with the optimizer state and gradients in
+   host memory when training), KV policy and budget for inference (dense, KIVI-4/2,
+   SnapKV budgets, HeadInfer), FSDP / DP when ``devices > 1``.  ``task="train"``
+   is *full* training: every parameter updates, so weights stay in the model's
+   float dtype; ``task="finetune"`` is LoRA (rank 16 on every linear layer) over
+   a bf16 / int8 / NF4 (QLoRA) base.  ``"decode"`` (alias ``"inference"``) is one
+   token over a ``seq``-slot cache; ``"prefill"`` writes ``seq`` tokens.
+2. **Score** (:func:`estimate`): exact bytes from each pass's ``estimate`` (quantize,
+   LoRA, KV policy, offload) and :mod:`memlab.memory.activations` for XLA's
+   temp; device bytes exclude what lives in host memory.  Step time
+   (:func:`step_seconds`) from FLOPs and bytes at the constants below; expected
+   quality loss (:data:`WEIGHT_LOSS`, :data:`KV_LOSS`, :data:`OPTIMIZER_LOSS`).
+3. **Prune and rank**: keep candidates whose device bytes fit the budget; rank
+   by step time (``objective="speed"``) or quality loss (``"quality"``).
+4. **Verify** the first ``verify`` of the ranking by building the composed model
+   on abstract shapes and compiling with :func:`memlab.memory.profile`; the plan
+   is the best verified candidate whose *compiled* device bytes fit.  Compiled
+   device bytes are ``argument + output - alias + temp - host``: XLA:CPU has one
+   memory and drops host placements inside the program, so ``host`` (params,
+   gradients, optimizer state and its update, KV cache and activations placed in
+   ``pinned_host``) comes from the formulas, not from XLA.  On a GPU it would be
+   XLA's own ``host_*`` numbers.
+
+Speed constants (an H100-class accelerator; documented, not measured here):
+:data:`PEAK_FLOPS`, :data:`HBM_BYTES_PER_S`, :data:`HOST_LINK_BYTES_PER_S`,
+:data:`HOST_MEM_BYTES_PER_S`, :data:`INTERCONNECT_BYTES_PER_S`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from memlab.memory import activations as act
+from memlab.memory.bytes import tree_bytes
+
+# --- step-time constants (H100-class accelerator, PCIe host link) -------------------
+PEAK_FLOPS = 400e12              # sustained dense bf16 FLOP/s (about 40% of H100 SXM peak)
+HBM_BYTES_PER_S = 2.0e12         # device memory bandwidth
+HOST_LINK_BYTES_PER_S = 25e9     # host <-> device (PCIe 4.0 x16, effective)
+HOST_MEM_BYTES_PER_S = 50e9      # host DRAM bandwidth for the host optimizer update
+INTERCONNECT_BYTES_PER_S = 100e9  # device <-> device (collectives of FSDP / DP)
+QUANT_COMPUTE_PENALTY = {"bf16": 1.0, "int8": 1.05, "nf4": 1.15}  # dequantization overhead
+
+# --- expected quality loss (relative perplexity increase) ---------------------------
+# memlab's own measurements on SmolLM2-135M (results/quantize.json: float 36.604;
+# rtn-int8 36.555, rtn-nf4-b64-dq 45.284; results/kv_compress.json: dense-bf16 32.197,
+# kivi4 32.286, kivi2 37.833, snapkv budget 102 of 512 -> 36.938).  Embedded here: the
+# planner never reads results/ at run time.
+# int8 measured -0.13% (noise): counted as +0.1% so that exact weights win ties
+WEIGHT_LOSS = {"bf16": 0.0, "int8": 0.001, "nf4": (45.284 - 36.604) / 36.604}
+KV_LOSS = {"dense": 0.0, "headinfer": 0.0, "kivi4": (32.286 - 32.197) / 32.197,
+           "kivi2": (37.833 - 32.197) / 32.197}
+SNAPKV_LOSS_AT_20PCT = (36.938 - 32.197) / 32.197  # SnapKV keeping 102 of 512 tokens
+# Optimizers: not measured by memlab at scale -- an ordering prior from the papers
+# (8-bit/4-bit Adam match AdamW; GaLore/APOLLO-Mini trail slightly; LoRA trails full
+# training).  Used only to order plans, reported as a prior.
+OPTIMIZER_LOSS = {"adamw": 0.0, "adam8bit": 0.001, "adamw8bit": 0.001, "adam4bit": 0.002,
+                  "adamw4bit": 0.002, "came": 0.003, "apollo": 0.005, "galore": 0.01,
+                  "apollo_mini": 0.01, "sgd": 0.05}
+LORA_LOSS = 0.02
+
+TASKS = ("train", "finetune", "prefill", "decode")
+TASK_ALIASES = {"inference": "decode", "infer": "decode", "full": "train", "lora": "finetune",
+                "qlora": "finetune"}
+OBJECTIVES = ("speed", "quality")
+TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "adam4bit", "came", "apollo", "galore", "apollo_mini")
+REMAT_POLICIES = (None, "dots_with_no_batch_dims_saveable", "save:qkv,attn_out,mlp_hidden",
+                  "nothing_saveable", "offload:qkv,attn_out,mlp_hidden")
+WEIGHT_FORMATS = ("bf16", "int8", "nf4")
+LORA_RANK = 16
+MAX_COMPILE_FAILURES = 12  # candidates that fail to compile are skipped, up to this many
+MAX_OVER_BUDGET = 4  # more compiles when every verified candidate was over budget
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+class NoPlanError(ValueError):
+    """No composition of passes fits the budget (the message says the minimum and the
+    nearest feasible option)."""
+
+    def __init__(self, message: str, minimum_bytes: int, nearest: Optional[str]):
+        super().__init__(message)
+        self.minimum_bytes = minimum_bytes
+        self.nearest = nearest
+
+
+def parse_budget(budget: Any) -> int:
+    """Bytes from ``24e9``, ``"24GB"`` (10^9), ``"24GiB"`` (2^30), ``"12e9"``, ``"512MiB"``."""
+    if isinstance(budget, bool):
+        raise TypeError(f"plan: budget must be bytes (int/float) or a string like '24GB', "
+                        f"got {budget!r}")
+    if isinstance(budget, (int, float)):
+        value = float(budget)
+    elif isinstance(budget, str):
+        m = _BUDGET.match(budget)
+        if m is None or m.group(2).lower() not in _UNITS:
+            raise ValueError(f"plan: budget {budget!r} is not a size; write e.g. '24GB' (10^9 "
+                             "bytes), '24GiB' (2^30), '512MiB' or '12e9' (bytes)")
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    else:
+        raise TypeError(f"plan: budget must be bytes (int/float) or a string like '24GB', got "
+                        f"{type(budget).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"plan: budget must be a positive number of bytes, got {budget!r}")
+    return int(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """One point of the search space (``None`` = the knob is off)."""
+
+    weights: str = "bf16"
+    remat: Optional[str] = None
+    optimizer: Optional[str] = None
+    lora_rank: int = 0
+    loss: str = "chunked"
+    kv: Optional[str] = None
+    offload: Optional[tuple] = None  # (layers_on_device k, prefetch p)
+    shard: Optional[str] = None      # "fsdp" | "dp" over ``devices``
+    devices: int = 1
+
+    def label(self) -> str:
+        parts = [self.weights]
+        if self.lora_rank:
+            parts.append(f"lora{self.lora_rank}")
+        if self.optimizer:
+            parts.append(self.optimizer)
+        if self.remat is not None or self.optimizer:
+            parts.append(f"remat={self.remat or 'none'}")
+        if self.optimizer:
+            parts.append(f"{self.loss} loss")
+        if self.kv:
+            parts.append(f"kv={self.kv}")
+        if self.offload:
+            parts.append(f"offload(k={self.offload[0]},p={self.offload[1]})")
+        if self.shard:
+            parts.append(f"{self.shard}x{self.devices}")
+        return " · ".join(parts)
+
+    def passes(self, task: str, mesh=None):
+        """The composable passes (``ml.compose``) of this candidate."""
+        from memlab import passes as P, quant
+        from memlab.model import compose
+        out = []
+        if self.weights == "int8":
+            out.append(P.quantize(quant.int8()))
+        elif self.weights == "nf4":
+            out.append(P.quantize(quant.nf4(64, double_quant=True)))
+        if self.lora_rank:
+            out.append(P.lora(self.lora_rank, rules=P.lora.ALL_LINEAR))
+        if self.remat is not None and not self.offload:
+            # layer streaming recomputes each block in its own backward (custom_vjp saving
+            # only the block inputs): that *is* nothing_saveable, so no remat pass on top
+            out.append(P.remat(self.remat))
+        if self.kv:
+            out.append(P.kv_compress(self.kv))
+        if self.offload:
+            out.append(P.offload(self.offload[0], self.offload[1],
+                                 optimizer_state=task in ("train", "finetune")))
+        if self.shard:
+            if mesh is None:
+                raise ValueError(f"plan: {self.label()} needs a mesh of {self.devices} devices")
+            from memlab import shard as sh
+            strategy = sh.fsdp("data") if self.shard == "fsdp" else sh.dp("data")
+            out.append(P.shard(mesh, strategy, optimizer=self.optimizer))
+        return compose(*out) if out else P.identity()
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """The planner's analytic numbers for one candidate."""
+
+    device_bytes: int
+    host_bytes: int
+    categories: dict
+    step_seconds: float
+    quality_loss: float
+    cpu_extra_bytes: int = 0  # what XLA:CPU adds on top (bf16 upcasts); 0 on GPU/TPU
+
+
+@dataclasses.dataclass
+class Verification:
+    """A candidate compiled on abstract shapes."""
+
+    candidate: Candidate
+    predicted_device_bytes: int
+    compiled_peak_bytes: Optional[int] = None   # argument + output - alias + temp (XLA)
+    host_bytes: int = 0                          # subtracted: lives in host memory (formulas)
+    cpu_extra_bytes: int = 0                     # predicted XLA:CPU-only bytes (bf16 upcasts)
+    temp_bytes: Optional[int] = None
+    error: Optional[str] = None                  # why it was not compiled / failed
+
+    @property
+    def compiled_device_bytes(self) -> Optional[int]:
+        if self.compiled_peak_bytes is None:
+            return None
+        return self.compiled_peak_bytes - self.host_bytes
+
+    @property
+    def relative_error(self) -> Optional[float]:
+        """(predicted - compiled) / compiled, the prediction including the CPU-only bytes."""
+        c = self.compiled_device_bytes
+        pred = self.predicted_device_bytes + self.cpu_extra_bytes
+        return None if c is None else (pred - c) / max(c, 1)
+
+    @property
+    def accelerator_bytes(self) -> Optional[int]:
+        """Compiled device bytes less the XLA:CPU-only bytes: what must fit the budget."""
+        c = self.compiled_device_bytes
+        return None if c is None else c - self.cpu_extra_bytes
+
+
+@dataclasses.dataclass
+class Plan:
+    """What :func:`plan` found."""
+
+    model: str
+    task: str
+    budget_bytes: int
+    batch: int
+    seq: int
+    objective: str
+    devices: int
+    candidate: Candidate
+    estimate: Estimate
+    passes: Any                      # ml.compose(...) of the chosen candidate
+    verified: list                   # [Verification], in ranking order
+    front: list                      # [(Candidate, Estimate)] Pareto-optimal, feasible
+    considered: int
+    feasible: int
+
+    @property
+    def verification(self) -> Optional[Verification]:
+        for v in self.verified:
+            if v.candidate == self.candidate:
+                return v
+        return None
+
+    @property
+    def compiled_device_bytes(self) -> Optional[int]:
+        v = self.verification
+        return None if v is None else v.compiled_device_bytes
+
+    def to_dict(self) -> dict:
+        def cand(c):
+            return dict(dataclasses.asdict(c), label=c.label())
+
+        def estd(e):
+            return dataclasses.asdict(e)
+
+        return {"model": self.model, "task": self.task, "budget_bytes": self.budget_bytes,
+                "batch": self.batch, "seq": self.seq, "objective": self.objective,
+                "devices": self.devices, "chosen": cand(self.candidate),
+                "estimate": estd(self.estimate),
+                "compiled_device_bytes": self.compiled_device_bytes,
+                "verified": [dict(candidate=v.candidate.label(),
+                                  predicted_device_bytes=v.predicted_device_bytes,
+                                  cpu_extra_bytes=v.cpu_extra_bytes,
+                                  accelerator_bytes=v.accelerator_bytes,
+                                  compiled_peak_bytes=v.compiled_peak_bytes,
+                                  host_bytes=v.host_bytes,
+                                  compiled_device_bytes=v.compiled_device_bytes,
+                                  relative_error=v.relative_error, error=v.error)
+                             for v in self.verified],
+                "front": [dict(candidate=c.label(), device_bytes=e.device_bytes,
+                               step_seconds=e.step_seconds, quality_loss=e.quality_loss)
+                          for c, e in self.front],
+                "considered": self.considered, "feasible": self.feasible}
+
+    def table(self) -> str:
+        e = self.estimate
+        lines = [f"plan · {self.model} · {self.task} · batch {self.batch} · seq {self.seq} · "
+                 f"budget {gb(self.budget_bytes)} · objective {self.objective}"
+                 + (f" · {self.devices} devices" if self.devices > 1 else ""),
+                 f"chosen: {self.candidate.label()}",
+                 f"  predicted device {gb(e.device_bytes)} (host {gb(e.host_bytes)})"
+                 f" · est. step {e.step_seconds * 1e3:.1f} ms · expected quality loss "
+                 f"{e.quality_loss:.2%}"]
+        v = self.verification
+        if v is not None and v.compiled_device_bytes is not None:
+            lines.append(f"  compiled device {gb(v.compiled_device_bytes)} = XLA peak "
+                         f"{gb(v.compiled_peak_bytes)} - host {gb(v.host_bytes)} "
+                         f"(host part from the formulas) · error {v.relative_error:+.1%}")
+            if v.cpu_extra_bytes:
+                lines.append(f"  of which XLA:CPU-only (bf16 upcast, formula) "
+                             f"{gb(v.cpu_extra_bytes)}: on the accelerator "
+                             f"{gb(v.accelerator_bytes)}")
+        lines.append(f"{self.considered} candidates, {self.feasible} under budget; verified "
+                     "(compiled on abstract shapes):")
+        w = 64
+        lines.append(f"  {'candidate':<{w}} {'predicted':>11} {'compiled':>11} {'error':>7}"
+                     "  (both on XLA:CPU terms)")
+        for v in self.verified:
+            c = v.compiled_device_bytes
+            lines.append(f"  {v.candidate.label()[:w]:<{w}} "
+                         f"{gb(v.predicted_device_bytes + v.cpu_extra_bytes):>11} "
+                         + (f"{gb(c):>11} {v.relative_error:>+7.1%}" if c is not None
+                            else f"{'—':>11} {'—':>7}  ({v.error})"))
+        lines.append("Pareto front (device bytes · est. step time · expected quality loss):")
+        for c, est_ in self.front:
+            lines.append(f"  {c.label()[:w]:<{w}} {gb(est_.device_bytes):>11} "
+                         f"{est_.step_seconds * 1e3:>9.1f} ms {est_.quality_loss:>7.2%}")
+        return "\n".join(lines)
+
+
+# --- model and task ------------------------------------------------------------------
+
+def _config(model):
+    """(name, LlamaConfig) of a model name, a LlamaConfig or a memlab Llama Model."""
+    from memlab import models
+    from memlab.model import Model
+    from memlab.models.llama import LlamaConfig
+    if isinstance(model, str):
+        return model, models.config(model, dtype="bfloat16", param_dtype="bfloat16")
+    if isinstance(model, LlamaConfig):
+        return model.name, model
+    if isinstance(model, Model) and isinstance(getattr(model, "spec", None), LlamaConfig):
+        if getattr(model, "history", ()):
+            raise ValueError("plan: pass the base model (no passes applied yet); the planner "
+                             "chooses the passes")
+        return model.spec.name, model.spec
+    raise TypeError(f"plan: model must be a name like 'llama2-7b', a LlamaConfig or a memlab "
+                    f"Llama Model, got {type(model).__name__}")
+
+
+def check_task(task: str) -> str:
+    if not isinstance(task, str):
+        raise TypeError(f"plan: task must be a string, got {task!r}")
+    task = TASK_ALIASES.get(task, task)
+    if task not in TASKS:
+        raise ValueError(f"plan: task={task!r} is not one of {TASKS} (or aliases "
+                         f"{sorted(TASK_ALIASES)}); 'train' is full training, 'finetune' LoRA")
+    return task
+
+
+def _kv_options(seq: int) -> list:
+    out = ["dense", "kivi4", "kivi2"]
+    for frac in (8, 32):
+        b = seq // frac
+        if b >= 256:
+            out.append(f"snapkv:budget={b}")
+    out.append("headinfer:heads=1")
+    return out
+
+
+def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
+    """The search space for ``task`` (see the module docstring)."""
+    task = check_task(task)
+    shards = [(None, 1)] + ([("fsdp", devices), ("dp", devices)] if devices > 1 else [])
+    offloads = [None] + [(k, 1) for k in (1, 2, 4) if k + 1 <= cfg.n_layers]
+    out = []
+    if task in ("train", "finetune"):
+        weights = ("bf16",) if task == "train" else WEIGHT_FORMATS
+        rank = 0 if task == "train" else LORA_RANK
+        opts = TRAIN_OPTIMIZERS if task == "train" else ("adamw", "adamw8bit")
+        for w in weights:
+            for o in opts:
+                for r in REMAT_POLICIES:
+                    for loss in ("chunked", "naive"):
+                        for sh, n in shards:
+                            for off in offloads:
+                                if off is not None and (sh is not None or rank
+                                                        or r != "nothing_saveable"):
+                                    continue  # layer streaming: one device, full training,
+                                    # its backward recomputes each block (= nothing_saveable)
+                                out.append(Candidate(w, r, o, rank, loss, None, off, sh, n))
+    else:
+        for w in WEIGHT_FORMATS:
+            for kv in _kv_options(seq):
+                for sh, n in shards:
+                    for off in offloads:
+                        if off is not None and (sh is not None or w != "bf16"):
+                            continue  # streaming quantized layers is not supported
+                        if kv.startswith("headinfer") and sh is not None:
+                            continue  # HeadInfer is single-device
+                        out.append(Candidate(w, None, None, 0, "chunked", kv, off, sh, n))
+    return out
+
+
+# --- the estimate ----------------------------------------------------------------------
+
+def _workload(task: str, batch: int, seq: int):
+    from memlab.model import Workload
+    return Workload("train" if task in ("train", "finetune") else task, batch, seq)
+
+
+def _layer_split(cfg, shapes) -> tuple:
+    from memlab.offload import LAYERS
+    layers = tree_bytes(shapes[LAYERS])
+    return layers, tree_bytes(shapes) - layers
+
+
+def _count(tree) -> float:
+    return float(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def _kv_name(kv: str) -> str:
+    return kv.split(":")[0]
+
+
+def gb(n) -> str:
+    """Bytes as decimal gigabytes (the unit budgets are usually given in)."""
+    return f"{n / 1e9:.2f} GB"
+
+
+def quality_loss(c: Candidate, seq: int) -> float:
+    """Expected relative perplexity increase of a candidate (additive over knobs)."""
+    q = WEIGHT_LOSS[c.weights]
+    if c.optimizer:
+        q += OPTIMIZER_LOSS.get(c.optimizer, 0.01)
+    if c.lora_rank:
+        q += LORA_LOSS
+    if c.kv:
+        name = _kv_name(c.kv)
+        if name == "snapkv":
+            kept = min(1.0, int(c.kv.split("budget=")[1]) / seq)
+            q += SNAPKV_LOSS_AT_20PCT * max(0.0, 1 - kept) / 0.8
+        else:
+            q += KV_LOSS.get(c.kv if c.kv in KV_LOSS else name, 0.0)
+    return float(q)
+
+
+def _policy(c: Candidate):
+    from memlab.kv.base import parse
+    return parse(c.kv) if c.kv else None
+
+
+def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
+    """Analytic device / host bytes, step time and quality loss of one candidate."""
+    from memlab.memory import estimate as est
+    task = check_task(task)
+    work = _workload(task, batch, seq)
+    shapes = cfg.param_shapes()
+    opt = c.optimizer if task in ("train", "finetune") else None
+    cats = est.bytes_by_category(cfg, work.task, batch, seq, optimizer=opt)
+    # pass estimates (exact): weight format, LoRA, KV policy
+    pas = []
+    from memlab import passes as P, quant
+    if c.weights == "int8":
+        pas.append(P.quantize(quant.int8()))
+    elif c.weights == "nf4":
+        pas.append(P.quantize(quant.nf4(64, double_quant=True)))
+    if c.lora_rank:
+        pas.append(P.lora(c.lora_rank, rules=P.lora.ALL_LINEAR))
+    if c.kv:
+        pas.append(P.kv_compress(c.kv))
+    for p in pas:
+        cats = p.estimate_bytes(cats, cfg, work)
+    trainable_shapes = cats.get(est.TRAINABLE_SHAPES)
+    cats = est.over_trainable(cats, opt) if opt else {k: v for k, v in cats.items()
+                                                        if k != est.TRAINABLE_SHAPES}
+    layer_bytes, other_bytes = _layer_split(cfg, shapes)
+    n_layers = cfg.n_layers
+    layer = layer_bytes / n_layers
+    host = {}
+    dev = dict(cats)
+    training = task in ("train", "finetune")
+    # trainable counts (for the update temps)
+    from memlab.offload import LAYERS
+    if trainable_shapes is not None:
+        tl = trainable_shapes.get(LAYERS, {}) if isinstance(trainable_shapes, dict) else {}
+        p_layers = _count(tl)
+        p_other = _count(trainable_shapes) - p_layers
+    else:
+        p_layers, p_other = _count(shapes[LAYERS]), _count(shapes) - _count(shapes[LAYERS])
+    if c.offload:
+        k, p = c.offload
+        dev["params"] = int(other_bytes + (k + p) * layer)
+        host["params"] = int(layer_bytes)
+        if training:
+            dev["gradients"] = int(other_bytes + k * layer)  # not live with the update: host
+            host["gradients"] = int(layer_bytes)
+            host["optimizer_state"] = int(cats.get("optimizer_state", 0))
+            dev["optimizer_state"] = 0
+            # the update runs on host (compute_on("device_host")): its temps are host memory
+            host["optimizer_update"] = int(act.OPT_BYTES_PER_PARAM.get(opt, 6.35) * p_layers
+                                           + act.A_OTHER * p_other)
+    cpu_extra = 0
+    n_dev = c.devices if c.shard else 1
+    if c.shard == "fsdp":
+        for key in ("params", "gradients", "optimizer_state"):
+            if key in dev:
+                dev[key] = int(math.ceil(dev[key] / n_dev))
+    per_dev_batch = batch // n_dev if c.shard and batch % n_dev == 0 else batch
+    cs = jnp.dtype(cfg.dtype).itemsize
+    if training:
+        # a quantized base is dequantized one layer at a time (compute dtype)
+        dequant = (_count(shapes[LAYERS]) / n_layers) * cs if c.weights != "bf16" else 0.0
+        upd_layers = 0.0 if c.offload else p_layers
+        upd_other = 0.0 if c.offload else p_other
+        f = act.train_features(cfg, per_dev_batch, seq, c.remat, p_layers=upd_layers,
+                               p_other=upd_other, loss=c.loss, dequant_layer_bytes=dequant)
+        temp = act.train_temp(f, opt)
+        if c.offload:  # the streamed backward holds one block's weight gradients (dev["gradients"])
+            temp += dev["gradients"]
+        if c.shard == "fsdp":  # gathered full params of one layer and gradients, per device
+            temp = temp - (upd_layers * act.OPT_BYTES_PER_PARAM.get(opt, 6.35)
+                           + upd_other * act.A_OTHER) * (1 - 1 / n_dev) + 2 * layer
+        if f.saved_host:
+            host["activations"] = int(f.saved_host)
+        dev.pop("gradients", None)  # gradients are part of the temp model
+        dev["temp"] = int(temp)
+    else:
+        pol = _policy(c)
+        kv_dq = 0.0
+        if pol is not None and _kv_name(c.kv).startswith("kivi"):
+            kv_dq = 2.0 * batch * seq * cfg.n_kv_heads * cfg.head_dim * cs
+        if pol is not None and _kv_name(c.kv) == "headinfer":
+            from memlab.kv.base import Dims
+            dims = Dims(batch=batch, max_len=seq, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                        head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.dtype).name, n_layers=n_layers)
+            host["kv_cache"] = int(pol.host_bytes(dims))
+            dev["kv_cache"] = int(pol.device_bytes(dims, 1 if task == "decode" else seq)) + batch * 4
+        dequant = (_count(shapes[LAYERS]) / n_layers) * cs if c.weights != "bf16" else 0.0
+        if task == "decode":
+            temp = act.decode_temp(cfg, batch, seq, kv_dequant_layer_bytes=kv_dq,
+                                   dequant_layer_bytes=dequant)
+        else:
+            temp = act.prefill_temp(cfg, batch, seq, dequant_layer_bytes=dequant)
+        dev["temp"] = int(temp)
+        # XLA:CPU only: its bf16 normalization runs the layer scan's dynamic slices and the
+        # cache scatter in float32, holding an f32 copy of bf16 stacked weights or of a bf16
+        # cache (the larger of the two was what the compiles showed); a GPU keeps bf16
+        if cs == 2:
+            w = 2 * layer_bytes if c.weights == "bf16" else 0
+            kv_f = 2 * cats.get("kv_cache", 0) if _kv_name(c.kv or "dense") in ("dense", "snapkv") \
+                else 0
+            cpu_extra = int(max(w, kv_f))
+    device = int(sum(v for k, v in dev.items() if isinstance(v, (int, float))))
+    host_total = int(sum(host.values()))
+    step = step_seconds(cfg, c, task, batch, seq, cats, host, layer_bytes)
+    categories = {"device": dev, "host": host}
+    return Estimate(device, host_total, categories, step, quality_loss(c, seq), cpu_extra)
+
+
+def step_seconds(cfg, c: Candidate, task: str, batch: int, seq: int, cats: dict, host: dict,
+                 layer_bytes: float) -> float:
+    """Estimated step time: compute or memory bound on the device, plus host traffic."""
+    n = cfg.param_count()
+    L, d = cfg.n_layers, cfg.d_model
+    tokens = batch * seq
+    penalty = QUANT_COMPUTE_PENALTY[c.weights]
+    n_dev = c.devices if c.shard else 1
+    if task in ("train", "finetune"):
+        attn = 2 * L * batch * seq * seq * d  # causal QK^T and PV, forward (half the square x2)
+        fwd = 2 * n * tokens + attn
+        flops = fwd * (2 if c.lora_rank else 3)  # LoRA: no weight gradients for the base
+        fam = act.policy_family(c.remat)
+        if fam == "nothing_saveable":
+            flops += fwd
+        elif fam in ("dots_with_no_batch_dims_saveable", "dots_saveable", "save", "offload"):
+            flops += attn
+        compute = flops * penalty / PEAK_FLOPS / n_dev
+        link = 0.0
+        if c.offload:  # weights down twice (forward, backward), gradients up once
+            link += 3 * layer_bytes / HOST_LINK_BYTES_PER_S
+        if host.get("activations"):
+            link += 2 * host["activations"] / HOST_LINK_BYTES_PER_S
+        t = max(compute, link) if (c.offload and c.offload[1] > 0) else compute + link
+        if c.offload:  # host optimizer: read grads + state + params, write state + params
+            t += (2 * host.get("optimizer_state", 0) + 3 * cats["params"]) / HOST_MEM_BYTES_PER_S
+        if c.shard == "fsdp":
+            t = max(t, 3 * cats["params"] * (n_dev - 1) / n_dev / INTERCONNECT_BYTES_PER_S)
+        elif c.shard == "dp":
+            t = max(t, 2 * cats["params"] * (n_dev - 1) / n_dev / INTERCONNECT_BYTES_PER_S)
+        return float(t)
+    steps = 1 if task == "decode" else seq
+    flops = 2 * n * batch * steps + 4 * L * batch * steps * seq * d / (1 if task == "decode" else 2)
+    kv_dev = cats.get("kv_cache", 0) if "kv_cache" not in host else 0
+    mem = (cats["params"] / n_dev + kv_dev) / HBM_BYTES_PER_S
+    t = max(flops * penalty / PEAK_FLOPS / n_dev, mem)
+    link = host.get("kv_cache", 0) / HOST_LINK_BYTES_PER_S if task == "decode" else 0.0
+    if c.offload:
+        link += layer_bytes / HOST_LINK_BYTES_PER_S
+    return float(max(t, link))
+
+
+# --- Pareto front, ranking, verification -------------------------------------------------
+
+def pareto_front(items: Sequence[tuple]) -> list:
+    """The ``(candidate, estimate)`` pairs no other pair dominates on (device bytes, step
+    seconds, quality loss): another is at most as large on all three and smaller on one."""
+    keys = [(e.device_bytes, e.step_seconds, e.quality_loss) for _, e in items]
+    front = []
+    for i, ki in enumerate(keys):
+        dominated = any(all(a <= b for a, b in zip(kj, ki)) and kj != ki
+                        for j, kj in enumerate(keys) if j != i)
+        if not dominated and ki not in [(e.device_bytes, e.step_seconds, e.quality_loss)
+                                        for _, e in front]:
+            front.append(items[i])
+    return sorted(front, key=lambda ce: ce[1].device_bytes)
+
+
+def _rank_key(objective: str):
+    if objective == "speed":
+        return lambda ce: (round(ce[1].step_seconds, 6), ce[1].quality_loss, ce[1].device_bytes)
+    return lambda ce: (round(ce[1].quality_loss, 6), ce[1].step_seconds, ce[1].device_bytes)
+
+
+def build(cfg, c: Candidate, task: str):
+    """The candidate's composed model on abstract shapes (chunked attention)."""
+    from memlab import models
+    base = models.abstract(dataclasses.replace(cfg, attention="chunked"))
+    mesh = None
+    if c.shard:
+        from memlab import shard as sh
+        mesh = sh.mesh((c.devices,), ("data",))
+    return c.passes(task, mesh)(base)
+
+
+def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int, seq: int) -> Verification:
+    """Compile the candidate with :func:`memlab.memory.profile` on abstract shapes."""
+    from memlab import nn
+    from memlab.memory.profile import profile
+    on_cpu = jax.default_backend() == "cpu"
+    v = Verification(c, e.device_bytes, host_bytes=e.host_bytes,
+                     cpu_extra_bytes=e.cpu_extra_bytes if on_cpu else 0)
+    if c.shard and jax.device_count() < c.devices:
+        v.error = f"needs {c.devices} devices, this process has {jax.device_count()}"
+        return v
+    try:
+        model = build(cfg, c, task)
+        with nn.use_cross_entropy(c.loss):
+            r = profile(model, "train" if task in ("train", "finetune") else task, batch=batch,
+                        seq=seq, optimizer=c.optimizer or "adamw")
+    except Exception as exc:  # noqa: BLE001 -- recorded; the next candidate is tried
+        v.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        return v
+    v.compiled_peak_bytes = int(r.peak_bytes)
+    v.temp_bytes = int(r.temp_bytes)
+    return v
+
+
+def _nearest(cfg, task, batch, seq, budget, devices, best_bytes) -> Optional[str]:
+    """A feasible variation to name in the error: more devices, a shorter seq or batch."""
+    for n in (2, 4, 8, 16, 32, 64):
+        if n <= devices:
+            continue
+        ests = [estimate(cfg, c, task, batch, seq) for c in candidates(cfg, task, batch, seq, n)
+                if c.shard == "fsdp"]
+        if ests and min(e.device_bytes for e in ests) <= budget:
+            return f"with {n} devices FSDP fits ({gb(min(e.device_bytes for e in ests))} " \
+                   "per device)"
+    if task in ("train", "finetune") and task == "train":
+        return "task='finetune' (LoRA/QLoRA) or a smaller model"
+    return None
+
+
+def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] = None,
+         objective: str = "speed", verify: int = 3, devices: int = 1,
+         max_quality_loss: float = 0.05) -> Plan:
+    """Choose the passes that fit ``model``'s ``task`` into ``budget_bytes`` of device memory.
+
+    ``budget_bytes``: bytes or a string (``"24GB"``, ``"24GiB"``, ``"12e9"``).
+    ``seq``: tokens per row for train/finetune/prefill, cache slots for decode
+    (default: 2048 for training, the model's max_seq_len for inference).
+    ``verify``: how many of the best-ranked fitting candidates to compile (0: none).
+    ``max_quality_loss``: with ``objective="speed"``, candidates whose expected quality
+    loss exceeds this are ranked after all others (they stay on the Pareto front).
+    Raises :class:`NoPlanError` when no candidate fits, naming the minimum bytes any
+    candidate needs and the nearest feasible option.
+    """
+    name, cfg = _config(model)
+    task = check_task(task)
+    budget = parse_budget(budget_bytes)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"plan: objective={objective!r} is not one of {OBJECTIVES}")
+    if not isinstance(max_quality_loss, (int, float)) or max_quality_loss < 0:
+        raise ValueError(f"plan: max_quality_loss must be a non-negative number, got "
+                         f"{max_quality_loss!r}")
+    for argname, v in (("batch", batch), ("devices", devices), ("verify", verify)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if argname == "verify" else 1):
+            raise ValueError(f"plan: {argname} must be a {'non-negative' if argname == 'verify' else 'positive'} "
+                             f"int, got {v!r}")
+    if seq is None:
+        seq = 2048 if task in ("train", "finetune") else cfg.max_seq_len
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(f"plan: seq must be a positive int, got {seq!r}")
+    cands = candidates(cfg, task, batch, seq, devices)
+    scored = [(c, estimate(cfg, c, task, batch, seq)) for c in cands]
+    fits = [ce for ce in scored if ce[1].device_bytes <= budget]
+    if not fits:
+        best = min(scored, key=lambda ce: ce[1].device_bytes)
+        nearest = _nearest(cfg, task, batch, seq, budget, devices, best[1].device_bytes)
+        raise NoPlanError(
+            f"plan: no plan fits {name} {task} (batch {batch}, seq {seq}) in "
+            f"{gb(budget)}: it needs {gb(best[1].device_bytes)} at best "
+            f"({best[0].label()})" + (f"; {nearest}" if nearest else ""),
+            best[1].device_bytes, nearest)
+    key = _rank_key(objective)
+    ranked = sorted(fits, key=lambda ce: (ce[1].quality_loss > max_quality_loss, key(ce)))
+    verified = []
+    chosen = None
+    compiled = 0
+    for c, e in ranked if verify else ():  # compile down the ranking
+        if (compiled >= verify and chosen is not None) or compiled >= verify + MAX_OVER_BUDGET \
+                or len(verified) >= verify + MAX_COMPILE_FAILURES:
+            break
+        v = verify_candidate(cfg, c, e, task, batch, seq)
+        verified.append(v)
+        if v.compiled_device_bytes is None:
+            continue
+        compiled += 1
+        if chosen is None and v.accelerator_bytes <= budget:
+            chosen = (c, e)
+    if chosen is None:
+        # nothing verified (verify=0, or nothing compiled here): the analytic best
+        chosen = ranked[0]
+    c, e = chosen
+    return Plan(name, task, budget, batch, seq, objective, devices, c, e, c.passes(task)
+                if not c.shard else None, verified, pareto_front(fits), len(cands), len(fits))

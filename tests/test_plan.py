@@ -1,0 +1,219 @@
+"""Tests of the memory planner (memlab.memory.plan): budgets, errors, the Pareto front,
+the analytic 7B plans, and compiled verification on small abstract Llamas."""
+import math
+
+import numpy as np
+import pytest
+
+import memlab as ml
+from memlab.memory import planner as P
+
+GB = 10**9
+
+
+def _small(**kw):
+    base = dict(d_model=96, d_ff=272, n_layers=2, vocab_size=331, n_heads=3, n_kv_heads=1,
+                head_dim=32, dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096)
+    base.update(kw)
+    return ml.models.config("tiny", **base)
+
+
+# --- budgets and argument errors ------------------------------------------------------
+
+@pytest.mark.parametrize("text,expected", [("24GB", 24 * 10**9), ("24GiB", 24 * 2**30),
+                                           ("12e9", 12 * 10**9), (" 512 MiB ", 512 * 2**20),
+                                           ("1.5gb", 15 * 10**8), ("3TB", 3 * 10**12)])
+def test_parse_budget_strings(text, expected):
+    assert P.parse_budget(text) == expected
+
+
+def test_parse_budget_numbers():
+    assert P.parse_budget(7_000_000_123) == 7_000_000_123
+    assert P.parse_budget(2.5e9) == 2_500_000_000
+
+
+@pytest.mark.parametrize("bad", ["24 parsecs", "GB", "abc", "", "-3GB", "1e", "24 G B"])
+def test_parse_budget_bad_strings(bad):
+    with pytest.raises(ValueError, match="budget"):
+        P.parse_budget(bad)
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan"), float("inf")])
+def test_parse_budget_bad_numbers(bad):
+    with pytest.raises(ValueError, match="positive"):
+        P.parse_budget(bad)
+
+
+@pytest.mark.parametrize("bad", [None, True, [24]])
+def test_parse_budget_bad_types(bad):
+    with pytest.raises(TypeError, match="budget"):
+        P.parse_budget(bad)
+
+
+def test_plan_argument_errors():
+    with pytest.raises(ValueError, match="task="):
+        ml.memory.plan("llama2-7b", "pretrain", "24GB", verify=0)
+    with pytest.raises(ValueError, match="objective"):
+        ml.memory.plan("llama2-7b", "train", "24GB", objective="cheap", verify=0)
+    with pytest.raises(ValueError, match="unknown model"):
+        ml.memory.plan("llama9-1t", "train", "24GB", verify=0)
+    with pytest.raises(ValueError, match="batch"):
+        ml.memory.plan("llama2-7b", "train", "24GB", batch=0, verify=0)
+    with pytest.raises(ValueError, match="seq"):
+        ml.memory.plan("llama2-7b", "train", "24GB", seq=-1, verify=0)
+    with pytest.raises(TypeError, match="model must be"):
+        ml.memory.plan(3.5, "train", "24GB", verify=0)
+    with pytest.raises(ValueError, match="budget"):
+        ml.memory.plan("llama2-7b", "train", "lots", verify=0)
+
+
+# --- infeasible budgets ---------------------------------------------------------------
+
+def test_impossible_budget_error_names_minimum_and_nearest():
+    cfg = ml.models.config("llama2-7b", dtype="bfloat16", param_dtype="bfloat16")
+    with pytest.raises(P.NoPlanError, match=r"no plan fits llama2-7b train .* needs [0-9.]+ GB "
+                                            r"at best") as info:
+        ml.memory.plan("llama2-7b", "train", "2GB", verify=0)
+    # the minimum is the smallest estimate over the whole search space (recomputed here)
+    smallest = min(P.estimate(cfg, c, "train", 1, 2048).device_bytes
+                   for c in P.candidates(cfg, "train", 1, 2048))
+    assert info.value.minimum_bytes == smallest > 2 * GB
+    assert f"{smallest / 1e9:.2f} GB" in str(info.value)
+
+
+def test_nearest_feasible_option_is_feasible():
+    """When the error says "with N devices FSDP fits", planning with N devices fits."""
+    cfg = _small(n_layers=4, d_model=256, d_ff=688, n_heads=4, n_kv_heads=2, head_dim=64)
+    smallest = min(P.estimate(cfg, c, "train", 4, 512).device_bytes
+                   for c in P.candidates(cfg, "train", 4, 512))
+    budget = int(smallest * 0.8)
+    with pytest.raises(P.NoPlanError, match="devices FSDP fits") as info:
+        ml.memory.plan(cfg, "train", budget, batch=4, seq=512, verify=0)
+    n = int(info.value.nearest.split("with ")[1].split(" devices")[0])
+    plan = ml.memory.plan(cfg, "train", budget, batch=4, seq=512, verify=0, devices=n)
+    assert plan.candidate.shard in ("fsdp", "dp") and plan.estimate.device_bytes <= budget
+
+
+# --- analytic plans at 7B / 8B shapes (no compile) ---------------------------------------
+
+@pytest.mark.parametrize("budget", ["24GB", "12GB"])
+def test_llama2_7b_full_training_plans(budget):
+    plan = ml.memory.plan("llama2-7b", "train", budget, seq=2048, verify=0)
+    c = plan.candidate
+    assert c.weights == "bf16" and c.lora_rank == 0 and c.optimizer in ml.optim.names()
+    assert plan.estimate.device_bytes <= P.parse_budget(budget)
+    # params + gradients alone exceed the budget on the device: the plan streams the layers
+    n = ml.models.config("llama2-7b").param_count()
+    assert 2 * n * 2 > P.parse_budget(budget)
+    assert c.offload is not None and plan.estimate.host_bytes >= n * 2
+
+
+def test_headinfer_anchor_llama3_8b_1m_tokens():
+    seq = 2**20
+    plan = ml.memory.plan("llama3-8b", "decode", "24GB", seq=seq, objective="quality", verify=0)
+    assert plan.candidate.kv.startswith("headinfer") and plan.candidate.weights == "bf16"
+    cfg = ml.models.config("llama3-8b")
+    # independent formula: bf16 weights + one head group's K, V of one layer + the new token
+    params = cfg.param_count() * 2
+    group = 2 * seq * 1 * cfg.head_dim * 2
+    new = 2 * cfg.n_kv_heads * cfg.head_dim * 2
+    cats = plan.estimate.categories
+    assert cats["device"]["params"] == params
+    assert cats["device"]["kv_cache"] == group + new + 4
+    assert cats["host"]["kv_cache"] == cfg.n_layers * 2 * seq * cfg.n_kv_heads * cfg.head_dim * 2
+    assert 16 * GB < plan.estimate.device_bytes < 18 * GB  # the paper: 17 GB
+
+
+@pytest.mark.parametrize("objective", ["speed", "quality"])
+def test_llama3_8b_128k_inference_fits(objective):
+    plan = ml.memory.plan("llama3-8b", "inference", "24GB", seq=131072, objective=objective,
+                          verify=0)
+    assert plan.task == "decode" and plan.estimate.device_bytes <= 24 * GB
+    dense = ml.models.config("llama3-8b").kv_cache_bytes(1, 131072, "bfloat16")
+    assert dense > 16 * GB  # a dense cache next to bf16 weights would not fit
+    assert plan.estimate.quality_loss <= 0.05
+
+
+def test_quality_objective_never_worse_quality():
+    speed = ml.memory.plan("llama3-8b", "decode", "24GB", seq=131072, verify=0)
+    quality = ml.memory.plan("llama3-8b", "decode", "24GB", seq=131072, objective="quality",
+                             verify=0)
+    assert quality.estimate.quality_loss <= speed.estimate.quality_loss
+    assert speed.estimate.step_seconds <= quality.estimate.step_seconds
+
+
+def test_pareto_front_is_non_dominated_and_complete():
+    plan = ml.memory.plan("llama3-8b", "decode", "24GB", seq=131072, verify=0)
+    cfg = ml.models.config("llama3-8b", dtype="bfloat16", param_dtype="bfloat16")
+    pts = [P.estimate(cfg, c, "decode", 1, 131072) for c in P.candidates(cfg, "decode", 1, 131072)]
+    pts = np.array([(e.device_bytes, e.step_seconds, e.quality_loss) for e in pts
+                    if e.device_bytes <= 24 * GB])
+    front = np.array([(e.device_bytes, e.step_seconds, e.quality_loss) for _, e in plan.front])
+    assert len(front) >= 2
+
+    def dominates(a, b):
+        return bool(np.all(a <= b) and np.any(a < b))
+
+    for f in front:  # nothing feasible dominates a front point
+        assert not any(dominates(p, f) for p in pts)
+    for p in pts:  # every feasible point is on the front or dominated by it
+        assert any(np.array_equal(p, f) or dominates(f, p) for f in front)
+
+
+def test_plan_passes_compose_and_table():
+    plan = ml.memory.plan("llama2-7b", "train", "24GB", verify=0)
+    model = plan.passes(ml.models.abstract("llama2-7b", dtype="bfloat16", param_dtype="bfloat16"))
+    names = " ".join(p.name for p, _ in model.history)
+    assert "offload" in names and model.module.stream == plan.candidate.offload
+    # streaming recomputes each block in its own backward: no remat pass on top
+    assert "remat" not in names and plan.candidate.remat == "nothing_saveable"
+    text = plan.table()
+    assert "Pareto front" in text and plan.candidate.label() in text
+    assert plan.to_dict()["chosen"]["label"] == plan.candidate.label()
+
+
+# --- compiled verification on small configs ---------------------------------------------
+
+# held-out shapes (the constants were fitted at d=256, d_ff=688, MHA, V=1000, T=256/512)
+CASES = [
+    ("train", P.Candidate("bf16", "nothing_saveable", "adamw"), 2, 384),
+    ("train", P.Candidate("bf16", "dots_with_no_batch_dims_saveable", "adamw"), 2, 384),
+    ("train", P.Candidate("bf16", "nothing_saveable", "adamw", offload=(1, 1)), 2, 384),
+    ("decode", P.Candidate("bf16", kv="dense"), 2, 3000),
+]
+
+
+def _held_out():
+    return _small(d_model=192, d_ff=512, n_layers=3, vocab_size=777, n_heads=6, n_kv_heads=2,
+                  head_dim=32)
+
+
+@pytest.mark.parametrize("task,cand,batch,seq", CASES, ids=lambda x: getattr(x, "label", lambda: None)() or str(x))
+def test_estimate_within_10pct_of_compiled(task, cand, batch, seq):
+    cfg = _held_out()
+    e = P.estimate(cfg, cand, task, batch, seq)
+    v = P.verify_candidate(cfg, cand, e, task, batch, seq)
+    assert v.error is None, v.error
+    # independent: XLA's own numbers, recompiled through the public profiler
+    model = P.build(cfg, cand, task)
+    with ml.nn.use_cross_entropy(cand.loss):
+        r = ml.memory.profile(model, "train" if task == "train" else task, batch=batch, seq=seq,
+                              optimizer=cand.optimizer or "adamw")
+    assert v.compiled_peak_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
+    pred = e.device_bytes + e.cpu_extra_bytes
+    assert abs(pred - v.compiled_device_bytes) <= 0.10 * v.compiled_device_bytes, \
+        (pred, v.compiled_device_bytes)
+    if cand.offload:  # the host part is subtracted: params, gradients, optimizer state
+        assert v.host_bytes >= r.by_category["params_host"] + r.by_category["optimizer_state_host"]
+
+
+def test_chosen_plan_fits_when_compiled():
+    cfg = _held_out()
+    plain = P.estimate(cfg, P.Candidate("bf16", None, "adamw"), "train", 2, 512).device_bytes
+    budget = int(plain * 0.8)  # full training without remat does not fit
+    plan = ml.memory.plan(cfg, "train", budget, batch=2, seq=512, verify=1)
+    v = plan.verification
+    assert v is not None and v.compiled_device_bytes is not None, plan.verified
+    assert v.compiled_device_bytes <= budget
+    assert plan.candidate.remat is not None or plan.candidate.offload is not None
+    assert math.isfinite(v.relative_error) and abs(v.relative_error) < 0.10
