@@ -5,6 +5,7 @@
     python -m memlab perplexity --model=smollm2-135m --corpus=austen --split=test
     python -m memlab demo          # the `make demo` job
     python -m memlab fetch         # download the Austen corpus into ~/.cache/memlab
+    python -m memlab plan --model=llama2-7b --task=train --budget=24GB
     python -m memlab train --model=smollm2-135m --optimizer=adamw --steps=200 --batch=4 \
         --seq=256 --ckpt_dir=runs/a --resume
 """
@@ -15,11 +16,12 @@ import time
 
 from absl import app, flags
 
-COMMANDS = ("profile", "generate", "perplexity", "demo", "fetch", "train")
+COMMANDS = ("profile", "generate", "perplexity", "demo", "fetch", "train", "plan")
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model name (see memlab.models.names()).")
-flags.DEFINE_enum("task", "train", ["train", "prefill", "decode"], "Step to profile.")
+flags.DEFINE_enum("task", "train", ["train", "prefill", "decode", "finetune", "inference"],
+                  "Step to profile (plan also takes finetune = LoRA, inference = decode).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("seq", 512, "Sequence length (train/prefill) or KV cache length (decode).")
 flags.DEFINE_string("dtype", None, "Weight and compute dtype (default: float32 for real "
@@ -56,6 +58,11 @@ flags.DEFINE_integer("seed", 0, "train: data-order seed.")
 flags.DEFINE_integer("lora_rank", 0, "train: LoRA adapters of this rank (0 = full fine-tune).")
 flags.DEFINE_string("quantize", None, "train: QLoRA base format (nf4, int4, int8); needs "
                     "--lora_rank.")
+# plan (memlab.memory.plan)
+flags.DEFINE_string("budget", "24GB", "plan: device memory budget, e.g. 24GB, 24GiB, 12e9.")
+flags.DEFINE_enum("objective", "speed", ["speed", "quality"], "plan: what to rank by.")
+flags.DEFINE_integer("verify", 3, "plan: candidates compiled to verify (0 = analytic only).")
+flags.DEFINE_integer("devices", 1, "plan: devices to shard over (FSDP / DP candidates).")
 
 
 def _load(name: str, dtype: str | None):
@@ -229,6 +236,15 @@ def cmd_train() -> dict:
                       "skipped": res.skipped, "checkpoints": res.checkpoints,
                       "steps_per_second": res.steps_per_second,
                       "compile_seconds": res.compile_seconds}}
+
+
+def cmd_plan() -> dict:
+    import memlab as ml
+    seq = FLAGS.seq if FLAGS["seq"].present else None
+    plan = ml.memory.plan(FLAGS.model, FLAGS.task, FLAGS.budget, batch=FLAGS.batch, seq=seq,
+                          objective=FLAGS.objective, verify=FLAGS.verify, devices=FLAGS.devices)
+    print(plan.table())
+    return {"plan": plan.to_dict()}
 
 
 def main(argv):
