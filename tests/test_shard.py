@@ -283,3 +283,18 @@ def test_sharded_decode_profile_and_logits(base, mesh42, tokens):
     assert "per device" in rep.table()
     out = jax.jit(lambda m, t: m(t))(model, tokens[:4, :-1])
     chex.assert_trees_all_close(out, base(tokens[:4, :-1]), rtol=1e-5, atol=1e-5)
+
+
+def test_estimate_exact_after_quantize_and_lora(base, mesh42):
+    """The pass's per-device estimate replays exactly behind passes that change storage
+    (NF4 codes) or what trains (LoRA adapters: gradients and state of adapters only)."""
+    strategy = ml.shard.fsdp_tp("data", "model")
+    q = ml.compose(ml.passes.quantize(ml.quant.nf4(block=32)), ml.passes.shard(mesh42, strategy))
+    rep = ml.memory.profile(q(base), "decode", batch=4, seq=32)
+    assert rep.analytic["params"] == rep.by_category["params"] < rep.global_by_category["params"]
+    lora = ml.compose(ml.passes.lora(rank=4), ml.passes.shard(mesh42, strategy))
+    rep = ml.memory.profile(lora(base), "train", batch=8, seq=16)
+    for k in ("params", "gradients", "optimizer_state", "inputs"):
+        assert rep.analytic[k] == rep.by_category[k], k
+    cats = rep.by_category
+    assert rep.argument_bytes == cats["params"] + cats["optimizer_state"] + cats["inputs"]

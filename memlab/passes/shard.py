@@ -92,9 +92,20 @@ def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
     sh.check_strategy(mesh, strategy)
     sharded = sh.Sharded(mesh, strategy)
 
+    # The abstract params (and trainable part) of each model this pass sharded, by spec:
+    # what earlier passes stored (quantized codes, LoRA adapters), for an exact estimate.
+    seen: dict = {}
+
     def transform(model: Model, calib) -> Model:
         _check_heads(model.spec, mesh, strategy)
         params = sharded.put_params(model.params)  # raises on a mesh that does not divide
+        from memlab.memory.bytes import abstractify
+        from memlab.model import split_trainable
+        try:
+            seen[model.spec] = (abstractify(model.params),
+                                abstractify(split_trainable(model)[0]))
+        except TypeError:  # an unhashable spec: the estimate works from spec shapes
+            pass
         out = model.replace(params=params)
         wrap = _wrapper(sharded)
         return out.wrap(wrap).with_extras(shard=sharded)
@@ -105,20 +116,32 @@ def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
             return current
         from memlab.memory.bytes import tree_bytes
         from memlab.model import Model as _M, split_trainable
-        shapes = shapes_fn()
+        from memlab.memory.estimate import TRAINABLE_SHAPES
+        try:
+            record = seen.get(spec)
+        except TypeError:
+            record = None
+        if record is not None:
+            shapes, trainable = record
+        else:
+            shapes = shapes_fn()
+            trainable, _ = split_trainable(_M(params=shapes, fn=lambda p: p), shapes)
         out = dict(current)
+        narrowed = out.get(TRAINABLE_SHAPES) is not None
+        if narrowed:  # LoRA before us: only the adapters have gradients and state
+            trainable = out.pop(TRAINABLE_SHAPES)
         g_params, d_params = tree_bytes(shapes), sharded.param_bytes(shapes)
         if "params" in out:
             out["params"] = _scaled(out["params"], g_params, d_params)
-        trainable, _ = split_trainable(_M(params=shapes, fn=lambda p: p), shapes)
         if "gradients" in out:
-            out["gradients"] = _scaled(out["gradients"], tree_bytes(trainable),
-                                       sharded.param_bytes(trainable))
+            out["gradients"] = _scaled(tree_bytes(trainable) if narrowed else out["gradients"],
+                                       tree_bytes(trainable), sharded.param_bytes(trainable))
         if "optimizer_state" in out and optimizer is not None:
             from memlab import optim
             state = jax.eval_shape(optim.get(optimizer).init, trainable)
-            out["optimizer_state"] = _scaled(out["optimizer_state"], tree_bytes(state),
-                                             sharded.state_bytes(state, trainable))
+            out["optimizer_state"] = _scaled(
+                tree_bytes(state) if narrowed else out["optimizer_state"], tree_bytes(state),
+                sharded.state_bytes(state, trainable))
         if "inputs" in out and strategy.batch:
             n = math.prod(mesh.shape[a] for a in strategy.batch)
             if workload.batch % n == 0:
