@@ -11,7 +11,9 @@ NOTEBOOKS = sorted(f for f in os.listdir(os.path.join(ROOT, "notebooks")) if f.e
 EXPECT = {"tour.ipynb": ["Paris", "kv_cache"], "quantize.ipynb": ["4.127", "Paris", "llm.int8()"],
           "kv_cache.ipynb": ["B/token", "Paris", "paged waste", "decoded tokens"],
           "training_memory.ipynb": ["resume bit-exact: True True", "exact==analytic True",
-                                    "cuts activation temp", "x less"]}
+                                    "cuts activation temp", "x less"],
+          "plan.ipynb": ["Pareto front", "offload(k=", "headinfer", "no plan fits",
+                         "compiled device"]}
 
 
 @pytest.mark.slow

@@ -1,0 +1,144 @@
+"""The memory planner: target plans at 7B/8B shapes and predicted-vs-compiled error.
+
+    python experiments/plan.py                       # ~10 min on a 2-core CPU
+    python experiments/plan.py --verify=1 --grid=small
+
+Written to results/plan.json:
+
+* **targets** (``ml.memory.plan`` with compile verification on abstract shapes):
+  llama2-7b full training (all params update) in 24 GB and 12 GB; llama3-8b
+  inference (decode over a 128k-token and a 1M-token cache) in 24 GB; llama2-7b
+  training in 2 GB, which must be refused with the minimum and nearest option.
+* **error**: the planner's predicted device bytes against XLA's
+  ``argument + output - alias + temp`` minus the host part (formulas) over a grid
+  of configurations: small held-out Llama shapes (the activation constants were
+  fitted at d=256, d_ff=688) and 7B/8B shapes.  Target: within 10%.
+
+Numbers are XLA:CPU's.  CPU has one memory: host placements are subtracted by
+formula; bf16 upcasts XLA:CPU makes (``cpu_extra_bytes``) are predicted and
+reported separately.
+"""
+import time
+
+from absl import app, flags
+
+import memlab as ml
+from memlab import results
+from memlab.memory import planner as P
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("verify", 3, "Candidates compiled per target plan.")
+flags.DEFINE_enum("grid", "full", ["small", "full"], "Error grid: small shapes only, or also 7B.")
+flags.DEFINE_string("out", "results/plan.json", "Output JSON.")
+
+GB = 1e9
+
+
+def targets() -> list:
+    rows = []
+    for model, task, budget, kw in [
+            ("llama2-7b", "train", "24GB", dict(seq=2048)),
+            ("llama2-7b", "train", "12GB", dict(seq=2048)),
+            ("llama3-8b", "decode", "24GB", dict(seq=131072)),
+            ("llama3-8b", "decode", "24GB", dict(seq=131072, objective="quality")),
+            ("llama3-8b", "decode", "24GB", dict(seq=2**20, objective="quality")),
+            ("llama2-7b", "train", "2GB", dict(seq=2048))]:
+        t0 = time.perf_counter()
+        try:
+            plan = ml.memory.plan(model, task, budget, verify=FLAGS.verify, **kw)
+        except P.NoPlanError as e:
+            print(f"\n{model} {task} {budget}: {e}")
+            rows.append(dict(model=model, task=task, budget=budget, **kw, feasible=False,
+                             error=str(e), minimum_bytes=e.minimum_bytes, nearest=e.nearest))
+            continue
+        print("\n" + plan.table(), flush=True)
+        d = plan.to_dict()
+        v = plan.verification
+        d.update(budget=budget, feasible=True, seconds=time.perf_counter() - t0,
+                 compile_confirms=bool(v is not None and v.accelerator_bytes is not None
+                                       and v.accelerator_bytes <= plan.budget_bytes))
+        rows.append(d)
+    return rows
+
+
+def _small(**kw):
+    base = dict(d_model=192, d_ff=512, n_layers=3, vocab_size=777, n_heads=6, n_kv_heads=2,
+                head_dim=32, dtype="bfloat16", param_dtype="bfloat16", max_seq_len=4096)
+    base.update(kw)
+    return ml.models.config("tiny", **base)
+
+
+def grid() -> list:
+    C = P.Candidate
+    shapes = [_small(), _small(d_model=320, d_ff=864, n_layers=2, n_heads=5, n_kv_heads=5,
+                               head_dim=64, vocab_size=3001)]
+    cases = []
+    for cfg in shapes:
+        for pol in ("nothing_saveable", "dots_with_no_batch_dims_saveable",
+                    "save:qkv,attn_out,mlp_hidden", None):
+            cases.append((cfg, "train", C("bf16", pol, "adamw"), 2, 384))
+        cases.append((cfg, "train", C("bf16", "nothing_saveable", "adamw", loss="naive"), 2, 384))
+        cases.append((cfg, "train", C("bf16", "nothing_saveable", "apollo_mini"), 2, 384))
+        cases.append((cfg, "train", C("bf16", "nothing_saveable", "galore"), 2, 384))
+        cases.append((cfg, "train", C("bf16", "nothing_saveable", "adamw", offload=(1, 1)), 2, 384))
+        cases.append((cfg, "finetune", C("nf4", "nothing_saveable", "adamw", lora_rank=16), 2, 384))
+        cases.append((cfg, "decode", C("bf16", kv="dense"), 2, 3000))
+        cases.append((cfg, "decode", C("bf16", kv="kivi4"), 2, 3000))
+        cases.append((cfg, "decode", C("int8", kv="kivi4"), 2, 3000))
+    if FLAGS.grid == "full":
+        l7 = P._config("llama2-7b")[1]
+        l8 = P._config("llama3-8b")[1]
+        cases += [(l7, "train", C("bf16", "nothing_saveable", "adamw8bit"), 1, 2048),
+                  (l7, "train", C("bf16", "dots_with_no_batch_dims_saveable", "adamw"), 1, 1024),
+                  (l7, "train", C("bf16", "nothing_saveable", "adamw", offload=(1, 1)), 1, 2048),
+                  (l7, "finetune", C("nf4", "nothing_saveable", "adamw", lora_rank=16), 1, 2048),
+                  (l8, "decode", C("int8", kv="kivi4"), 1, 131072),
+                  (l8, "decode", C("bf16", kv="kivi4"), 1, 131072),
+                  (l8, "decode", C("bf16", kv="headinfer:heads=1"), 1, 2**20)]
+    rows = []
+    for cfg, task, c, b, s in cases:
+        t0 = time.perf_counter()
+        e = P.estimate(cfg, c, task, b, s)
+        v = P.verify_candidate(cfg, c, e, task, b, s)
+        row = dict(model=cfg.name if cfg.name != "tiny" else
+                   f"d{cfg.d_model}-ff{cfg.d_ff}-L{cfg.n_layers}-H{cfg.n_heads}/{cfg.n_kv_heads}"
+                   f"-V{cfg.vocab_size}", task=task, candidate=c.label(), batch=b, seq=s,
+                   predicted_device_bytes=e.device_bytes, cpu_extra_bytes=v.cpu_extra_bytes,
+                   host_bytes=v.host_bytes, compiled_peak_bytes=v.compiled_peak_bytes,
+                   temp_bytes=v.temp_bytes, compiled_device_bytes=v.compiled_device_bytes,
+                   relative_error=v.relative_error, error=v.error,
+                   seconds=time.perf_counter() - t0)
+        rows.append(row)
+        err = "—" if v.relative_error is None else f"{v.relative_error:+.1%}"
+        print(f"{row['model']:<34} {task:<8} {c.label()[:60]:<60} pred "
+              f"{(e.device_bytes + v.cpu_extra_bytes) / GB:8.3f} GB  compiled "
+              f"{(v.compiled_device_bytes or 0) / GB:8.3f} GB  {err}"
+              + (f"  ({v.error})" if v.error else ""), flush=True)
+    return rows
+
+
+def main(_):
+    t0 = time.perf_counter()
+    err_rows = grid()
+    plans = targets()
+    errs = [abs(r["relative_error"]) for r in err_rows if r["relative_error"] is not None]
+    summary = {
+        "configs_compiled": len(errs), "configs_failed": sum(r["error"] is not None
+                                                            for r in err_rows),
+        "within_10pct": sum(e <= 0.10 for e in errs),
+        "max_abs_error": max(errs) if errs else None,
+        "median_abs_error": sorted(errs)[len(errs) // 2] if errs else None,
+        "by_task": {t: max((abs(r["relative_error"]) for r in err_rows
+                            if r["task"] == t and r["relative_error"] is not None), default=None)
+                    for t in ("train", "finetune", "decode")},
+    }
+    print(f"\npredicted vs compiled: {summary['within_10pct']}/{len(errs)} within 10%, "
+          f"median |error| {summary['median_abs_error']:.1%}, max {summary['max_abs_error']:.1%}")
+    results.write(FLAGS.out, {"experiment": "plan", "memlab": ml.__version__,
+                              "settings": {"verify": FLAGS.verify, "grid": FLAGS.grid},
+                              "targets": plans, "error": err_rows, "summary": summary,
+                              "seconds": time.perf_counter() - t0})
+
+
+if __name__ == "__main__":
+    app.run(main)
