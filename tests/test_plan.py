@@ -188,7 +188,8 @@ def _held_out():
                   head_dim=32)
 
 
-@pytest.mark.parametrize("task,cand,batch,seq", CASES, ids=lambda x: getattr(x, "label", lambda: None)() or str(x))
+@pytest.mark.parametrize("task,cand,batch,seq", CASES,
+                         ids=[f"{t}-{c.label()}" for t, c, _, _ in CASES])
 def test_estimate_within_10pct_of_compiled(task, cand, batch, seq):
     cfg = _held_out()
     e = P.estimate(cfg, cand, task, batch, seq)
@@ -217,3 +218,31 @@ def test_chosen_plan_fits_when_compiled():
     assert v.compiled_device_bytes <= budget
     assert plan.candidate.remat is not None or plan.candidate.offload is not None
     assert math.isfinite(v.relative_error) and abs(v.relative_error) < 0.10
+
+
+def test_activation_fit_recovers_known_constants():
+    """fit() solves the temp model's least squares: synthetic temps from known constants."""
+    from memlab.memory import activations as act
+    rng = np.random.default_rng(7)
+    truth = {"a": 5.3, "nothing_saveable": (0.71, 2.5e6), "save": (1.6, 0.45, -1.2e6)}
+    pts = []
+    for policy in ("nothing_saveable", "save:qkv,mlp_hidden"):
+        for _ in range(5):
+            cfg = _small(n_layers=int(rng.integers(2, 6)), d_model=int(rng.choice([96, 160])))
+            b, t = int(rng.integers(1, 4)), int(rng.integers(100, 700))
+            n = cfg.param_count()
+            f = act.train_features(cfg, b, t, policy, p_layers=n * 0.9, p_other=n * 0.1)
+            if policy == "nothing_saveable":
+                k, c0 = truth[policy]
+                temp = truth["a"] * f.p_layers + f.saved + k * f.work + c0
+            else:
+                s, k, c0 = truth["save"]
+                temp = truth["a"] * f.p_layers + s * f.saved + k * f.work + c0
+            temp += act.A_OTHER * f.p_other + f.attention + f.loss
+            pts.append((f, "adamw", temp))
+    out = act.fit(pts)
+    np.testing.assert_allclose(out["a"]["adamw"], truth["a"], rtol=1e-6)
+    np.testing.assert_allclose([out["kappa"]["nothing_saveable"], out["c0"]["nothing_saveable"]],
+                               truth["nothing_saveable"], rtol=1e-5)
+    np.testing.assert_allclose([out["sigma"]["save"], out["kappa"]["save"], out["c0"]["save"]],
+                               truth["save"], rtol=1e-5)

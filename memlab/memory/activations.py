@@ -194,7 +194,8 @@ def fit(points: Iterable[tuple]) -> dict:
             sol = np.linalg.lstsq(X, y, rcond=None)[0]
             out["a"][o] = float(sol[0])
             if o == "adamw":
-                out["kappa"]["nothing_saveable"], out["c0"]["nothing_saveable"] = map(float, sol[1:])
+                kappa, c0 = map(float, sol[1:])
+                out["kappa"]["nothing_saveable"], out["c0"]["nothing_saveable"] = kappa, c0
         elif len(rows) == 2:  # slope in the layer count: a only
             (f1, t1), (f2, t2) = rows
             out["a"][o] = float(((t2 - t1) - (f2.saved - f1.saved)) / (f2.p_layers - f1.p_layers))

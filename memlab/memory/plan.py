@@ -308,7 +308,7 @@ class Plan:
                              f"{gb(v.accelerator_bytes)}")
         lines.append(f"{self.considered} candidates, {self.feasible} under budget; verified "
                      "(compiled on abstract shapes):")
-        w = 64
+        w = 80
         lines.append(f"  {'candidate':<{w}} {'predicted':>11} {'compiled':>11} {'error':>7}"
                      "  (both on XLA:CPU terms)")
         for v in self.verified:
@@ -531,7 +531,8 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
             dims = Dims(batch=batch, max_len=seq, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                         head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.dtype).name, n_layers=n_layers)
             host["kv_cache"] = int(pol.host_bytes(dims))
-            dev["kv_cache"] = int(pol.device_bytes(dims, 1 if task == "decode" else seq)) + batch * 4
+            tokens = 1 if task == "decode" else seq
+            dev["kv_cache"] = int(pol.device_bytes(dims, tokens)) + batch * 4
         dequant = (_count(shapes[LAYERS]) / n_layers) * cs if c.weights != "bf16" else 0.0
         if task == "decode":
             temp = act.decode_temp(cfg, batch, seq, kv_dequant_layer_bytes=kv_dq,
@@ -629,7 +630,8 @@ def build(cfg, c: Candidate, task: str):
     return c.passes(task, mesh)(base)
 
 
-def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int, seq: int) -> Verification:
+def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int,
+                     seq: int) -> Verification:
     """Compile the candidate with :func:`memlab.memory.profile` on abstract shapes."""
     from memlab import nn
     from memlab.memory.profile import profile
@@ -690,9 +692,9 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
         raise ValueError(f"plan: max_quality_loss must be a non-negative number, got "
                          f"{max_quality_loss!r}")
     for argname, v in (("batch", batch), ("devices", devices), ("verify", verify)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if argname == "verify" else 1):
-            raise ValueError(f"plan: {argname} must be a {'non-negative' if argname == 'verify' else 'positive'} "
-                             f"int, got {v!r}")
+        least = 0 if argname == "verify" else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"plan: {argname} must be an int >= {least}, got {v!r}")
     if seq is None:
         seq = 2048 if task in ("train", "finetune") else cfg.max_seq_len
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
