@@ -70,7 +70,7 @@ def _small(**kw):
 
 def grid() -> list:
     C = P.Candidate
-    shapes = [_small(), _small(d_model=320, d_ff=864, n_layers=2, n_heads=5, n_kv_heads=5,
+    shapes = [_small(), _small(d_model=320, d_ff=896, n_layers=2, n_heads=5, n_kv_heads=5,
                                head_dim=64, vocab_size=3001)]
     cases = []
     for cfg in shapes:
@@ -119,8 +119,8 @@ def grid() -> list:
 
 def main(_):
     t0 = time.perf_counter()
-    err_rows = grid()
     plans = targets()
+    err_rows = grid()
     errs = [abs(r["relative_error"]) for r in err_rows if r["relative_error"] is not None]
     summary = {
         "configs_compiled": len(errs), "configs_failed": sum(r["error"] is not None

@@ -87,7 +87,7 @@ def test_nearest_feasible_option_is_feasible():
     smallest = min(P.estimate(cfg, c, "train", 4, 512).device_bytes
                    for c in P.candidates(cfg, "train", 4, 512))
     budget = int(smallest * 0.8)
-    with pytest.raises(P.NoPlanError, match="devices FSDP fits") as info:
+    with pytest.raises(P.NoPlanError, match="devices (FSDP|DP) fits") as info:
         ml.memory.plan(cfg, "train", budget, batch=4, seq=512, verify=0)
     n = int(info.value.nearest.split("with ")[1].split(" devices")[0])
     plan = ml.memory.plan(cfg, "train", budget, batch=4, seq=512, verify=0, devices=n)
@@ -246,3 +246,12 @@ def test_activation_fit_recovers_known_constants():
                                truth["nothing_saveable"], rtol=1e-5)
     np.testing.assert_allclose([out["sigma"]["save"], out["kappa"]["save"], out["c0"]["save"]],
                                truth["save"], rtol=1e-5)
+
+
+def test_passes_that_cannot_apply_are_skipped():
+    """NF4's 64-blocks do not divide d_model=96 / d_ff=272: no nf4 candidate, no crash."""
+    cfg = _small()
+    plan = ml.memory.plan(cfg, "finetune", "1GB", batch=2, seq=128, verify=0)
+    assert plan.candidate.lora_rank == P.LORA_RANK
+    assert all(c.weights != "nf4" for c, _ in plan.front)
+    assert plan.considered > plan.feasible  # the nf4 candidates were enumerated, then dropped

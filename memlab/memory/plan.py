@@ -654,17 +654,29 @@ def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int,
     return v
 
 
-def _nearest(cfg, task, batch, seq, budget, devices, best_bytes) -> Optional[str]:
-    """A feasible variation to name in the error: more devices, a shorter seq or batch."""
+def _scored(cfg, cands, task, batch, seq) -> list:
+    """``(candidate, estimate)`` for each candidate whose passes apply to these shapes (a
+    pass that cannot, e.g. a block size that does not divide a dimension, is skipped)."""
+    out = []
+    for c in cands:
+        try:
+            out.append((c, estimate(cfg, c, task, batch, seq)))
+        except ValueError:
+            continue
+    return out
+
+
+def _nearest(cfg, task, batch, seq, budget, devices) -> Optional[str]:
+    """A feasible variation to name in the error: more devices, or LoRA instead of full training."""
     for n in (2, 4, 8, 16, 32, 64):
         if n <= devices:
             continue
-        ests = [estimate(cfg, c, task, batch, seq) for c in candidates(cfg, task, batch, seq, n)
-                if c.shard == "fsdp"]
-        if ests and min(e.device_bytes for e in ests) <= budget:
-            return f"with {n} devices FSDP fits ({gb(min(e.device_bytes for e in ests))} " \
-                   "per device)"
-    if task in ("train", "finetune") and task == "train":
+        sharded = [ce for ce in _scored(cfg, candidates(cfg, task, batch, seq, n), task, batch, seq)
+                   if ce[0].shard is not None and ce[1].device_bytes <= budget]
+        if sharded:
+            c, e = min(sharded, key=lambda ce: ce[1].device_bytes)
+            return f"with {n} devices {c.shard.upper()} fits ({gb(e.device_bytes)} per device)"
+    if task == "train":
         return "task='finetune' (LoRA/QLoRA) or a smaller model"
     return None
 
@@ -700,11 +712,11 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise ValueError(f"plan: seq must be a positive int, got {seq!r}")
     cands = candidates(cfg, task, batch, seq, devices)
-    scored = [(c, estimate(cfg, c, task, batch, seq)) for c in cands]
+    scored = _scored(cfg, cands, task, batch, seq)
     fits = [ce for ce in scored if ce[1].device_bytes <= budget]
     if not fits:
         best = min(scored, key=lambda ce: ce[1].device_bytes)
-        nearest = _nearest(cfg, task, batch, seq, budget, devices, best[1].device_bytes)
+        nearest = _nearest(cfg, task, batch, seq, budget, devices)
         raise NoPlanError(
             f"plan: no plan fits {name} {task} (batch {batch}, seq {seq}) in "
             f"{gb(budget)}: it needs {gb(best[1].device_bytes)} at best "
