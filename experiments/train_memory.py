@@ -216,11 +216,26 @@ def run_finetune() -> dict:
                "gradients_bytes": rep.by_category["gradients"],
                "optimizer_state_bytes": rep.by_category["optimizer_state"]}
         runs.append(row)
+        out["runs"] = _merge_runs(FLAGS.out, out["settings"], runs)
+        results.write(FLAGS.out, out, key="finetune")      # after every run: nothing is lost
         print(f"{name:10s} loss(last10) {row['final_loss_avg10']:.4f}  val ppl "
               f"{row['validation_perplexity']:.3f}  state {fmt_bytes(row['optimizer_state_bytes'])}"
               f"  peak {fmt_bytes(row['peak_bytes'])}  {secs:.0f}s")
-    out["runs"] = runs
     return out
+
+
+def _merge_runs(path: str, settings: dict, runs: list) -> list:
+    """Runs of this call, plus earlier runs (same settings) of names not rerun."""
+    import json
+    import os
+    if not os.path.exists(path):
+        return list(runs)
+    with open(path) as f:
+        old = json.load(f).get("finetune", {})
+    if old.get("settings") != settings:
+        return list(runs)
+    names = {r["run"] for r in runs}
+    return [r for r in old.get("runs", []) if r["run"] not in names] + list(runs)
 
 
 def plot(ft: dict, path: str):
@@ -251,7 +266,6 @@ def main(_):
         results.write(FLAGS.out, out["compile"], key="compile")
     if FLAGS.part in ("all", "finetune"):
         out["finetune"] = run_finetune()
-        results.write(FLAGS.out, out["finetune"], key="finetune")
         plot(out["finetune"], FLAGS.out.replace(".json", ".png"))
 
 
