@@ -215,7 +215,7 @@ def test_chosen_plan_fits_when_compiled():
     plan = ml.memory.plan(cfg, "train", budget, batch=2, seq=512, verify=1)
     v = plan.verification
     assert v is not None and v.compiled_device_bytes is not None, plan.verified
-    assert v.compiled_device_bytes <= budget
+    assert v.compiled_device_bytes <= budget and plan.confirmed
     assert plan.candidate.remat is not None or plan.candidate.offload is not None
     assert math.isfinite(v.relative_error) and abs(v.relative_error) < 0.10
 

@@ -262,6 +262,13 @@ class Plan:
         v = self.verification
         return None if v is None else v.compiled_device_bytes
 
+    @property
+    def confirmed(self) -> bool:
+        """The chosen candidate compiled and its compiled device bytes fit the budget."""
+        v = self.verification
+        return bool(v is not None and v.accelerator_bytes is not None
+                    and v.accelerator_bytes <= self.budget_bytes)
+
     def to_dict(self) -> dict:
         def cand(c):
             return dict(dataclasses.asdict(c), label=c.label())
@@ -274,6 +281,7 @@ class Plan:
                 "devices": self.devices, "chosen": cand(self.candidate),
                 "estimate": estd(self.estimate),
                 "compiled_device_bytes": self.compiled_device_bytes,
+                "confirmed_by_compile": self.confirmed,
                 "verified": [dict(candidate=v.candidate.label(),
                                   predicted_device_bytes=v.predicted_device_bytes,
                                   cpu_extra_bytes=v.cpu_extra_bytes,
@@ -293,7 +301,9 @@ class Plan:
         lines = [f"plan · {self.model} · {self.task} · batch {self.batch} · seq {self.seq} · "
                  f"budget {gb(self.budget_bytes)} · objective {self.objective}"
                  + (f" · {self.devices} devices" if self.devices > 1 else ""),
-                 f"chosen: {self.candidate.label()}",
+                 f"chosen: {self.candidate.label()}"
+                 + ("  [fits when compiled]" if self.confirmed else "  [analytic only: not "
+                    "confirmed by a compile]"),
                  f"  predicted device {gb(e.device_bytes)} (host {gb(e.host_bytes)})"
                  f" · est. step {e.step_seconds * 1e3:.1f} ms · expected quality loss "
                  f"{e.quality_loss:.2%}"]
@@ -666,6 +676,13 @@ def _scored(cfg, cands, task, batch, seq) -> list:
     return out
 
 
+def _family(c: Candidate) -> tuple:
+    """What decides whether a candidate compiles: its optimizer (host-offloaded or not),
+    weight format, adapters and KV policy; remat, loss and k do not."""
+    return (c.optimizer, c.offload is not None, c.weights, c.lora_rank, _kv_name(c.kv or ""),
+            c.shard)
+
+
 def _nearest(cfg, task, batch, seq, budget, devices) -> Optional[str]:
     """A feasible variation to name in the error: more devices, or LoRA instead of full training."""
     for n in (2, 4, 8, 16, 32, 64):
@@ -727,20 +744,25 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
     verified = []
     chosen = None
     compiled = 0
+    failed = set()  # candidates' build families that failed to compile: skip their siblings
     for c, e in ranked if verify else ():  # compile down the ranking
         if (compiled >= verify and chosen is not None) or compiled >= verify + MAX_OVER_BUDGET \
                 or len(verified) >= verify + MAX_COMPILE_FAILURES:
             break
+        if _family(c) in failed:
+            continue
         v = verify_candidate(cfg, c, e, task, batch, seq)
         verified.append(v)
         if v.compiled_device_bytes is None:
+            failed.add(_family(c))
             continue
         compiled += 1
         if chosen is None and v.accelerator_bytes <= budget:
             chosen = (c, e)
     if chosen is None:
-        # nothing verified (verify=0, or nothing compiled here): the analytic best
-        chosen = ranked[0]
+        # nothing verified (verify=0, or nothing compiled within budget): the analytic best
+        # of the candidates not known to fail
+        chosen = next((ce for ce in ranked if _family(ce[0]) not in failed), ranked[0])
     c, e = chosen
     return Plan(name, task, budget, batch, seq, objective, devices, c, e, c.passes(task)
                 if not c.shard else None, verified, pareto_front(fits), len(cands), len(fits))
