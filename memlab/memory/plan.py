@@ -225,6 +225,15 @@ class Verification:
         return None if c is None else (pred - c) / max(c, 1)
 
     @property
+    def total_error(self) -> Optional[float]:
+        """(predicted device + host - compiled peak) / compiled peak: the check that still
+        means something when host buffers dominate XLA:CPU's single memory (offload)."""
+        if self.compiled_peak_bytes is None:
+            return None
+        pred = self.predicted_device_bytes + self.host_bytes + self.cpu_extra_bytes
+        return (pred - self.compiled_peak_bytes) / max(self.compiled_peak_bytes, 1)
+
+    @property
     def accelerator_bytes(self) -> Optional[int]:
         """Compiled device bytes less the XLA:CPU-only bytes: what must fit the budget."""
         c = self.compiled_device_bytes
@@ -289,7 +298,8 @@ class Plan:
                                   compiled_peak_bytes=v.compiled_peak_bytes,
                                   host_bytes=v.host_bytes,
                                   compiled_device_bytes=v.compiled_device_bytes,
-                                  relative_error=v.relative_error, error=v.error)
+                                  relative_error=v.relative_error,
+                                  total_error=v.total_error, error=v.error)
                              for v in self.verified],
                 "front": [dict(candidate=c.label(), device_bytes=e.device_bytes,
                                step_seconds=e.step_seconds, quality_loss=e.quality_loss)
@@ -504,8 +514,11 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
             host["optimizer_state"] = int(cats.get("optimizer_state", 0))
             dev["optimizer_state"] = 0
             # the update runs on host (compute_on("device_host")): its temps are host memory
-            host["optimizer_update"] = int(act.OPT_BYTES_PER_PARAM.get(opt, 6.35) * p_layers
-                                           + act.A_OTHER * p_other)
+            # (a[opt] counts the gradient too: it is host["gradients"] here)
+            grad_b = jnp.dtype(cfg.param_dtype).itemsize
+            host["optimizer_update"] = int(
+                max(act.OPT_BYTES_PER_PARAM.get(opt, 6.35) - grad_b, 0.0) * p_layers
+                + act.A_OTHER * p_other)
     cpu_extra = 0
     n_dev = c.devices if c.shard else 1
     if c.shard == "fsdp":
