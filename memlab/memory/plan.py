@@ -321,7 +321,9 @@ class Plan:
         if v is not None and v.compiled_device_bytes is not None:
             lines.append(f"  compiled device {gb(v.compiled_device_bytes)} = XLA peak "
                          f"{gb(v.compiled_peak_bytes)} - host {gb(v.host_bytes)} "
-                         f"(host part from the formulas) · error {v.relative_error:+.1%}")
+                         f"(host part from the formulas) · error {v.relative_error:+.1%}"
+                         + (f" · total (device + host) error {v.total_error:+.1%}"
+                            if v.host_bytes else ""))
             if v.cpu_extra_bytes:
                 lines.append(f"  of which XLA:CPU-only (bf16 upcast, formula) "
                              f"{gb(v.cpu_extra_bytes)}: on the accelerator "
