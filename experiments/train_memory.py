@@ -168,6 +168,7 @@ def finetune_runs() -> dict:
     runs = {
         "adamw": ([], "adamw", {}, FLAGS.lr),
         "adamw8bit": ([], "adamw8bit", {}, FLAGS.lr),
+        "adamw8bit-stable-embed": ([], "adamw8bit", {"stable_embedding": True}, FLAGS.lr),
         "galore": ([], "galore", {"rank": 144}, FLAGS.lr),
         "apollo": ([], "apollo", {"rank": 144}, FLAGS.lr),
         "lora": ([ml.passes.lora(**lora)], "adamw", {}, FLAGS.lora_lr),
