@@ -1,7 +1,10 @@
-"""Checks every optimizer test runs: real training of the tiny Llama through the
-profiler's own train step, and the profile's exact optimizer-state bytes."""
+"""Shared by the optimizer tests: an independent float64 AdamW reference, a loop that
+applies an optimizer over a gradient sequence, and real training of the tiny Llama
+through the profiler's own train step with its exact optimizer-state bytes."""
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
 
 import memlab as ml
 from memlab.memory.bytes import abstractify, tree_bytes
@@ -28,3 +31,29 @@ def train_tiny_and_profile(tiny, name):
     r = ml.memory.profile(tiny, "train", batch=1, seq=16, optimizer=name)
     assert r.by_category["optimizer_state"] == r.analytic["optimizer_state"] == state_bytes
     return losses
+
+
+def adamw_f64(params, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
+    """Independent float64 numpy AdamW (decoupled weight decay, eps outside the sqrt)."""
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    m = {k: np.zeros_like(v) for k, v in p.items()}
+    v = {k: np.zeros_like(x) for k, x in p.items()}
+    for t, g in enumerate(grads, 1):
+        lr_t = lr(t - 1) if callable(lr) else lr
+        for k in p:
+            gk = np.asarray(g[k], np.float64)
+            m[k] = b1 * m[k] + (1 - b1) * gk
+            v[k] = b2 * v[k] + (1 - b2) * gk * gk
+            u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
+            p[k] = p[k] - lr_t * (u + wd * p[k])
+    return p
+
+
+def run_updates(tx, params, grads, update=None):
+    update = update or jax.jit(tx.update)
+    state = tx.init(params)
+    p = params
+    for g in grads:
+        u, state = update(g, state, p)
+        p = optax.apply_updates(p, u)
+    return p, state

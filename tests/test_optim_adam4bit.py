@@ -13,6 +13,7 @@ from memlab.memory.bytes import tree_bytes
 from memlab.memory.profile import train_step_fn
 from memlab.optim import _blockwise as bw
 from memlab.optim.adam4bit import LINEAR_MAP, SIGNED_MAP
+from _optim_checks import adamw_f64, run_updates
 
 SHAPES = {"w": (37, 129), "v": (5000,), "s": (100,)}
 
@@ -29,36 +30,11 @@ def _grads(seed, steps, shapes=SHAPES):
              for k, s in shapes.items()} for _ in range(steps)]
 
 
-def _adamw_f64(params, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
-    """Independent float64 numpy AdamW."""
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v = {k: np.zeros_like(x) for k, x in p.items()}
-    for t, g in enumerate(grads, 1):
-        for k in p:
-            gk = np.asarray(g[k], np.float64)
-            m[k] = b1 * m[k] + (1 - b1) * gk
-            v[k] = b2 * v[k] + (1 - b2) * gk * gk
-            u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
-            p[k] = p[k] - lr * (u + wd * p[k])
-    return p
-
-
 @pytest.fixture(scope="module")
 def opt():
     """The optimizer most tests use, with its jitted update (compiled once per module)."""
     tx = optim.get("adamw4bit", learning_rate=1e-2, weight_decay=1e-2)
     return tx, jax.jit(tx.update)
-
-
-def _run(tx, params, grads, update=None):
-    update = update or jax.jit(tx.update)
-    state = tx.init(params)
-    p = params
-    for g in grads:
-        u, state = update(g, state, p)
-        p = optax.apply_updates(p, u)
-    return p, state
 
 
 def _formula(shapes, block=128, min_size=4096):
@@ -173,8 +149,8 @@ def test_tracks_float64_adamw_within_4bit_quantization_error(opt):
     second moment's linear map errs by <= 1/32 of its row/column scale).  Measured over
     20 steps: 20% of the displacement, 2.5e-2 of the params; bounds leave 1.75-2x."""
     params, grads = _params(0), _grads(1, 20)
-    p, state = _run(opt[0], params, grads, opt[1])
-    ref = _adamw_f64(params, grads, 1e-2, wd=1e-2)
+    p, state = run_updates(opt[0], params, grads, opt[1])
+    ref = adamw_f64(params, grads, 1e-2, wd=1e-2)
     for k in ("w", "v"):
         err = np.linalg.norm(np.asarray(p[k], np.float64) - ref[k])
         moved = np.linalg.norm(ref[k] - np.asarray(params[k], np.float64))
@@ -187,8 +163,8 @@ def test_tracks_float64_adamw_within_4bit_quantization_error(opt):
 def test_chunked_matrices_match_single_pass():
     shapes = {"stack": (4, 64, 80), "w": (37, 129)}
     params, grads = _params(2, shapes), _grads(3, 2, shapes)
-    p1, s1 = _run(optim.get("adam4bit", learning_rate=1e-2), params, grads)
-    p2, s2 = _run(optim.get("adam4bit", learning_rate=1e-2, chunk_size=64 * 80), params, grads)
+    p1, s1 = run_updates(optim.get("adam4bit", learning_rate=1e-2), params, grads)
+    p2, s2 = run_updates(optim.get("adam4bit", learning_rate=1e-2, chunk_size=64 * 80), params, grads)
     for k in shapes:
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-6, atol=1e-7)
     for a, b in zip(jax.tree_util.tree_leaves(s1), jax.tree_util.tree_leaves(s2)):

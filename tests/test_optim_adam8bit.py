@@ -14,6 +14,7 @@ from memlab.memory.bytes import tree_bytes
 from memlab.memory.profile import train_step_fn
 from memlab.optim import _blockwise as bw
 from memlab.optim.adam8bit import SIGNED_MAP, UNSIGNED_MAP
+from _optim_checks import adamw_f64, run_updates
 
 SHAPES = {"w": (37, 129), "v": (5000,), "s": (100,)}  # 4773 and 5000 quantized; 100 in fp32
 
@@ -31,37 +32,11 @@ def _grads(seed, steps, shapes=SHAPES):
              for k, s in shapes.items()} for _ in range(steps)]
 
 
-def _adamw_f64(params, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
-    """Independent float64 numpy AdamW (decoupled weight decay, eps outside the sqrt)."""
-    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v = {k: np.zeros_like(x) for k, x in p.items()}
-    for t, g in enumerate(grads, 1):
-        lr_t = lr(t - 1) if callable(lr) else lr
-        for k in p:
-            gk = np.asarray(g[k], np.float64)
-            m[k] = b1 * m[k] + (1 - b1) * gk
-            v[k] = b2 * v[k] + (1 - b2) * gk * gk
-            u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v[k] / (1 - b2 ** t)) + eps)
-            p[k] = p[k] - lr_t * (u + wd * p[k])
-    return p
-
-
 @pytest.fixture(scope="module")
 def opt():
     """The optimizer most tests use, with its jitted update (compiled once per module)."""
     tx = optim.get("adamw8bit", learning_rate=1e-2, weight_decay=1e-2)
     return tx, jax.jit(tx.update)
-
-
-def _run(tx, params, grads, update=None):
-    update = update or jax.jit(tx.update)
-    state = tx.init(params)
-    p = params
-    for g in grads:
-        u, state = update(g, state, p)
-        p = optax.apply_updates(p, u)
-    return p, state
 
 
 def _formula(shapes, block=2048, min_size=4096, fp32=(), itemsize=4):
@@ -188,8 +163,8 @@ def test_tracks_float64_adamw_within_quantization_error(opt):
     over steps: measured 1.6% of the displacement, 2e-3 of the params.  Bounds leave
     3-5x headroom; a wrong map, scale or bias correction gives errors of order 1."""
     params, grads = _params(0), _grads(1, 20)
-    p, state = _run(opt[0], params, grads, opt[1])
-    ref = _adamw_f64(params, grads, 1e-2, wd=1e-2)
+    p, state = run_updates(opt[0], params, grads, opt[1])
+    ref = adamw_f64(params, grads, 1e-2, wd=1e-2)
     for k in ("w", "v"):
         err = np.linalg.norm(np.asarray(p[k], np.float64) - ref[k])
         moved = np.linalg.norm(ref[k] - np.asarray(params[k], np.float64))
@@ -208,8 +183,8 @@ def test_float_path_with_schedule_equals_float64_adamw():
     params, grads = _params(2), _grads(3, 12)
     sched = optax.warmup_cosine_decay_schedule(0.0, 3e-2, 4, 12)
     tx = optim.get("adamw8bit", learning_rate=sched, weight_decay=0.1, min_8bit_size=10**9)
-    p, _ = _run(tx, params, grads)
-    ref = _adamw_f64(params, grads, lambda t: float(sched(t)), wd=0.1)
+    p, _ = run_updates(tx, params, grads)
+    ref = adamw_f64(params, grads, lambda t: float(sched(t)), wd=0.1)
     for k in params:
         np.testing.assert_allclose(p[k], ref[k], rtol=2e-5, atol=2e-6)
 
@@ -218,8 +193,8 @@ def test_chunked_loop_matches_single_pass():
     params, grads = _params(4, {"w": (37, 129), "t": (6, 2048)}), \
         _grads(5, 3, {"w": (37, 129), "t": (6, 2048)})
     kw = dict(learning_rate=1e-2, block_size=256)
-    p1, s1 = _run(optim.get("adam8bit", **kw), params, grads)
-    p2, s2 = _run(optim.get("adam8bit", chunk_size=512, **kw), params, grads)  # loop + tail
+    p1, s1 = run_updates(optim.get("adam8bit", **kw), params, grads)
+    p2, s2 = run_updates(optim.get("adam8bit", chunk_size=512, **kw), params, grads)  # loop + tail
     for k in params:
         np.testing.assert_allclose(p1[k], p2[k], rtol=1e-6, atol=1e-7)
         for a, b in zip(s1.mu[k], s2.mu[k]):
