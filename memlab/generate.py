@@ -120,7 +120,9 @@ def stream(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int =
     if pages is not None:
         raise ValueError("generate: pages=PageLog() records a paged KV cache, but this model's "
                          "cache is not paged; apply ml.passes.kv_compress('paged') first.")
-    cache = make_cache(model, batch, cache_len)
+    shard = model.extra("shard")      # ml.passes.shard: the cache is allocated in its shards
+    cache = (make_cache(model, batch, cache_len) if shard is None
+             else shard.make_cache(model, batch, cache_len))
     logits, cache = _prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
     stop = set(int(s) for s in stop_tokens)
     key = jax.random.key(seed)

@@ -23,6 +23,16 @@ activations; XLA inserts the collectives.  Build meshes for this with
 
     mesh = ml.shard.mesh((4, 2), ("data", "model"))
     model = ml.passes.shard(mesh, ml.shard.fsdp_tp("data", "model"))(model)
+
+KV caches follow the same rules (:func:`cache_specs`): rows over the batch axes,
+KV heads over the tensor axis (Megatron: each device attends with, and caches,
+its own heads).  A policy's state is laid out per leaf; :func:`cache_roles`
+finds each leaf's row and head axes by probing the policy's ``init`` at doubled
+batch and doubled head counts, so codes, scales, zero points, positions,
+low-rank factors and head-group latents all split with their rows and heads,
+and leaves shared by all heads (KVQuant's per-row codebooks, fill counts) or by
+all rows stay whole along that mesh axis.  The sequence (context) axis never
+splits a cache.
 """
 from __future__ import annotations
 
@@ -40,7 +50,8 @@ from memlab.model import path_str
 
 __all__ = ["Strategy", "dp", "fsdp", "tp", "fsdp_tp", "sp", "mesh", "param_spec",
            "param_specs", "state_specs", "shardings", "put", "per_device_bytes",
-           "shard_bytes", "check_strategy", "batch_spec"]
+           "shard_bytes", "check_strategy", "batch_spec", "cache_roles", "cache_specs",
+           "check_cache_policy"]
 
 COLUMN = (r"(^|/)(q|k|v|gate|up)_proj/kernel$", r"(^|/)lm_head/kernel$")
 ROW = (r"(^|/)(o|down)_proj/kernel$",)
@@ -477,3 +488,191 @@ class Sharded:
 
     def batch_bytes(self, tokens, seq_axis: bool = False) -> int:
         return per_device_bytes(tokens, self.batch_spec(tokens.shape, seq_axis=seq_axis), self.mesh)
+
+    def cache_specs(self, cache):
+        """``PartitionSpec`` per leaf of a KV cache (:func:`cache_specs`)."""
+        return cache_specs(cache, self.mesh, self.strategy)
+
+    def put_cache(self, cache):
+        """Place a KV cache (``ml.kv.make_cache(model, batch, max_len)``): rows over the
+        batch axes, KV heads over the tensor axis (``ShapeDtypeStruct`` leaves get the
+        sharding attached)."""
+        return put(cache, self.cache_specs(cache), self.mesh)
+
+    def make_cache(self, model, batch: int, max_len: int, lengths: int = 0):
+        """``ml.kv.make_cache(model, batch, max_len, lengths)`` allocated in its shards: each
+        device creates only its own part (no device ever holds the whole cache)."""
+        from memlab.kv.base import make_cache
+
+        def fn():
+            return make_cache(model, batch, max_len, lengths)
+        out = shardings(self.cache_specs(jax.eval_shape(fn)), self.mesh)
+        return jax.jit(fn, out_shardings=out)()
+
+    def cache_bytes(self, cache) -> int:
+        """Exact bytes one device holds of ``cache`` under :meth:`cache_specs`."""
+        return per_device_bytes(cache, self.cache_specs(cache), self.mesh)
+
+
+# ---------------------------------------------------------------------------
+# KV caches: batch over the data axes, KV heads over the tensor axis
+# ---------------------------------------------------------------------------
+BATCH, HEADS = "batch", "heads"   # axis roles of a cache leaf
+
+
+def _probe_dims(dims, **kw):
+    import dataclasses as dc
+    return dc.replace(dims, **kw)
+
+
+def _state_shapes(policy, dims):
+    """The stacked state of ``policy`` for ``dims`` as ``ShapeDtypeStruct`` leaves."""
+    if policy.cross_layer:
+        return jax.eval_shape(lambda: policy.init_stacked(dims))
+    one = jax.eval_shape(lambda: policy.init(dims))
+    return jax.tree_util.tree_map(
+        lambda a: jax.ShapeDtypeStruct((dims.n_layers,) + tuple(a.shape), a.dtype), one)
+
+
+def _axis_of(base, probed, size_ok) -> tuple:
+    """``(axis or None, depends)``: the one axis that doubled between ``base`` and
+    ``probed`` and whose base size passes ``size_ok``; ``depends`` says the shape changed."""
+    if tuple(base) == tuple(probed):
+        return None, False
+    if len(base) != len(probed):
+        return None, True
+    changed = [i for i, (a, b) in enumerate(zip(base, probed)) if a != b]
+    if len(changed) == 1 and probed[changed[0]] == 2 * base[changed[0]] \
+            and size_ok(base[changed[0]]):
+        return changed[0], True
+    return None, True
+
+
+def _paged_roles(policy, dims):
+    """PagedAttention: the page pools ``[L, Hkv, pages, page, D]`` have no batch axis (the
+    allocator hands any page to any row and rows share prefix pages), so they split over
+    KV heads only and stay whole over the data axes; block tables ``[L, B, pages]`` split
+    by row."""
+    state = _state_shapes(policy, dims)
+    return {k: ((None, HEADS, None, None, None) if k in ("k_pages", "v_pages")
+                else (None, BATCH) + (None,) * (len(state[k].shape) - 2)) for k in state}
+
+
+def check_cache_policy(policy) -> None:
+    """A clear error for a KV policy whose cache the shard pass cannot place: HeadInfer in
+    host memory streams its head groups through one device (its own schedule of transfers
+    between one host buffer and one device), which a mesh does not split."""
+    from memlab.kv.headinfer import HeadInfer
+    if isinstance(policy, HeadInfer) and policy.memory_kind != "device":
+        raise ValueError(
+            f"shard: the headinfer KV policy keeps the cache in host memory "
+            f"(memory_kind={policy.memory_kind!r}) and streams its head groups through one "
+            "device, which the shard pass does not split; use HeadInfer(memory_kind='device'), "
+            "the dense cache or another policy (kivi, kvquant, snapkv, ...) with the shard pass")
+
+
+def _policy_roles(policy, dims):
+    """Per leaf of a policy's stacked state, the role of each axis (``"batch"``, ``"heads"``
+    or None), found by probing the state's shapes: the axis of size ``batch`` that doubles
+    when the batch doubles is the row axis; the axis dividing ``n_kv_heads`` that doubles
+    when the head counts double is the head axis (a head-group axis, e.g. Palu's latents
+    per group, counts as one when ``n_kv_heads`` is a multiple of it).  A leaf that does not
+    change is shared (replicated over that mesh axis: e.g. KVQuant's per-row k-means
+    codebooks are shared by every head); a leaf that changes with no such axis also stays
+    whole over that mesh axis (never split along an axis that is not rows or heads)."""
+    from memlab.kv.paged import Paged
+    check_cache_policy(policy)
+    if isinstance(policy, Paged):
+        return _paged_roles(policy, dims)
+    own = getattr(policy, "shard_roles", None)   # a policy may state its layout itself
+    if callable(own):
+        return own(dims)
+    base = _state_shapes(policy, dims)
+    by_b = _state_shapes(policy, _probe_dims(dims, batch=2 * dims.batch))
+    by_h = _state_shapes(policy, _probe_dims(dims, n_kv_heads=2 * dims.n_kv_heads,
+                                             n_heads=2 * dims.n_heads))
+    hkv = dims.n_kv_heads
+
+    def roles(x, xb, xh):
+        spec = [None] * len(x.shape)
+        b, _ = _axis_of(x.shape, xb.shape, lambda s: s == dims.batch)
+        h, _ = _axis_of(x.shape, xh.shape, lambda s: hkv % s == 0)
+        if b is not None:
+            spec[b] = BATCH
+        if h is not None and h != b:
+            spec[h] = HEADS
+        return tuple(spec)
+    return jax.tree_util.tree_map(roles, base, by_b, by_h)
+
+
+def _is_dense_cache(cache) -> bool:
+    from memlab.models.llama import KVCache
+    return isinstance(cache, KVCache)
+
+
+def cache_roles(cache):
+    """The axis roles of every leaf of a KV cache (a tree like ``cache`` with a tuple of
+    ``"batch"`` / ``"heads"`` / None per leaf): the dense ``KVCache`` ``k, v [L, B, S, Hkv,
+    D]`` and ``lengths [B]``; a :class:`memlab.kv.PolicyCache` by its policy's layout."""
+    from memlab.kv.base import PolicyCache
+    if _is_dense_cache(cache):
+        kv = (None, BATCH, None, HEADS, None)
+        return type(cache)(kv, kv, (BATCH,))
+    if isinstance(cache, PolicyCache):
+        state = _policy_roles(cache.policy, cache.dims)
+        return cache._replace(state=state, lengths=(BATCH,))
+    raise TypeError(f"shard: cache must be a dense memlab.models.llama.KVCache or a "
+                    f"memlab.kv.PolicyCache (ml.kv.make_cache(model, batch, max_len)), got "
+                    f"{type(cache).__name__}")
+
+
+def _roles_leaves(roles):
+    return jax.tree_util.tree_leaves(
+        roles, is_leaf=lambda r: isinstance(r, tuple) and all(a in (None, BATCH, HEADS) for a in r))
+
+
+def cache_specs(cache, mesh: Mesh, strategy: Strategy):
+    """``PartitionSpec`` per leaf of a KV cache: the row axis over the strategy's batch
+    axes, the KV-head axis over its tensor axis (Megatron: each device keeps the cache of
+    its own heads), everything else whole.  Raises a ValueError naming the nearest
+    feasible size when the mesh does not divide the batch or the heads."""
+    check_strategy(mesh, strategy)
+    roles = cache_roles(cache)
+    flat_r = _roles_leaves(roles)
+    flat_x, treedef = jax.tree_util.tree_flatten(cache)
+    if len(flat_r) != len(flat_x):  # pragma: no cover - a policy whose init lies about shapes
+        raise ValueError(f"shard: the cache has {len(flat_x)} leaves but its layout {len(flat_r)}")
+    n_b = _size(mesh, strategy.batch) if strategy.batch else 1
+    n_t = mesh.shape[strategy.tensor] if strategy.tensor else 1
+    batch_ax = (strategy.batch[0] if len(strategy.batch) == 1 else strategy.batch) \
+        if strategy.batch else None
+    what = getattr(getattr(cache, "policy", None), "name", "dense")
+    hkv = cache.dims.n_kv_heads if hasattr(cache, "dims") else cache.k.shape[3]
+    names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(cache)[0]]
+    specs = []
+    for name, x, r in zip(names, flat_x, flat_r):
+        spec = [None] * len(x.shape)
+        for i, role in enumerate(r):
+            if role == BATCH and batch_ax is not None:
+                if x.shape[i] % n_b:
+                    b = x.shape[i]
+                    raise ValueError(
+                        f"shard: the {what} KV cache has batch {b} ({name!r}), not divisible by "
+                        f"the data axes {strategy.batch} of size {n_b}; use a batch that is a "
+                        f"multiple of {n_b} (nearest: {n_b * max(1, round(b / n_b))})")
+                spec[i] = batch_ax
+            elif role == HEADS and strategy.tensor is not None:
+                if x.shape[i] % n_t:
+                    h = x.shape[i]
+                    heads = "KV heads" if h == hkv else f"KV head groups (of {hkv} KV heads)"
+                    raise ValueError(
+                        f"shard: the {what} KV cache has {h} {heads} ({name!r} axis {i} of "
+                        f"{list(x.shape)}), not divisible by the tensor-parallel mesh axis "
+                        f"{strategy.tensor!r} of size {n_t} (Megatron splits whole heads: each "
+                        f"device keeps the cache of its own heads); the nearest feasible "
+                        f"{strategy.tensor!r} size is {_feasible([h], n_t)}")
+                spec[i] = strategy.tensor
+        while spec and spec[-1] is None:
+            spec.pop()
+        specs.append(P(*spec))
+    return treedef.unflatten(specs)

@@ -204,8 +204,9 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         else:
             tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
             cache = _kv_cache(model, batch, seq, seq - 1)
-        if model.extra("shard") is not None:
+        if model.extra("shard") is not None:  # rows over the batch axes, KV heads over tensor
             tokens = model.extra("shard").put_batch(tokens)
+            cache = model.extra("shard").put_cache(cache)
 
         def step(params, tokens, cache):
             logits, cache = apply(params, tokens, cache=cache, last_only=True)
@@ -216,9 +217,9 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
                 "inputs": tree_bytes(tokens)}
         cats.update(_host_bytes(params=params))
         shard = model.extra("shard")
-        if shard is not None:  # tokens split over the batch axes; the cache is not sharded
+        if shard is not None:  # tokens and cache rows over the batch axes, KV heads over tensor
             per_device = dict(cats, params=shard.param_bytes(params),
-                              inputs=shard.batch_bytes(tokens))
+                              inputs=shard.batch_bytes(tokens), kv_cache=shard.cache_bytes(cache))
     report = _report(compiled, name or getattr(spec, "name", "model"), task, batch, seq, cats,
                      {k: analytic.get(k) for k in cats}, secs, device)
     if model.extra("shard") is not None:

@@ -17,9 +17,20 @@ equal the unsharded model's.
 
 Gradients follow the params' shardings; optimizer states (optax's, memlab's
 8-bit and 4-bit block states) are sharded with ``model.extra("shard").put_state``.
+KV caches (inference): the wrapper constrains the cache going in and coming out
+of every prefill / decode call with :func:`memlab.shard.cache_specs`: rows over
+the batch axes, KV heads over the tensor axis (Megatron splits whole heads, so each
+device keeps the cache of its own heads), for the dense cache and the
+``kv_compress`` policies (codes, scales, positions, low-rank factors: every leaf's
+row and head axes are found from its shapes).  ``model.extra("shard").make_cache``
+allocates a cache in its shards (``memlab.generate`` uses it), ``put_cache`` places
+one.  Paged pools have no row axis (any page serves any row) and split over heads
+only; HeadInfer's host-memory cache is refused with an error.
+
 The estimate gives **per-device** bytes: params, gradients and optimizer state
 divided leaf by leaf as the specs say (small replicated leaves counted whole),
-inputs divided over the batch axes.
+inputs divided over the batch axes, the ``kv_cache`` as the cache specs say (apply
+``kv_compress`` before ``shard`` so the replay sees the policy).
 """
 from __future__ import annotations
 
@@ -61,7 +72,14 @@ def _wrapper(sharded: sh.Sharded):
     def wrap(apply):
         def wrapped(params, tokens, *args, **kwargs):
             params = _constrain_tree(params, sharded.param_specs(params), mesh)
-            training = kwargs.get("cache", args[0] if args else None) is None
+            cache = kwargs.get("cache", args[0] if args else None)
+            training = cache is None
+            if cache is not None:  # rows over the batch axes, KV heads over the tensor axis
+                cache = _constrain_tree(cache, sharded.cache_specs(cache), mesh)
+                if "cache" in kwargs:
+                    kwargs = dict(kwargs, cache=cache)
+                else:
+                    args = (cache,) + tuple(args[1:])
             spec = sharded.batch_spec(tokens.shape, seq_axis=training)
             tokens = jax.lax.with_sharding_constraint(tokens, NamedSharding(mesh, spec))
             if strategy.context is not None and training:
@@ -72,6 +90,9 @@ def _wrapper(sharded: sh.Sharded):
                 out = apply(params, tokens, *args, **kwargs)
             if isinstance(out, jax.Array) and out.shape[:2] == tokens.shape[:2]:
                 out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+            elif cache is not None and isinstance(out, tuple) and len(out) == 2:
+                logits, new_cache = out  # the updated cache keeps the input's sharding
+                out = (logits, _constrain_tree(new_cache, sharded.cache_specs(new_cache), mesh))
             return out
         wrapped.__name__ = "shard_constraints"
         return wrapped
@@ -85,6 +106,15 @@ def _scaled(value: int, exact_global: int, exact_device: int) -> int:
     return int(round(value * exact_device / max(exact_global, 1)))
 
 
+def _abstract_cache(spec, policy, batch: int, max_len: int):
+    """The cache a profile of ``batch`` rows and ``max_len`` positions builds, as shapes."""
+    from memlab.kv.base import init_cache
+    if policy is None:
+        from memlab.models.llama import KVCache
+        return jax.eval_shape(lambda: KVCache.zeros(spec, batch, max_len))
+    return jax.eval_shape(lambda: init_cache(policy, spec, batch, max_len))
+
+
 @PASSES.register("shard")
 def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
     """Shard a model's params over ``mesh`` by ``strategy`` (``memlab.shard.dp/fsdp/tp/
@@ -95,15 +125,20 @@ def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
     # The abstract params (and trainable part) of each model this pass sharded, by spec:
     # what earlier passes stored (quantized codes, LoRA adapters), for an exact estimate.
     seen: dict = {}
+    policies: dict = {}   # the KV policy (kv_compress) of each model this pass sharded, by spec
 
     def transform(model: Model, calib) -> Model:
         _check_heads(model.spec, mesh, strategy)
+        policy = model.extra("kv_policy")
+        if policy is not None:  # a policy the pass cannot place fails here, not at decode
+            sh.check_cache_policy(policy)
         params = sharded.put_params(model.params)  # raises on a mesh that does not divide
         from memlab.memory.bytes import abstractify
         from memlab.model import split_trainable
         try:
             seen[model.spec] = (abstractify(model.params),
                                 abstractify(split_trainable(model)[0]))
+            policies[model.spec] = policy
         except TypeError:  # an unhashable spec: the estimate works from spec shapes
             pass
         out = model.replace(params=params)
@@ -142,6 +177,14 @@ def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
             out["optimizer_state"] = _scaled(
                 tree_bytes(state) if narrowed else out["optimizer_state"], tree_bytes(state),
                 sharded.state_bytes(state, trainable))
+        if "kv_cache" in out and workload.task in ("prefill", "decode"):
+            try:
+                policy = policies.get(spec)
+            except TypeError:
+                policy = None
+            cache = _abstract_cache(spec, policy, workload.batch, workload.seq)
+            out["kv_cache"] = _scaled(out["kv_cache"], tree_bytes(cache),
+                                      sharded.cache_bytes(cache))
         if "inputs" in out and strategy.batch:
             n = math.prod(mesh.shape[a] for a in strategy.batch)
             if workload.batch % n == 0:
