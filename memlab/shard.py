@@ -37,6 +37,7 @@ splits a cache.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Optional, Sequence
@@ -534,18 +535,17 @@ def _state_shapes(policy, dims):
         lambda a: jax.ShapeDtypeStruct((dims.n_layers,) + tuple(a.shape), a.dtype), one)
 
 
-def _axis_of(base, probed, size_ok) -> tuple:
-    """``(axis or None, depends)``: the one axis that doubled between ``base`` and
-    ``probed`` and whose base size passes ``size_ok``; ``depends`` says the shape changed."""
-    if tuple(base) == tuple(probed):
-        return None, False
+def _axis_of(base, probed, size_ok) -> Optional[int]:
+    """The one axis that doubled between shapes ``base`` and ``probed`` (all others equal)
+    and whose base size passes ``size_ok``; None when the shape did not change or changed
+    any other way (e.g. a flattened axis: never split)."""
     if len(base) != len(probed):
-        return None, True
+        return None
     changed = [i for i, (a, b) in enumerate(zip(base, probed)) if a != b]
     if len(changed) == 1 and probed[changed[0]] == 2 * base[changed[0]] \
             and size_ok(base[changed[0]]):
-        return changed[0], True
-    return None, True
+        return changed[0]
+    return None
 
 
 def _paged_roles(policy, dims):
@@ -584,19 +584,32 @@ def _policy_roles(policy, dims):
     check_cache_policy(policy)
     if isinstance(policy, Paged):
         return _paged_roles(policy, dims)
-    own = getattr(policy, "shard_roles", None)   # a policy may state its layout itself
-    if callable(own):
-        return own(dims)
+    try:
+        return _probed_roles(policy, dims)
+    except TypeError:   # an unhashable policy: probe without the memo
+        return _probed_roles.__wrapped__(policy, dims)
+
+
+def _probe(policy, dims, base, **kw):
+    """The state's shapes at changed dims; ``base`` (no axis found) where the policy
+    refuses them (its validate), so that dimension then splits nothing."""
+    try:
+        return _state_shapes(policy, _probe_dims(dims, **kw))
+    except (ValueError, TypeError):
+        return base
+
+
+@functools.lru_cache(maxsize=256)
+def _probed_roles(policy, dims):
     base = _state_shapes(policy, dims)
-    by_b = _state_shapes(policy, _probe_dims(dims, batch=2 * dims.batch))
-    by_h = _state_shapes(policy, _probe_dims(dims, n_kv_heads=2 * dims.n_kv_heads,
-                                             n_heads=2 * dims.n_heads))
+    by_b = _probe(policy, dims, base, batch=2 * dims.batch)
+    by_h = _probe(policy, dims, base, n_kv_heads=2 * dims.n_kv_heads, n_heads=2 * dims.n_heads)
     hkv = dims.n_kv_heads
 
     def roles(x, xb, xh):
         spec = [None] * len(x.shape)
-        b, _ = _axis_of(x.shape, xb.shape, lambda s: s == dims.batch)
-        h, _ = _axis_of(x.shape, xh.shape, lambda s: hkv % s == 0)
+        b = _axis_of(x.shape, xb.shape, lambda s: s == dims.batch)
+        h = _axis_of(x.shape, xh.shape, lambda s: hkv % s == 0)
         if b is not None:
             spec[b] = BATCH
         if h is not None and h != b:

@@ -159,6 +159,8 @@ def test_generate_on_dp_tp_mesh_equals_unsharded(base, prompt, reference):
 
 @pytest.mark.parametrize("policy", ["dense", "kivi2", "snapkv", "palu", "kvquant:levels=kmeans",
                                     "gear:rank=2", "think", "minicache", "streaming:budget=20",
+                                    "h2o:budget=20", "pyramidkv:budget=12,window=4",
+                                    "headinfer:memory_kind=device",
                                     "snapkv:budget=16,window=4+kivi:bits=4,group_size=8,"
                                     "residual=8"])
 def test_each_device_holds_its_rows_and_heads(policy):
@@ -182,24 +184,48 @@ def test_each_device_holds_its_rows_and_heads(policy):
     assert tree_bytes(cache) > 7 * per
 
 
+@dataclasses.dataclass(frozen=True)
+class _FlatHeads(ml.kv.KVPolicy):
+    """A layout the probe must not split by heads: K and V flattened to [B, S, Hkv * D]
+    (a split there would cut across heads), plus a step counter shared by all rows."""
+    name = "flat"
+
+    def init(self, dims):
+        flat = (dims.batch, dims.max_len, dims.n_kv_heads * dims.head_dim)
+        return {"kv": jnp.zeros(flat, jnp.float32), "step": jnp.zeros((3,), jnp.int32)}
+
+
+def test_layouts_without_a_head_axis_stay_whole_over_heads():
+    mesh = ml.shard.mesh((4, 2), ("data", "model"))
+    cache = jax.eval_shape(lambda: ml.kv.init_cache(_FlatHeads(), CFG, B, S))
+    roles = ml.shard.cache_roles(cache)
+    assert roles.state == {"kv": (None, "batch", None, None), "step": (None, None)}
+    specs = ml.shard.cache_specs(cache, mesh, ml.shard.tp("model", data="data"))
+    assert specs.state["kv"] == jax.sharding.PartitionSpec(None, "data")
+    assert specs.state["step"] == jax.sharding.PartitionSpec()
+    per = ml.shard.per_device_bytes(cache, specs, mesh)
+    kv = CFG.n_layers * B * S * CFG.n_kv_heads * CFG.head_dim * 4
+    assert per == kv // 4 + CFG.n_layers * 3 * 4 + 4 * B // 4   # rows / 4, heads whole
+
+
 def test_decode_profile_argument_bytes_are_per_device(base):
     """The compiled decode step's argument bytes are the per-device params + cache + token,
     the shard pass's analytic kv_cache replays to the exact per-device bytes, and the cache
     part of the arguments shrinks 8-fold on a 2 x 4 mesh (dense) / as KIVI's formula says."""
     mesh = ml.shard.mesh((2, 4), ("data", "model"))
     strategy = ml.shard.tp("model", data="data")
-    ref = ml.memory.profile(base, "decode", batch=B, seq=S)
-    assert ref.argument_bytes == sum(ref.by_category[k] for k in ("params", "kv_cache", "inputs"))
     for policy in ("dense", "kivi2"):
         plain = _with_policy(base, POLICIES[policy])
         rep = ml.memory.profile(ml.passes.shard(mesh, strategy)(plain), "decode", batch=B, seq=S)
         cats, full = rep.by_category, rep.global_by_category["kv_cache"]
         assert rep.argument_bytes == cats["params"] + cats["kv_cache"] + cats["inputs"]
         assert rep.analytic["kv_cache"] == cats["kv_cache"]
+        # unsharded, the arguments would be the global params + cache + tokens
+        whole = sum(rep.global_by_category[k] for k in ("params", "kv_cache", "inputs"))
         if policy == "dense":  # all but the 4-byte row lengths split 2 (rows) x 4 (heads) ways
-            assert full == ref.by_category["kv_cache"]
+            assert full == CFG.kv_cache_bytes(B, S) + 4 * B
             assert full - 4 * B == 8 * (cats["kv_cache"] - 4 * (B // 2))
-            assert ref.argument_bytes - rep.argument_bytes > 0.8 * full
+            assert whole - rep.argument_bytes > 0.8 * full
         else:
             dims = jax.eval_shape(lambda: make_cache(plain, B, S)).dims
             assert cats["kv_cache"] == (plain.extra("kv_policy").stacked_nbytes(
