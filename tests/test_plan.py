@@ -180,6 +180,10 @@ CASES = [
     ("train", P.Candidate("bf16", "dots_with_no_batch_dims_saveable", "adamw"), 2, 384),
     ("train", P.Candidate("bf16", "nothing_saveable", "adamw", offload=(1, 1)), 2, 384),
     ("decode", P.Candidate("bf16", kv="dense"), 2, 3000),
+    # the loss workspace is dead by the layers' backward (the peak); KIVI's XLA path
+    # dequantizes a layer's cache to float32 (XLA:CPU-only bytes)
+    ("train", P.Candidate("bf16", "nothing_saveable", "adamw", loss="naive"), 2, 384),
+    ("decode", P.Candidate("bf16", kv="kivi4"), 2, 3000),
 ]
 
 
@@ -202,10 +206,16 @@ def test_estimate_within_10pct_of_compiled(task, cand, batch, seq):
                               optimizer=cand.optimizer or "adamw")
     assert v.compiled_peak_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
     pred = e.device_bytes + e.cpu_extra_bytes
-    assert abs(pred - v.compiled_device_bytes) <= 0.10 * v.compiled_device_bytes, \
-        (pred, v.compiled_device_bytes)
-    if cand.offload:  # the host part is subtracted: params, gradients, optimizer state
+    if cand.offload:
+        # XLA:CPU has one memory: the device part of a streamed step is a small residual of
+        # two large numbers, so the check is on device + host against XLA's whole peak
+        # (the host part is subtracted: params, gradients, optimizer state)
         assert v.host_bytes >= r.by_category["params_host"] + r.by_category["optimizer_state_host"]
+        assert abs(pred + v.host_bytes - v.compiled_peak_bytes) <= 0.10 * v.compiled_peak_bytes, \
+            (pred + v.host_bytes, v.compiled_peak_bytes)
+    else:
+        assert abs(pred - v.compiled_device_bytes) <= 0.10 * v.compiled_device_bytes, \
+            (pred, v.compiled_device_bytes)
 
 
 def test_chosen_plan_fits_when_compiled():

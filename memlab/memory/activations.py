@@ -9,24 +9,43 @@ adds what XLA's memory-optimized scheduler keeps beside it.  The model of XLA's
 
     temp = a[opt] * P_layers + A_OTHER * P_other               gradients + update temporaries
          + L * B * T * sigma[policy] * saved(policy) * cs      residuals kept across layers
-         + B * T * kappa[policy] * work * 4                    one layer's recompute + backward
+         + max(backward, loss workspace) + c0[policy]
+    backward = B * T * kappa[policy] * work * 4                one layer's recompute + backward
          + ATT_BLOCKS * B * H * min(T, 512) * min(T, 1024) * 4 chunked-attention score blocks
-         + loss + c0[policy]
+         + loss residual                                       (:func:`loss_bytes`)
 
 with ``saved`` the activation elements per token the policy keeps (``d`` for the
 layer input when nothing is saveable; q/k/v/o and the MLP projections for
 ``dots_with_no_batch_dims_saveable``; the named tensors for ``save:``), ``work =
 10 d + 5 d_ff`` the elements a layer's backward touches per token, ``cs`` the compute
 itemsize, ``P_layers``/``P_other`` the trainable parameters inside/outside the
-scanned layers whose update runs on the device.  ``sigma``, ``kappa``, ``a`` and
-``c0`` were fitted (:func:`fit`) to XLA:CPU on small Llamas (d=256, d_ff=688, 2-4
-layers, T=256/512, memory-optimized scheduler); ``experiments/plan.py`` refits
-them and validates the form on held-out shapes and at 7B.
+scanned layers whose update runs on the device.  The peak is inside the layers'
+backward; the loss has run before it, so only what the loss leaves behind (the
+float32 hidden-state gradient; for the naive loss also the compute-dtype logits
+gradient) adds to it, and its logit workspace counts only where it is larger than
+the backward (it used to be added in full, over-predicting d=320/V=3001 by 7-16%).
 
-Inference (decode of one token over a cache of S slots)::
+Fit (:func:`fit`, least squares per remat family with ``a[opt]`` and ``A_OTHER``
+held at the values below): 24 XLA:CPU compiles (memory-optimized scheduler) of the
+bf16 Llama with d=256, d_ff=688, 4 MHA heads of 64, V=1000, chunked loss, AdamW,
+L in {2, 4} x (B, T) in {(2, 256), (2, 512), (4, 512)} for each of nothing_saveable,
+dots_with_no_batch_dims_saveable, save:qkv,attn_out,mlp_hidden and no remat; every
+fitted point within 4.2% (most within 1%).  Checked, not fitted, in the same family:
+V=8000 (within 2.2%) and the naive loss (+0.4% .. +8.8%, over).  ``experiments/plan.py``
+validates on three held-out shapes and at 7B.
 
-    temp = 2 * B * V * 4 (logits) + B * H * min(S, 1024) * 4 * 2 (score chunk)
-         + dequantized cache of one layer (quantized KV policies) + c0_decode
+Inference (decode of one token over a cache of S slots; :func:`decode_temp`)::
+
+    temp = 2 * B * V * 4 (logits) + max(attention, dequantized layer, dequantized head)
+    attention = B * H * min(S, 1024) * 4 * 2 (score chunk)
+              + one layer's cache (a quantized cache's append copies the layer slice)
+              + that layer's K, V dequantized to float32 (KIVI's XLA path: XLA:CPU only)
+
+measured on the held-out decode shapes (d=192 and d=320, S=3000, KIVI-4): the
+float32 dequantized K and V of one layer (``2 * B * (S_q + R) * Hkv * D * 4``) and the
+rewritten layer slice were 97-99% of the temp; at llama3-8b (128k slots, int8) the
+float32 copy of the int8 LM head (``V * d * 4``, 2.10 GB) is the whole temp and the
+attention phase (1.3 GB) shares its memory.
 
 The numbers are XLA:CPU's; a GPU's scheduler and fused kernels differ (cuDNN
 attention keeps no score blocks), so the planner verifies its winner by compiling.
@@ -51,12 +70,14 @@ OPT_BYTES_PER_PARAM = {
     "apollo_mini": 6.37, "apollo": 6.37, "galore": 6.37, "came": 6.37, "sgd": 4.0,
 }
 A_OTHER = 0.57  # bytes per trainable embedding / head param (measured: V 1000 -> 8000)
-SIGMA = {"none": 2.738, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.714,
-         "dots_saveable": 1.714, "save": 1.855, "offload": 1.0}
-KAPPA = {"none": 0.409, "nothing_saveable": 0.844, "dots_with_no_batch_dims_saveable": 0.610,
-         "dots_saveable": 0.610, "save": 0.473, "offload": 0.473}
-C0 = {"none": -3.93e6, "nothing_saveable": -3.40e6, "dots_with_no_batch_dims_saveable": -3.93e6,
-      "dots_saveable": -3.93e6, "save": -3.93e6, "offload": -3.93e6}
+# sigma, kappa, c0: fit(points, hold_a={"adamw": 6.35}) over the 24 d=256 compiles of the
+# module docstring (the loss as the residual of loss_bytes); refit Dec 2026
+SIGMA = {"none": 2.732, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.793,
+         "dots_saveable": 1.793, "save": 1.954, "offload": 1.0}
+KAPPA = {"none": 0.681, "nothing_saveable": 0.957, "dots_with_no_batch_dims_saveable": 0.911,
+         "dots_saveable": 0.911, "save": 0.775, "offload": 0.775}
+C0 = {"none": -1.92e6, "nothing_saveable": 1.43e6, "dots_with_no_batch_dims_saveable": -2.43e6,
+      "dots_saveable": -2.43e6, "save": -2.43e6, "offload": -2.43e6}
 ATT_BLOCKS = 2  # float32 [B, H, q_chunk, kv_chunk] score blocks live at once (s and p or ds)
 Q_CHUNK, KV_CHUNK = 512, 1024  # memlab_kernels.chunked_attention defaults
 LOSS_CHUNK, LOSS_VOCAB_CHUNK = 1024, 2048  # memlab.nn.cross_entropy "chunked" defaults
@@ -122,8 +143,29 @@ class TrainFeatures:
     saved_host: float    # bytes of offloaded activations (host memory)
     work: float          # B * T * work_elements * 4
     attention: float     # ATT_BLOCKS * score block bytes
-    loss: float          # loss workspace
+    loss: float          # what the loss leaves live through the layers' backward
     family: str
+    loss_phase: float = 0.0  # the loss's own workspace, live before the layers' backward
+
+
+def loss_bytes(cfg, tokens: int, loss: str = "chunked") -> tuple:
+    """``(residual, workspace)`` bytes of the cross-entropy over ``tokens`` rows.
+
+    The loss runs before the layers' backward, where the step's peak is: its logit
+    blocks (``workspace``) are dead by then.  What stays live through the layers'
+    backward (``residual``) is the float32 gradient of the final hidden states
+    (``tokens * d * 4``) and, for the naive loss, the compute-dtype logits gradient
+    ``[tokens, V]`` that the LM head's weight-gradient dot still reads (read off the
+    compiled d=192/V=777 and d=320/V=3001 steps: ``bf16[768, V]`` beside the attention
+    blocks at the peak).  The chunked loss holds ``2 * chunk * vocab_chunk`` float32
+    logits while it runs; the naive one three ``[tokens, V]`` float32 arrays.
+    """
+    cs = _itemsize(cfg.dtype)
+    hidden = tokens * cfg.d_model * 4.0
+    if loss == "naive":
+        return hidden + tokens * cfg.vocab_size * cs, 3.0 * tokens * cfg.vocab_size * 4 + hidden
+    block = 2.0 * min(tokens, LOSS_CHUNK) * min(cfg.vocab_size, LOSS_VOCAB_CHUNK) * 4
+    return hidden, block + hidden
 
 
 def train_features(cfg, batch: int, seq: int, policy: Optional[str], *, p_layers: float,
@@ -136,29 +178,44 @@ def train_features(cfg, batch: int, seq: int, policy: Optional[str], *, p_layers
     saved_host = cfg.n_layers * tokens * host * cs
     work = tokens * work_elements(cfg) * 4 + 2 * dequant_layer_bytes
     att = ATT_BLOCKS * batch * cfg.n_heads * min(seq, Q_CHUNK) * min(seq, KV_CHUNK) * 4
-    if loss == "naive":
-        lw = 3.0 * tokens * cfg.vocab_size * 4
-    else:
-        lw = 2.0 * min(tokens, LOSS_CHUNK) * min(cfg.vocab_size, LOSS_VOCAB_CHUNK) * 4 \
-            + tokens * cfg.d_model * 4
+    resid, phase = loss_bytes(cfg, tokens, loss)
     return TrainFeatures(float(p_layers), float(p_other), float(saved), float(saved_host),
-                         float(work), float(att), float(lw), policy_family(policy))
+                         float(work), float(att), float(resid), policy_family(policy),
+                         float(phase))
 
 
 def train_temp(f: TrainFeatures, optimizer: Optional[str]) -> float:
-    """Predicted XLA temp bytes of a training step on the device."""
+    """Predicted XLA temp bytes of a training step on the device: the state terms plus
+    the larger of the layers' backward (recompute work, score blocks, the loss's residual)
+    and the loss's own workspace."""
     a = OPT_BYTES_PER_PARAM.get(optimizer or "adamw", OPT_BYTES_PER_PARAM["adamw"])
     fam = f.family if f.family in SIGMA else "save"
-    return (a * f.p_layers + A_OTHER * f.p_other + SIGMA[fam] * f.saved + KAPPA[fam] * f.work
-            + f.attention + f.loss + C0[fam])
+    backward = KAPPA[fam] * f.work + f.attention + f.loss
+    return (a * f.p_layers + A_OTHER * f.p_other + SIGMA[fam] * f.saved
+            + max(backward, f.loss_phase) + C0[fam])
 
 
-def decode_temp(cfg, batch: int, seq: int, *, kv_dequant_layer_bytes: float = 0.0,
-                dequant_layer_bytes: float = 0.0) -> float:
-    """Predicted XLA temp bytes of one decode step (see the module docstring)."""
+def decode_temp(cfg, batch: int, seq: int, *, kv_layer_bytes: float = 0.0,
+                kv_dequant_layer_bytes: float = 0.0, dequant_layer_bytes: float = 0.0,
+                head_dequant_bytes: float = 0.0, score_slots: Optional[int] = None) -> float:
+    """Predicted XLA temp bytes of one decode step (see the module docstring).
+
+    The layers run one after another under the scan, so the phases of a layer do not
+    add up: the temp is the logits plus the largest of
+
+    * attention: ``kv_layer_bytes`` (a quantized cache's append rewrites the layer's
+      slice of the stacked cache into a new buffer), ``kv_dequant_layer_bytes`` (the
+      XLA path of a quantized cache dequantizes the layer's keys and values to
+      float32 before attending) and the float32 scores over ``score_slots``;
+    * the weights: a quantized layer dequantized for its matmuls (``2 *
+      dequant_layer_bytes``: float32 on XLA:CPU);
+    * the head: a quantized LM head dequantized (``head_dequant_bytes``).
+    """
     logits = 2.0 * batch * cfg.vocab_size * 4
-    scores = 2.0 * batch * cfg.n_heads * min(seq, KV_CHUNK) * 4
-    return logits + scores + kv_dequant_layer_bytes + 2 * dequant_layer_bytes + DECODE_C0
+    slots = min(seq, KV_CHUNK) if score_slots is None else score_slots
+    scores = 2.0 * batch * cfg.n_heads * slots * 4
+    attention = scores + kv_layer_bytes + kv_dequant_layer_bytes
+    return logits + max(attention, 2 * dequant_layer_bytes, head_dequant_bytes) + DECODE_C0
 
 
 DECODE_C0 = 0.0
@@ -174,29 +231,35 @@ def prefill_temp(cfg, batch: int, seq: int, *, dequant_layer_bytes: float = 0.0)
     return work + att + batch * cfg.vocab_size * 4 + 2 * dequant_layer_bytes
 
 
-def fit(points: Iterable[tuple]) -> dict:
+def fit(points: Iterable[tuple], hold_a: Optional[dict] = None) -> dict:
     """Refit the training-temp constants from ``(features, optimizer, temp)`` points.
 
     Per remat family: ``c0`` and ``kappa`` by least squares over its points (sigma
     fixed at 1 for ``nothing_saveable``, else fitted too when the family has >= 3
-    points); ``a[opt]`` from ``nothing_saveable`` points only.  Returns the tables.
+    points); ``a[opt]`` from ``nothing_saveable`` points only, unless ``hold_a``
+    (``{optimizer: bytes per param}``) holds it (how the tables above were fitted).
+    Points are taken in the backward-bound regime (the loss workspace smaller than
+    the backward), where the model is linear.  Returns the tables.
     """
     pts = list(points)
-    out = {"a": {}, "sigma": {}, "kappa": {}, "c0": {}}
+    out = {"a": dict(hold_a or {}), "sigma": {}, "kappa": {}, "c0": {}}
     ns = [(f, o, t) for f, o, t in pts if f.family == "nothing_saveable"]
     by_opt: dict = {}
     for f, o, t in ns:
         by_opt.setdefault(o, []).append((f, t))
     for o, rows in by_opt.items():  # unknowns: a[o], kappa, c0 (sigma = 1)
-        X = np.array([[f.p_layers, f.work, 1.0] for f, _ in rows])
-        y = np.array([t - A_OTHER * f.p_other - f.saved - f.attention - f.loss for f, t in rows])
-        if len(rows) >= 3:
+        held = hold_a is not None and o in hold_a
+        X = np.array([([] if held else [f.p_layers]) + [f.work, 1.0] for f, _ in rows])
+        y = np.array([t - A_OTHER * f.p_other - f.saved - f.attention - f.loss
+                      - (hold_a[o] * f.p_layers if held else 0.0) for f, t in rows])
+        if len(rows) >= 3 or (held and len(rows) >= 2):
             sol = np.linalg.lstsq(X, y, rcond=None)[0]
-            out["a"][o] = float(sol[0])
+            if not held:
+                out["a"][o] = float(sol[0])
             if o == "adamw":
-                kappa, c0 = map(float, sol[1:])
+                kappa, c0 = map(float, sol[-2:])
                 out["kappa"]["nothing_saveable"], out["c0"]["nothing_saveable"] = kappa, c0
-        elif len(rows) == 2:  # slope in the layer count: a only
+        elif len(rows) == 2 and not held:  # slope in the layer count: a only
             (f1, t1), (f2, t2) = rows
             out["a"][o] = float(((t2 - t1) - (f2.saved - f1.saved)) / (f2.p_layers - f1.p_layers))
     a = out["a"].get("adamw", OPT_BYTES_PER_PARAM["adamw"])

@@ -463,6 +463,16 @@ def quality_loss(c: Candidate, seq: int) -> float:
     return float(q)
 
 
+def _kivi_slots(pol, cfg, batch: int, seq: int, n_layers: int) -> int:
+    """Key/value slots of one layer of a KIVI cache: quantized capacity + float residual."""
+    from memlab.kv.base import Dims
+    if not (hasattr(pol, "capacity") and hasattr(pol, "residual")):
+        return seq
+    dims = Dims(batch=batch, max_len=seq, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.dtype).name, n_layers=n_layers)
+    return int(pol.capacity(dims)) + int(pol.residual)
+
+
 def _policy(c: Candidate):
     from memlab.kv.base import parse
     return parse(c.kv) if c.kv else None
@@ -522,6 +532,7 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
                 max(act.OPT_BYTES_PER_PARAM.get(opt, 6.35) - grad_b, 0.0) * p_layers
                 + act.A_OTHER * p_other)
     cpu_extra = 0
+    cpu_total = None  # XLA:CPU's single-memory peak, where it differs from device + host
     n_dev = c.devices if c.shard else 1
     if c.shard == "fsdp":
         for key in ("params", "gradients", "optimizer_state"):
@@ -538,6 +549,19 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
                                p_other=upd_other, loss=c.loss, dequant_layer_bytes=dequant)
         temp = act.train_temp(f, opt)
         if c.offload:  # the streamed backward holds one block's weight gradients (dev["gradients"])
+            # XLA:CPU has one memory, so its peak is not device + host: the streamed layers'
+            # device copies and device gradients are the host buffers themselves, and the host
+            # update's temporaries live only after the backward.  Its peak is the arguments
+            # plus the larger of the backward (the device temp and every gradient) and the
+            # host update (the gradients and the update's temporaries); the difference to
+            # device + host is XLA:CPU's (negative: an accelerator holds those copies twice).
+            # When more than one layer streams, XLA:CPU's bf16 normalization also holds a
+            # float32 copy of the stacked bf16 weights the streamed blocks are sliced from
+            # during the backward (seen at d=192, 3 layers, k=1; absent with one streamed layer).
+            grads = other_bytes + layer_bytes
+            f32_stack = 2 * layer_bytes if cs == 2 and n_layers - k >= 2 else 0
+            cpu_total = (cats["params"] + cats.get("optimizer_state", 0) + cats.get("inputs", 0)
+                         + max(temp + grads + f32_stack, grads + host["optimizer_update"]))
             temp += dev["gradients"]
         if c.shard == "fsdp":  # gathered full params of one layer and gradients, per device
             temp = temp - (upd_layers * act.OPT_BYTES_PER_PARAM.get(opt, 6.35)
@@ -548,9 +572,7 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
         dev["temp"] = int(temp)
     else:
         pol = _policy(c)
-        kv_dq = 0.0
-        if pol is not None and _kv_name(c.kv).startswith("kivi"):
-            kv_dq = 2.0 * batch * seq * cfg.n_kv_heads * cfg.head_dim * cs
+        kivi = pol is not None and _kv_name(c.kv).startswith("kivi")
         if pol is not None and _kv_name(c.kv) == "headinfer":
             from memlab.kv.base import Dims
             dims = Dims(batch=batch, max_len=seq, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
@@ -558,23 +580,39 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
             host["kv_cache"] = int(pol.host_bytes(dims))
             tokens = 1 if task == "decode" else seq
             dev["kv_cache"] = int(pol.device_bytes(dims, tokens)) + batch * 4
-        dequant = (_count(shapes[LAYERS]) / n_layers) * cs if c.weights != "bf16" else 0.0
+        quantized = c.weights != "bf16"
+        dequant = (_count(shapes[LAYERS]) / n_layers) * cs if quantized else 0.0
         if task == "decode":
-            temp = act.decode_temp(cfg, batch, seq, kv_dequant_layer_bytes=kv_dq,
-                                   dequant_layer_bytes=dequant)
+            kw = dict(dequant_layer_bytes=dequant,
+                      head_dequant_bytes=cfg.vocab_size * cfg.d_model * 4.0 if quantized else 0.0)
+            kv_dq = 0.0
+            if kivi:
+                # the append writes the layer's slice of the stacked quantized cache into a new
+                # buffer; KIVI's XLA path (the decode kernel's backend off GPU/TPU) dequantizes
+                # the layer's S_q + R key and value slots to float32 -- the Triton / Mosaic
+                # kernels keep no dequantized cache, so that part is XLA:CPU-only
+                slots = _kivi_slots(pol, cfg, batch, seq, n_layers)
+                kw.update(kv_layer_bytes=cats.get("kv_cache", 0) / n_layers, score_slots=slots)
+                kv_dq = 2.0 * batch * slots * cfg.n_kv_heads * cfg.head_dim * 4
+            temp = act.decode_temp(cfg, batch, seq, **kw)
+            cpu_kv = act.decode_temp(cfg, batch, seq, kv_dequant_layer_bytes=kv_dq, **kw) - temp
         else:
             temp = act.prefill_temp(cfg, batch, seq, dequant_layer_bytes=dequant)
+            cpu_kv = 0.0
         dev["temp"] = int(temp)
         # XLA:CPU only: its bf16 normalization runs the layer scan's dynamic slices and the
         # cache scatter in float32, holding an f32 copy of bf16 stacked weights or of a bf16
-        # cache (the larger of the two was what the compiles showed); a GPU keeps bf16
-        if cs == 2:
-            w = 2 * layer_bytes if c.weights == "bf16" else 0
-            kv_f = 2 * cats.get("kv_cache", 0) if _kv_name(c.kv or "dense") in ("dense", "snapkv") \
-                else 0
-            cpu_extra = int(max(w, kv_f))
+        # cache (the larger of the two was what the compiles showed); a GPU keeps bf16.  A
+        # KIVI cache's float32 dequantization comes on top of the weights' copy (both are
+        # live while a layer attends).
+        w = 2 * layer_bytes if cs == 2 and c.weights == "bf16" else 0
+        kv_f = 2 * cats.get("kv_cache", 0) if cs == 2 and _kv_name(c.kv or "dense") in (
+            "dense", "snapkv") else 0
+        cpu_extra = int(max(w, kv_f) + cpu_kv)
     device = int(sum(v for k, v in dev.items() if isinstance(v, (int, float))))
     host_total = int(sum(host.values()))
+    if cpu_total is not None:
+        cpu_extra = int(cpu_total - device - host_total)
     step = step_seconds(cfg, c, task, batch, seq, cats, host, layer_bytes)
     categories = {"device": dev, "host": host}
     return Estimate(device, host_total, categories, step, quality_loss(c, seq), cpu_extra)
