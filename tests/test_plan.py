@@ -256,6 +256,10 @@ def test_activation_fit_recovers_known_constants():
                                truth["nothing_saveable"], rtol=1e-5)
     np.testing.assert_allclose([out["sigma"]["save"], out["kappa"]["save"], out["c0"]["save"]],
                                truth["save"], rtol=1e-5)
+    held = act.fit(pts, hold_a={"adamw": truth["a"]})  # a held: kappa, c0 still recovered
+    assert held["a"]["adamw"] == truth["a"]
+    np.testing.assert_allclose([held["kappa"]["nothing_saveable"], held["c0"]["nothing_saveable"]],
+                               truth["nothing_saveable"], rtol=1e-5)
 
 
 def test_passes_that_cannot_apply_are_skipped():

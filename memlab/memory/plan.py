@@ -196,7 +196,9 @@ class Estimate:
     categories: dict
     step_seconds: float
     quality_loss: float
-    cpu_extra_bytes: int = 0  # what XLA:CPU adds on top (bf16 upcasts); 0 on GPU/TPU
+    # what XLA:CPU adds on top (bf16 upcasts, KIVI's float32 dequantized layer); negative for
+    # layer streaming, where CPU's single memory holds once what an accelerator holds twice
+    cpu_extra_bytes: int = 0
 
 
 @dataclasses.dataclass
