@@ -8,7 +8,6 @@ to plan and profile a 7B model without allocating it.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib.util
 import os
 from typing import Optional
@@ -93,13 +92,19 @@ def weights_path(name: str) -> str:
     return path
 
 
-@functools.lru_cache(maxsize=2)
-def _read_meta(name: str):
-    from memlab.models import gguf_io
+_META: dict = {}
 
-    reader = gguf_io.open_reader(weights_path(name))
-    return (gguf_io.read_config(reader, name), gguf_io.read_tokenizer(reader),
-            gguf_io.special_ids(reader))
+
+def _read_meta(name: str, reader=None):
+    """(config, tokenizer, special ids) of ``name``'s weights file, read once per process
+    (from ``reader`` when given: parsing a GGUF header with its vocabulary takes seconds)."""
+    if name not in _META:
+        from memlab.models import gguf_io
+
+        reader = reader if reader is not None else gguf_io.open_reader(weights_path(name))
+        _META[name] = (gguf_io.read_config(reader, name), gguf_io.read_tokenizer(reader),
+                       gguf_io.special_ids(reader))
+    return _META[name]
 
 
 def load(name: str, dtype: str = "float32", abstract_ok: bool = True, quantize=None) -> Model:
@@ -123,7 +128,9 @@ def load(name: str, dtype: str = "float32", abstract_ok: bool = True, quantize=N
         return model if quantize is None else _quantize_pass(quantize)(model)
     from memlab.models import gguf_io
 
-    file_cfg, tokenizer, special = _read_meta(name)
+    # the first load in a process parses the header once for metadata and tensors
+    reader = None if name in _META else gguf_io.open_reader(weights_path(name))
+    file_cfg, tokenizer, special = _read_meta(name, reader)
     if (file_cfg.n_layers, file_cfg.d_model, file_cfg.vocab_size) != \
             (cfg.n_layers, cfg.d_model, cfg.vocab_size):
         raise ValueError(f"weights file for {name!r} does not match its config: {file_cfg}")
@@ -141,7 +148,9 @@ def load(name: str, dtype: str = "float32", abstract_ok: bool = True, quantize=N
         def convert(path, w):
             arr = jnp.asarray(w, dtype)
             return method.quantize(arr) if path.endswith("kernel") and w.ndim == 2 else arr
-    params = gguf_io.read_params(gguf_io.open_reader(weights_path(name)), cfg, convert)
+    if reader is None:
+        reader = gguf_io.open_reader(weights_path(name))
+    params = gguf_io.read_params(reader, cfg, convert)
     model = Model(params=params, module=Llama(cfg), spec=cfg, tokenizer=tokenizer,
                   extras=(("special_tokens", tuple(sorted(special.items()))),))
     if qpass is not None:  # what the pass would have produced: dispatch + history
