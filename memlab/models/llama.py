@@ -320,6 +320,13 @@ def remat_policy(name: Optional[str]):
         offload_src="device", offload_dst="pinned_host")
 
 
+def layer_apply(config: "LlamaConfig", layer_params, x, layer, positions, lengths, n_new):
+    """One decoder layer (the body the model scans), no cache: ``x [B, T, D] -> x``."""
+    carry = (x, None, jnp.asarray(layer, jnp.int32))
+    return Block(config, parent=None).apply({"params": layer_params}, carry, positions, lengths,
+                                            n_new)[0][0]
+
+
 class Llama(nn.Module):
     """``apply(params, tokens[B, T], cache=None) -> logits`` or ``(logits, cache)``.
 
@@ -331,6 +338,12 @@ class Llama(nn.Module):
     With a cache, tokens are written at each row's ``cache.lengths`` and attend
     over everything written so far; positions are ``lengths + arange(T)``.
     ``remat``: None (no rematerialization) or a policy name (see ``remat_policy``).
+
+    The pieces of a training forward, for steps that run the layers themselves
+    (:mod:`memlab.fused`; no cache): ``embed_only=True`` returns the embedded tokens
+    [B, T, D]; ``hidden_in=x`` skips the embedding and the layers and runs the final
+    norm and head on the layer stack's output ``x`` (params need no ``layers``).
+    One layer is :func:`layer_apply`.
     """
 
     config: LlamaConfig
@@ -339,7 +352,8 @@ class Llama(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False,
-                 n_new: Optional[jax.Array] = None, hidden_only: bool = False):
+                 n_new: Optional[jax.Array] = None, hidden_only: bool = False,
+                 embed_only: bool = False, hidden_in: Optional[jax.Array] = None):
         c = self.config
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
@@ -367,13 +381,26 @@ class Llama(nn.Module):
 
         embed = nn.Embed(c.vocab_size, c.d_model, dtype=c.compute_dtype,
                          param_dtype=c.weight_dtype, name="embed")
-        x = embed(tokens)
+        if (embed_only or hidden_in is not None) and cache is not None:
+            raise ValueError("embed_only / hidden_in are pieces of a training forward; call "
+                             "them without a cache")
+        if hidden_in is not None and embed_only:
+            raise ValueError("pass either embed_only=True or hidden_in=, not both")
+        if hidden_in is not None and hidden_in.shape != (b, t, c.d_model):
+            raise ValueError(f"hidden_in must be [batch, seq, d_model] = {(b, t, c.d_model)}, got "
+                             f"{tuple(hidden_in.shape)}")
+        if c.tie_embeddings or hidden_in is None:
+            x = embed(tokens)  # tied: the head's weight; unused output is dropped by XLA
+        if embed_only:
+            return x
         block = Block
         if self.remat is not None:
             block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
         layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers)
-        if self.stream is not None and not self.is_initializing() \
+        if hidden_in is not None:
+            x = hidden_in
+        elif self.stream is not None and not self.is_initializing() \
                 and not self.is_mutable_collection("intermediates"):
             from memlab.offload import stream_layers  # the offload pass: weights in host memory
 
