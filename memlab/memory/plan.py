@@ -543,12 +543,13 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
     per_dev_batch = batch // n_dev if c.shard and batch % n_dev == 0 else batch
     cs = jnp.dtype(cfg.dtype).itemsize
     if training:
-        # a quantized base is dequantized one layer at a time (compute dtype)
-        dequant = (_count(shapes[LAYERS]) / n_layers) * cs if c.weights != "bf16" else 0.0
+        # a quantized base is dequantized one matmul at a time (compute dtype): the MLP's
+        # gate and up projections are the largest pair live together
+        dequant = 2.0 * cfg.d_model * cfg.d_ff * cs if c.weights != "bf16" else 0.0
         upd_layers = 0.0 if c.offload else p_layers
         upd_other = 0.0 if c.offload else p_other
         f = act.train_features(cfg, per_dev_batch, seq, c.remat, p_layers=upd_layers,
-                               p_other=upd_other, loss=c.loss, dequant_layer_bytes=dequant)
+                               p_other=upd_other, loss=c.loss, dequant_bytes=dequant)
         temp = act.train_temp(f, opt)
         if c.offload:  # the streamed backward holds one block's weight gradients (dev["gradients"])
             # XLA:CPU has one memory, so its peak is not device + host: the streamed layers'
@@ -585,7 +586,9 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
         quantized = c.weights != "bf16"
         dequant = (_count(shapes[LAYERS]) / n_layers) * cs if quantized else 0.0
         if task == "decode":
-            kw = dict(dequant_layer_bytes=dequant,
+            # quantized weights are dequantized one matmul at a time (the int8 d=448 step held
+            # only q_proj's at its peak, llama3-8b the float32 LM head): the MLP's gate + up
+            kw = dict(weights_dequant_bytes=2.0 * cfg.d_model * cfg.d_ff * cs if quantized else 0.0,
                       head_dequant_bytes=cfg.vocab_size * cfg.d_model * 4.0 if quantized else 0.0)
             kv_dq = 0.0
             if kivi:
@@ -603,14 +606,16 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
             cpu_kv = 0.0
         dev["temp"] = int(temp)
         # XLA:CPU only: its bf16 normalization runs the layer scan's dynamic slices and the
-        # cache scatter in float32, holding an f32 copy of bf16 stacked weights or of a bf16
-        # cache (the larger of the two was what the compiles showed); a GPU keeps bf16.  A
-        # KIVI cache's float32 dequantization comes on top of the weights' copy (both are
-        # live while a layer attends).
+        # cache update in float32.  It holds a float32 copy of bf16 stacked weights (``w``)
+        # and, for a bf16 dense cache, three float32 buffers of one layer's keys (or values)
+        # -- the slice, its update and the attention's operand (``kv_f = 3 * kv / L``: d=320
+        # L=2 23.0 MB, d=192 and d=448 L=3 4.6 MB, llama3-8b 128k 1.1-1.6 GB beside the
+        # weights' copy); a GPU keeps bf16.  A KIVI cache's float32 dequantization comes on
+        # top of ``w`` (live while a layer attends).
         w = 2 * layer_bytes if cs == 2 and c.weights == "bf16" else 0
-        kv_f = 2 * cats.get("kv_cache", 0) if cs == 2 and _kv_name(c.kv or "dense") in (
-            "dense", "snapkv") else 0
-        cpu_extra = int(max(w, kv_f) + cpu_kv)
+        kv_f = 3 * cats.get("kv_cache", 0) / n_layers if cs == 2 and _kv_name(
+            c.kv or "dense") in ("dense", "snapkv") else 0
+        cpu_extra = int(w + kv_f + cpu_kv)
     device = int(sum(v for k, v in dev.items() if isinstance(v, (int, float))))
     host_total = int(sum(host.values()))
     if cpu_total is not None:
