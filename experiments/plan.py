@@ -11,9 +11,10 @@ Written to results/plan.json:
   training in 2 GB, which must be refused with the minimum and nearest option.
 * **error**: the planner's predicted device bytes against XLA's
   ``argument + output - alias + temp`` minus the host part (formulas) over a grid
-  of configurations: three small held-out Llama shapes (the activation constants
-  were fitted at d=256, d_ff=688; the third, d=448 with one KV head, was not used
-  while fixing the model's terms) and 7B/8B shapes.  Target: within 10%.
+  of configurations: four small Llama shapes the activation constants were not
+  fitted on (they were fitted at d=256, d_ff=688; d=384 was compiled only after the
+  model's terms were final, the clean held-out check) and 7B/8B shapes.  Target:
+  within 10%.
 
 Numbers are XLA:CPU's.  CPU has one memory: host placements are subtracted by
 formula; bf16 upcasts XLA:CPU makes (``cpu_extra_bytes``) are predicted and
@@ -71,13 +72,17 @@ def _small(**kw):
 
 def grid() -> list:
     C = P.Candidate
-    # held-out shapes (the constants were fitted at d=256, d_ff=688): the third one,
-    # d=448 with one KV head (d and d_ff multiples of NF4's 64-blocks), was never looked
-    # at while the model's terms were fixed
+    # held-out shapes (the constants were fitted at d=256, d_ff=688).  d=448 with one KV
+    # head was added as a third and its first compile exposed three misses (dense and int8
+    # decode, NF4 LoRA) that were then fixed, so it is no longer held out; d=384 (GQA 6/3,
+    # 4 layers) was compiled only after the last change: the clean held-out check.  d and
+    # d_ff are multiples of NF4's 64-blocks.
     shapes = [_small(), _small(d_model=320, d_ff=896, n_layers=2, n_heads=5, n_kv_heads=5,
                                head_dim=64, vocab_size=3001),
               _small(d_model=448, d_ff=1216, n_layers=3, n_heads=7, n_kv_heads=1, head_dim=64,
-                     vocab_size=1999)]
+                     vocab_size=1999),
+              _small(d_model=384, d_ff=1024, n_layers=4, n_heads=6, n_kv_heads=3, head_dim=64,
+                     vocab_size=2503)]
     cases = []
     for cfg in shapes:
         for pol in ("nothing_saveable", "dots_with_no_batch_dims_saveable",
