@@ -96,6 +96,10 @@ def grid() -> list:
         cases.append((cfg, "decode", C("bf16", kv="dense"), 2, 3000))
         cases.append((cfg, "decode", C("bf16", kv="kivi4"), 2, 3000))
         cases.append((cfg, "decode", C("int8", kv="kivi4"), 2, 3000))
+        # the fused backward-update (memlab.fused; its update constants fitted at llama2-7b)
+        cases.append((cfg, "train", C("bf16", "nothing_saveable", "apollo_mini", fused=True), 2, 384))
+        cases.append((cfg, "train", C("bf16", "nothing_saveable", "apollo_mini", offload=(1, 0),
+                                      fused=True), 2, 384))
     if FLAGS.grid == "full":
         l7 = P._config("llama2-7b")[1]
         l8 = P._config("llama3-8b")[1]
@@ -103,6 +107,9 @@ def grid() -> list:
                   (l7, "train", C("bf16", "dots_with_no_batch_dims_saveable", "adamw"), 1, 1024),
                   (l7, "train", C("bf16", "nothing_saveable", "adamw", offload=(1, 1)), 1, 2048),
                   (l7, "finetune", C("nf4", "nothing_saveable", "adamw", lora_rank=16), 1, 2048),
+                  (l7, "train", C("bf16", "nothing_saveable", "apollo", fused=True), 1, 2048),
+                  (l7, "train", C("bf16", "nothing_saveable", "apollo_mini", offload=(1, 0),
+                                  fused=True), 1, 2048),
                   (l8, "decode", C("int8", kv="kivi4"), 1, 131072),
                   (l8, "decode", C("bf16", kv="kivi4"), 1, 131072),
                   (l8, "decode", C("bf16", kv="headinfer:heads=1"), 1, 2**20)]

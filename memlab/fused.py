@@ -36,7 +36,10 @@ a multiple of the block).  A transform that reads *all* gradients (a global norm
 instead, which runs LOMO's two passes (the first backward accumulates the global
 squared norm without keeping any gradient, the second updates with every
 gradient scaled by ``min(1, clip_norm / norm)``: equal to
-``optax.chain(optax.clip_by_global_norm(clip_norm), tx)`` for one more backward).
+``optax.chain(optax.clip_by_global_norm(clip_norm), tx)`` for one more backward).  With
+``clip_norm`` a step whose loss or gradient norm is not finite is skipped (params and
+state unchanged: the norm is known before the first layer updates); without it the
+layers are updated before that is known, so there is no skip.
 
 **Host memory.**  With ``ml.passes.offload`` applied (``params["layers"]`` in
 ``pinned_host``), :func:`init` puts the layers' optimizer state in the same host
@@ -52,9 +55,11 @@ backward + one layer's gradient and update temporaries + the non-layer gradients
 and their update.  :func:`estimate_temp` is the planner's form of it.
 
 Limits: full training of float params (no LoRA / quantized base: their trainable
-set is small, use :mod:`memlab.train`); no KV cache; the NaN-skip of
-:mod:`memlab.train` cannot be had (layers are updated before the loss of the
-whole step is known to be finite); one device.
+set is small, use :mod:`memlab.train`); no KV cache; no NaN-skip without
+``clip_norm``; one device.  On XLA:CPU some ``[L, ...]`` optimizer-state stacks
+(8-bit codes, float32 moments) are copied inside the update loop instead of being
+updated in place (AdamW's float32 moments at llama2-7b: ~35 GB of temp); the bf16
+weights and APOLLO/GaLore states update in place.
 """
 from __future__ import annotations
 
@@ -262,17 +267,25 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
         # optional first pass: the global gradient norm (LOMO's clipping), nothing kept
         scale = None
         if clip_norm is not None:
-            def norm_pass(carry, inp):
-                ct, acc, stack = carry
-                i, x = inp
-                stack = jax.lax.optimization_barrier(stack)  # as in the forward
+            def norm_pass(carry, i):
+                ct, acc, stack, saved = carry
+                stack, saved = jax.lax.optimization_barrier((stack, saved))  # as in the forward
+                x = jax.lax.dynamic_index_in_dim(saved, i, 0, False)
                 g, ct = layer_grad(fetch(stack, i), x, i, ct)
-                return (ct, acc + _sumsq(g), stack), None
-            (ct0, acc, _), _ = jax.lax.scan(norm_pass, (ct_last, jnp.float32(0.0), layers),
-                                            (idx, xs), reverse=True)
+                return (ct, acc + _sumsq(g), stack, saved), None
+            (ct0, acc, _, _), _ = jax.lax.scan(
+                norm_pass, (ct_last, jnp.float32(0.0), layers, xs), idx, reverse=True)
             d_other_pre = jax.tree_util.tree_map(jnp.add, d_head, embed_vjp(ct0)[0])
             norm = jnp.sqrt(acc + _sumsq(d_other_pre))
             scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))  # optax's rule
+            ok = jnp.isfinite(norm) & jnp.isfinite(loss)  # known before any layer updates
+        else:
+            ok = None
+
+        def keep(new, old):
+            if ok is None:
+                return new
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
 
         def scaled(g):
             if scale is None:
@@ -280,22 +293,55 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
             return jax.tree_util.tree_map(lambda a: (a * scale).astype(a.dtype), g)
 
         # 4. reverse over the layers: gradient and update of each layer at once
-        def bwd(carry, inp):
-            ct, stack, st = carry
-            i, x = inp
+        def bwd(carry, i):
+            ct, stack, st, saved = carry
+            saved = jax.lax.optimization_barrier(saved)  # as the stacks in the forward
+            x = jax.lax.dynamic_index_in_dim(saved, i, 0, False)
             lp = fetch(stack, i)
             g, ct = layer_grad(lp, x, i, ct)
             s = fetch(st, i)
-            updates, s = tx.update(scaled(g), s, lp)
-            lp = optax.apply_updates(lp, updates)
-            return (ct, store(stack, lp, i), store(st, s, i)), None
-        (ct0, layers, layer_state), _ = jax.lax.scan(bwd, (ct_last, layers, state.layers),
-                                                     (idx, xs), reverse=True)
+            updates, s_new = tx.update(scaled(g), s, lp)
+            lp, s = keep((optax.apply_updates(lp, updates), s_new), (lp, s))
+            return (ct, store(stack, lp, i), store(st, s, i), saved), None
+        (ct0, layers, layer_state, _), _ = jax.lax.scan(
+            bwd, (ct_last, layers, state.layers, xs), idx, reverse=True)
 
         # 5. the embedding's gradient, and the non-layer update
         d_other = jax.tree_util.tree_map(jnp.add, d_head, embed_vjp(ct0)[0])
         updates, other_state = tx.update(scaled(d_other), state.other, other)
-        other = optax.apply_updates(other, updates)
+        other, other_state = keep((optax.apply_updates(other, updates), other_state),
+                                  (other, state.other))
         return dict(other, **{LAYERS: layers}), FusedState(layer_state, other_state), loss
 
     return step
+
+
+# --- the planner's estimate ------------------------------------------------------------
+# Bytes per parameter of ONE layer that its gradient and optimizer update hold as temp
+# (after that layer's backward, whose activations are dead by then), fitted to XLA:CPU at
+# llama2-7b (1 x 2048 tokens, experiments/fused.py's compiles: temp minus the saved
+# inputs and the non-layer terms, over the layer's 202.4M params).  AdamW's and 8-bit
+# AdamW's include XLA:CPU's in-loop copies of their [L, ...] state stacks (float32
+# moments: ~35 GB at 7B; small models are not copied), so they over-predict small models.
+FUSED_UPDATE_BYTES = {"apollo_mini": 11.65, "apollo": 12.40, "galore": 14.44,
+                      "adam4bit": 16.69, "adamw4bit": 16.69, "adamw8bit": 31.88,
+                      "adam8bit": 31.88, "adamw": 181.0, "came": 14.0, "sgd": 6.0}
+
+
+def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunked") -> float:
+    """Predicted XLA temp bytes of the fused step: the layers' saved inputs (compute
+    dtype) and the non-layer gradients, plus the larger of one layer's recompute and
+    backward (the remat model's ``nothing_saveable`` terms, with the layer's float32 weight
+    gradient at its end) and that layer's update (:data:`FUSED_UPDATE_BYTES`), which run
+    one after the other."""
+    from memlab.memory import activations as act
+    p_layer = cfg.layer_param_count()
+    p_other = cfg.param_count() - cfg.n_layers * p_layer
+    f = act.train_features(cfg, batch, seq, "nothing_saveable", p_layers=p_layer,
+                           p_other=p_other, loss=loss)
+    saved = cfg.n_layers * batch * seq * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
+    backward = max(act.KAPPA["nothing_saveable"] * f.work + f.attention + f.loss, f.loss_phase)
+    update = FUSED_UPDATE_BYTES.get(optimizer, 14.0) * p_layer
+    grad = 4.0 * p_layer  # the layer's float32 weight gradient, live at the end of its backward
+    return float(saved + act.A_OTHER * p_other + max(backward + grad, update)
+                 + act.C0["nothing_saveable"])

@@ -176,3 +176,20 @@ def test_errors(tiny, tokens):
         step(tiny.params, fused.init(tiny, tx), tokens[:, :1])
     with pytest.raises(ValueError, match="hidden_in"):
         tiny.apply(tiny.params, tokens, hidden_in=jnp.ones((3, 18, 7)))
+
+
+def test_clip_pass_skips_nonfinite_steps(tiny, tokens):
+    tx = optax.adam(1e-2)
+    state = fused.init(tiny, tx)
+    step = jax.jit(fused.step_fn(tiny, tx, clip_norm=1.0))
+    bad = jax.tree_util.tree_map(lambda a: a, tiny.params)
+    bad["final_norm"] = {"scale": tiny.params["final_norm"]["scale"].at[3].set(jnp.inf)}
+    p, s, loss = step(bad, state, tokens)
+    assert not np.isfinite(float(loss))
+    chex.assert_trees_all_equal(p, bad)          # nothing updated, state untouched
+    chex.assert_trees_all_equal(s, state)
+    p, s, loss = step(tiny.params, state, tokens)  # a finite step updates every layer
+    assert np.isfinite(float(loss))
+    moved = jax.tree_util.tree_map(lambda a, b: bool(jnp.any(a != b)), p["layers"],
+                                   tiny.params["layers"])
+    assert all(jax.tree_util.tree_leaves(moved))

@@ -102,10 +102,17 @@ def test_llama2_7b_full_training_plans(budget):
     c = plan.candidate
     assert c.weights == "bf16" and c.lora_rank == 0 and c.optimizer in ml.optim.names()
     assert plan.estimate.device_bytes <= P.parse_budget(budget)
-    # params + gradients alone exceed the budget on the device: the plan streams the layers
+    # params + gradients alone exceed the budget on the device: no whole-model gradient
+    # may exist (the fused update), and at 12 GB the bf16 weights alone do not fit either
     n = ml.models.config("llama2-7b").param_count()
     assert 2 * n * 2 > P.parse_budget(budget)
-    assert c.offload is not None and plan.estimate.host_bytes >= n * 2
+    if 2 * n > P.parse_budget(budget):  # the decoder layers stream from host memory
+        cfg = ml.models.config("llama2-7b", dtype="bfloat16", param_dtype="bfloat16")
+        layers = ml.memory.bytes.tree_bytes(cfg.param_shapes()["layers"])
+        assert c.offload is not None and plan.estimate.categories["host"]["params"] == layers
+    else:
+        assert c.fused and c.offload is None and plan.estimate.host_bytes == 0
+        assert plan.estimate.categories["device"]["params"] == 2 * n
 
 
 def test_headinfer_anchor_llama3_8b_1m_tokens():
@@ -160,16 +167,20 @@ def test_pareto_front_is_non_dominated_and_complete():
         assert any(np.array_equal(p, f) or dominates(f, p) for f in front)
 
 
-def test_plan_passes_compose_and_table():
-    plan = ml.memory.plan("llama2-7b", "train", "24GB", verify=0)
+@pytest.mark.parametrize("budget", ["24GB", "12GB"])
+def test_plan_passes_compose_and_table(budget):
+    plan = ml.memory.plan("llama2-7b", "train", budget, verify=0)
     model = plan.passes(ml.models.abstract("llama2-7b", dtype="bfloat16", param_dtype="bfloat16"))
     names = " ".join(p.name for p, _ in model.history)
-    assert "offload" in names and model.module.stream == plan.candidate.offload
-    # streaming recomputes each block in its own backward: no remat pass on top
+    if plan.candidate.offload:
+        assert "offload" in names and model.module.stream == plan.candidate.offload
+    # streaming and the fused step recompute each layer in its own backward: no remat pass
     assert "remat" not in names and plan.candidate.remat == "nothing_saveable"
     text = plan.table()
     assert "Pareto front" in text and plan.candidate.label() in text
     assert plan.to_dict()["chosen"]["label"] == plan.candidate.label()
+    if plan.candidate.fused:  # the step to train with is named
+        assert "memlab.fused.step_fn" in text and plan.to_dict()["chosen"]["fused"]
 
 
 # --- compiled verification on small configs ---------------------------------------------
@@ -269,3 +280,23 @@ def test_passes_that_cannot_apply_are_skipped():
     assert plan.candidate.lora_rank == P.LORA_RANK
     assert all(c.weights != "nf4" for c, _ in plan.front)
     assert plan.considered > plan.feasible  # the nf4 candidates were enumerated, then dropped
+
+
+def test_fused_estimate_within_10pct_of_compiled():
+    # the fused backward-update (memlab.fused): every byte resident, so XLA's peak is the check
+    cfg = _held_out()
+    cand = P.Candidate("bf16", "nothing_saveable", "apollo_mini", fused=True)
+    assert cand in P.candidates(cfg, "train", 2, 384)
+    e = P.estimate(cfg, cand, "train", 2, 384)
+    v = P.verify_candidate(cfg, cand, e, "train", 2, 384)
+    assert v.error is None, v.error
+    # independent: the exact state bytes of ml.fused.init, and XLA's arguments
+    model = P.build(cfg, cand, "train")
+    tx = ml.optim.get("apollo_mini")
+    state = ml.fused.init(model, tx)
+    assert e.categories["device"]["optimizer_state"] == ml.memory.bytes.tree_bytes(state)
+    assert e.categories["device"]["params"] == ml.memory.bytes.tree_bytes(model.params)
+    assert abs(v.relative_error) <= 0.10, (e.device_bytes, v.compiled_device_bytes)
+    with pytest.raises(ValueError, match="fused"):
+        P.estimate(cfg, P.Candidate("nf4", "nothing_saveable", "adamw", lora_rank=16,
+                                    fused=True), "finetune", 2, 384)

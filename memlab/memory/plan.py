@@ -13,7 +13,10 @@ sharding, layer streaming and host-KV pieces.  Here::
 1. **Search space** (:func:`candidates`): weight format (``bf16`` / ``int8`` /
    ``nf4``), remat policy, optimizer (``ml.optim`` names), chunked or naive loss,
    layer streaming ``offload(k, p)`` (with the optimizer state and gradients in
-   host memory when training), KV policy and budget for inference (dense, KIVI-4/2,
+   host memory when training), the fused backward-update (:mod:`memlab.fused`, LOMO:
+   each layer updated inside the backward, no whole-model gradient; resident, or with
+   the layers and their optimizer state in host memory and the update on the device),
+   KV policy and budget for inference (dense, KIVI-4/2,
    SnapKV budgets, HeadInfer), FSDP / DP when ``devices > 1``.  ``task="train"``
    is *full* training: every parameter updates, so weights stay in the model's
    float dtype; ``task="finetune"`` is LoRA (rank 16 on every linear layer) over
@@ -42,6 +45,7 @@ Speed constants (an H100-class accelerator; documented, not measured here):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -139,6 +143,7 @@ class Candidate:
     offload: Optional[tuple] = None  # (layers_on_device k, prefetch p)
     shard: Optional[str] = None      # "fsdp" | "dp" over ``devices``
     devices: int = 1
+    fused: bool = False              # memlab.fused: each layer updated inside the backward
 
     def label(self) -> str:
         parts = [self.weights]
@@ -150,6 +155,8 @@ class Candidate:
             parts.append(f"remat={self.remat or 'none'}")
         if self.optimizer:
             parts.append(f"{self.loss} loss")
+        if self.fused:
+            parts.append("fused update")
         if self.kv:
             parts.append(f"kv={self.kv}")
         if self.offload:
@@ -169,7 +176,7 @@ class Candidate:
             out.append(P.quantize(quant.nf4(64, double_quant=True)))
         if self.lora_rank:
             out.append(P.lora(self.lora_rank, rules=P.lora.ALL_LINEAR))
-        if self.remat is not None and not self.offload:
+        if self.remat is not None and not self.offload and not self.fused:
             # layer streaming recomputes each block in its own backward (custom_vjp saving
             # only the block inputs): that *is* nothing_saveable, so no remat pass on top
             out.append(P.remat(self.remat))
@@ -177,7 +184,7 @@ class Candidate:
             out.append(P.kv_compress(self.kv))
         if self.offload:
             out.append(P.offload(self.offload[0], self.offload[1],
-                                 optimizer_state=task in ("train", "finetune")))
+                                 optimizer_state=task in ("train", "finetune") and not self.fused))
         if self.shard:
             if mesh is None:
                 raise ValueError(f"plan: {self.label()} needs a mesh of {self.devices} devices")
@@ -319,6 +326,10 @@ class Plan:
                  f"  predicted device {gb(e.device_bytes)} (host {gb(e.host_bytes)})"
                  f" · est. step {e.step_seconds * 1e3:.1f} ms · expected quality loss "
                  f"{e.quality_loss:.2%}"]
+        if self.candidate.fused:
+            lines.append(f"  train with memlab.fused.step_fn(plan.passes(model), "
+                         f"ml.optim.get({self.candidate.optimizer!r})): the fused "
+                         "backward-update, no whole-model gradient")
         v = self.verification
         if v is not None and v.compiled_device_bytes is not None:
             lines.append(f"  compiled device {gb(v.compiled_device_bytes)} = XLA peak "
@@ -409,6 +420,12 @@ def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
                                     continue  # layer streaming: one device, full training,
                                     # its backward recomputes each block (= nothing_saveable)
                                 out.append(Candidate(w, r, o, rank, loss, None, off, sh, n))
+        if task == "train":  # the fused backward-update (LOMO), resident or with host state
+            for o in opts:
+                for loss in ("chunked", "naive"):
+                    for off in (None, (1, 0)):
+                        out.append(Candidate("bf16", "nothing_saveable", o, 0, loss, None, off,
+                                             None, 1, fused=True))
     else:
         for w in WEIGHT_FORMATS:
             for kv in _kv_options(seq):
@@ -510,6 +527,8 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
     host = {}
     dev = dict(cats)
     training = task in ("train", "finetune")
+    if c.fused:
+        return _estimate_fused(cfg, c, task, batch, seq, cats, layer_bytes, other_bytes)
     # trainable counts (for the update temps)
     from memlab.offload import LAYERS
     if trainable_shapes is not None:
@@ -625,6 +644,45 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
     return Estimate(device, host_total, categories, step, quality_loss(c, seq), cpu_extra)
 
 
+@functools.lru_cache(maxsize=64)
+def _fused_state(cfg, optimizer: str) -> tuple:
+    """(layers' state bytes, other params' state bytes) of ``memlab.fused.init`` (exact)."""
+    from memlab import fused, models, optim
+    state = fused.init(models.abstract(cfg), optim.get(optimizer))
+    return tree_bytes(state.layers), tree_bytes(state.other)
+
+
+def _estimate_fused(cfg, c: Candidate, task: str, batch: int, seq: int, cats: dict,
+                    layer_bytes: int, other_bytes: int) -> Estimate:
+    """The fused backward-update step (:mod:`memlab.fused`): every param and the per-layer
+    optimizer state resident (or, with ``offload``, the layers and their state in host
+    memory and one layer of each on the device); no whole-model gradient."""
+    from memlab import fused
+    if task != "train" or c.shard or c.lora_rank or c.weights != "bf16":
+        raise ValueError("plan: the fused update is full training of float weights on one "
+                         "device")
+    st_layers, st_other = _fused_state(cfg, c.optimizer)
+    temp = fused.estimate_temp(cfg, c.optimizer, batch, seq, c.loss)
+    dev = {"inputs": cats.get("inputs", 0)}
+    host = {}
+    if c.offload:  # the fetched layer and its updated copy, of params and state
+        per_layer = 2 * st_layers / cfg.n_layers
+        dev.update(params=int(other_bytes + 2 * layer_bytes / cfg.n_layers),
+                   optimizer_state=int(st_other + per_layer))
+        host.update(params=int(layer_bytes), optimizer_state=int(st_layers))
+    else:
+        dev.update(params=int(cats["params"]), optimizer_state=int(st_layers + st_other))
+    dev["temp"] = int(temp)
+    device = int(sum(dev.values()))
+    host_total = int(sum(host.values()))
+    # XLA:CPU has one memory: the updated layer is written into the stack in place, so the
+    # second device copy of one layer's params and state does not exist there
+    cpu_extra = -int((layer_bytes + st_layers) / cfg.n_layers) if c.offload else 0
+    step = step_seconds(cfg, c, task, batch, seq, cats, host, layer_bytes)
+    return Estimate(device, host_total, {"device": dev, "host": host}, step,
+                    quality_loss(c, seq), cpu_extra)
+
+
 def step_seconds(cfg, c: Candidate, task: str, batch: int, seq: int, cats: dict, host: dict,
                  layer_bytes: float) -> float:
     """Estimated step time: compute or memory bound on the device, plus host traffic."""
@@ -649,7 +707,9 @@ def step_seconds(cfg, c: Candidate, task: str, batch: int, seq: int, cats: dict,
         if host.get("activations"):
             link += 2 * host["activations"] / HOST_LINK_BYTES_PER_S
         t = max(compute, link) if (c.offload and c.offload[1] > 0) else compute + link
-        if c.offload:  # host optimizer: read grads + state + params, write state + params
+        if c.offload and c.fused:  # each layer's state down and back up, updated on device
+            t += 2 * host.get("optimizer_state", 0) / HOST_LINK_BYTES_PER_S
+        elif c.offload:  # host optimizer: read grads + state + params, write state + params
             t += (2 * host.get("optimizer_state", 0) + 3 * cats["params"]) / HOST_MEM_BYTES_PER_S
         if c.shard == "fsdp":
             t = max(t, 3 * cats["params"] * (n_dev - 1) / n_dev / INTERCONNECT_BYTES_PER_S)
@@ -713,15 +773,38 @@ def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int,
         return v
     try:
         model = build(cfg, c, task)
-        with nn.use_cross_entropy(c.loss):
-            r = profile(model, "train" if task in ("train", "finetune") else task, batch=batch,
-                        seq=seq, optimizer=c.optimizer or "adamw")
+        if c.fused:
+            r = _profile_fused(model, c, batch, seq)
+        else:
+            with nn.use_cross_entropy(c.loss):
+                r = profile(model, "train" if task in ("train", "finetune") else task,
+                            batch=batch, seq=seq, optimizer=c.optimizer or "adamw")
     except Exception as exc:  # noqa: BLE001 -- recorded; the next candidate is tried
         v.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
         return v
     v.compiled_peak_bytes = int(r.peak_bytes)
     v.temp_bytes = int(r.temp_bytes)
     return v
+
+
+def _profile_fused(model, c: Candidate, batch: int, seq: int):
+    """Compile :func:`memlab.fused.step_fn` (params and state donated) on abstract shapes."""
+    from memlab import fused, nn, optim
+    from memlab.memory.profile import MemoryReport, _compile
+    tx = optim.get(c.optimizer)
+    tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
+    with nn.use_cross_entropy(c.loss):
+        compiled, secs = _compile(fused.step_fn(model, tx), (model.params, fused.init(model, tx),
+                                                            tokens), donate=(0, 1))
+    ma = compiled.memory_analysis()
+    return MemoryReport(name=model.spec.name, task="train", batch=batch, seq=seq,
+                        argument_bytes=int(ma.argument_size_in_bytes),
+                        output_bytes=int(ma.output_size_in_bytes),
+                        alias_bytes=int(ma.alias_size_in_bytes),
+                        temp_bytes=int(ma.temp_size_in_bytes),
+                        generated_code_bytes=int(ma.generated_code_size_in_bytes),
+                        by_category={}, analytic={}, compile_seconds=secs,
+                        device=jax.devices()[0].device_kind)
 
 
 def _scored(cfg, cands, task, batch, seq) -> list:
@@ -740,7 +823,7 @@ def _family(c: Candidate) -> tuple:
     """What decides whether a candidate compiles: its optimizer (host-offloaded or not),
     weight format, adapters and KV policy; remat, loss and k do not."""
     return (c.optimizer, c.offload is not None, c.weights, c.lora_rank, _kv_name(c.kv or ""),
-            c.shard)
+            c.shard, c.fused)
 
 
 def _nearest(cfg, task, batch, seq, budget, devices) -> Optional[str]:
