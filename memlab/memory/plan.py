@@ -766,7 +766,9 @@ def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int,
     from memlab import nn
     from memlab.memory.profile import profile
     on_cpu = jax.default_backend() == "cpu"
-    v = Verification(c, e.device_bytes, host_bytes=e.host_bytes,
+    # XLA:CPU has one memory (its peak holds the host buffers: subtract the formulas'
+    # host part); XLA:GPU/TPU report host buffers apart (host_*), so the peak is the device's
+    v = Verification(c, e.device_bytes, host_bytes=e.host_bytes if on_cpu else 0,
                      cpu_extra_bytes=e.cpu_extra_bytes if on_cpu else 0)
     if c.shard and jax.device_count() < c.devices:
         v.error = f"needs {c.devices} devices, this process has {jax.device_count()}"
