@@ -12,7 +12,7 @@ EXPECT = {"tour.ipynb": ["Paris", "kv_cache"], "quantize.ipynb": ["4.127", "Pari
           "kv_cache.ipynb": ["B/token", "Paris", "paged waste", "decoded tokens"],
           "training_memory.ipynb": ["resume bit-exact: True True", "exact==analytic True",
                                     "cuts activation temp", "x less"],
-          "plan.ipynb": ["Pareto front", "offload(k=", "headinfer", "no plan fits",
+          "plan.ipynb": ["Pareto front", "fused update", "offload(k=", "headinfer", "no plan fits",
                          "compiled device"]}
 # compile-bound notebooks (tiny models; what they print is compiled memory_analysis() and exact
 # bytes): the kernel skips LLVM's optimization of the generated code, which XLA's buffer
