@@ -53,13 +53,8 @@ def _with_policy(model, policy):
 def _run(model, tokens, lengths, cache):
     """Prefill right-padded prompts, then STEPS greedy decode steps (one scanned body):
     logits [B, 1 + STEPS, V] and the final cache."""
-    from memlab.kv.base import PolicyCache
-    if isinstance(cache, PolicyCache):
-        logits, cache = model(tokens, cache=cache, n_new=lengths)
-    else:
-        logits, cache = model(tokens, cache=cache)
-        cache = cache._replace(lengths=lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    from memlab.generate import _prefill  # the engine's own prefill
+    last, cache = _prefill(model, tokens, lengths, cache)
 
     def step(carry, _):
         prev, cache = carry
