@@ -55,6 +55,8 @@ flags.DEFINE_bool("resume", False, "train: continue from the latest checkpoint i
 flags.DEFINE_integer("stop_at", None, "train: stop after this step (the schedule still spans "
                      "--steps; resume later with --resume).")
 flags.DEFINE_integer("seed", 0, "train: data-order seed.")
+flags.DEFINE_bool("fused", False, "train: fused backward-update (LOMO, memlab.fused): each layer "
+                  "updated inside the backward, no whole-model gradient; full training only.")
 flags.DEFINE_integer("lora_rank", 0, "train: LoRA adapters of this rank (0 = full fine-tune).")
 flags.DEFINE_string("quantize", None, "train: QLoRA base format (nf4, int4, int8); needs "
                     "--lora_rank.")
@@ -221,7 +223,7 @@ def cmd_train() -> dict:
                       precision=FLAGS.precision, clip_norm=FLAGS.clip_norm or None,
                       nan_policy=FLAGS.nan_policy, log_every=FLAGS.log_every,
                       ckpt_every=FLAGS.ckpt_every, ckpt_dir=FLAGS.ckpt_dir, keep=FLAGS.keep,
-                      seed=FLAGS.seed)
+                      seed=FLAGS.seed, fused=FLAGS.fused)
     model = _train_model()
     tokens = _train_tokens(model, FLAGS.corpus)
     res = train(model, cfg, tokens, resume=FLAGS.resume, stop_at=FLAGS.stop_at)

@@ -188,14 +188,17 @@ def _sumsq(tree) -> jax.Array:
 
 
 def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Optional[float] = None,
-            impl: Optional[str] = None) -> Callable:
+            impl: Optional[str] = None, return_metrics: bool = False) -> Callable:
     """``step(params, state, tokens[B, T + 1]) -> (params, state, loss)``: one fused
     backward-update step of next-token cross-entropy (see the module docstring).
 
     ``state`` is :func:`init`'s.  ``clip_norm``: global gradient-norm clipping by LOMO's
     two passes.  ``impl``: the loss implementation (``memlab.nn.cross_entropy``'s; None:
     the context default, as ``memlab.nn.model_loss``).  Jit it with
-    ``donate_argnums=(0, 1)`` so the params and state are updated in place."""
+    ``donate_argnums=(0, 1)`` so the params and state are updated in place.
+    ``return_metrics=True`` returns ``{"loss", "grad_norm", "ok"}`` in place of the loss
+    (``grad_norm``: the global norm before clipping, NaN without ``clip_norm``, which is
+    when it is computed; ``ok``: the step was applied -- always, without ``clip_norm``)."""
     check_model(model)
     if clip_norm is not None and (isinstance(clip_norm, bool) or
                                   not isinstance(clip_norm, (int, float)) or not clip_norm > 0):
@@ -280,7 +283,7 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
             scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-30))  # optax's rule
             ok = jnp.isfinite(norm) & jnp.isfinite(loss)  # known before any layer updates
         else:
-            ok = None
+            ok, norm = None, jnp.float32(jnp.nan)
 
         def keep(new, old):
             if ok is None:
@@ -311,7 +314,11 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
         updates, other_state = tx.update(scaled(d_other), state.other, other)
         other, other_state = keep((optax.apply_updates(other, updates), other_state),
                                   (other, state.other))
-        return dict(other, **{LAYERS: layers}), FusedState(layer_state, other_state), loss
+        new_params = dict(other, **{LAYERS: layers})
+        if return_metrics:
+            return new_params, FusedState(layer_state, other_state), {
+                "loss": loss, "grad_norm": norm, "ok": jnp.bool_(True) if ok is None else ok}
+        return new_params, FusedState(layer_state, other_state), loss
 
     return step
 

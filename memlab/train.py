@@ -97,6 +97,10 @@ class TrainConfig:
     JSONL/tensorboard/progress-bar records (skipped steps are always recorded).
     ``ckpt_every``: save every N steps (0: only at the end) into ``ckpt_dir`` (None: no
     checkpoints), keeping the ``keep`` latest.  ``log_dir`` defaults to ``ckpt_dir``.
+    ``fused``: the fused backward-update (:mod:`memlab.fused`, LOMO: each layer updated
+    inside the backward, no whole-model gradient) for full training of memlab's Llama;
+    ``clip_norm`` is then LOMO's two-pass clipping, which also gives ``nan_policy="skip"``
+    its skip; needs ``accum=1``.
     """
 
     steps: int
@@ -118,6 +122,7 @@ class TrainConfig:
     keep: int = 3
     seed: int = 0
     log_dir: Optional[str] = None
+    fused: bool = False
 
     def __post_init__(self):
         _pos_int("steps", self.steps)
@@ -133,6 +138,16 @@ class TrainConfig:
         _pos_int("log_every", self.log_every)
         _pos_int("ckpt_every", self.ckpt_every, allow_zero=True)
         _pos_int("keep", self.keep)
+        if not isinstance(self.fused, bool):
+            raise ValueError(f"TrainConfig: fused must be True or False, got {self.fused!r}")
+        if self.fused and self.accum != 1:
+            raise ValueError(f"TrainConfig: fused=True updates each layer inside its backward, so "
+                             f"there is no gradient to accumulate; use accum=1 (got "
+                             f"{self.accum}) or fused=False")
+        if self.fused and self.nan_policy == "skip" and self.clip_norm is None:
+            raise ValueError("TrainConfig: fused=True with nan_policy='skip' needs clip_norm (its "
+                             "first pass finds a non-finite gradient before any layer updates); "
+                             "set clip_norm or nan_policy='stop'")
         _pos_int("seed", self.seed, allow_zero=True)
         for name, value, choices in (("precision", self.precision, PRECISIONS),
                                      ("nan_policy", self.nan_policy, NAN_POLICIES),
@@ -289,7 +304,7 @@ def make_optimizer(config: TrainConfig, params: Any = None) -> optax.GradientTra
     schedule = lr_schedule(config)
 
     def clipped(inner):
-        if config.clip_norm is None:
+        if config.clip_norm is None or config.fused:  # fused: memlab.fused's two-pass clip
             return inner
         return optax.chain(optax.clip_by_global_norm(float(config.clip_norm)), inner)
 
@@ -332,6 +347,8 @@ def make_step(model: Model, tx: optax.GradientTransformation, config: TrainConfi
 
     ``metrics``: ``loss``, ``grad_norm`` (before clipping) and ``ok`` (finite).
     """
+    if config.fused:
+        return _fused_step(model, tx, config)
     # ``memlab.memory.profile`` the attribute is the profile() function; take the module.
     profile = importlib.import_module("memlab.memory.profile")
     loss = profile.loss_fn(compute_model(model, config.precision))
@@ -365,6 +382,22 @@ def make_step(model: Model, tx: optax.GradientTransformation, config: TrainConfi
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
         return (keep(new_params, trainable), keep(new_state, opt_state), rng,
                 {"loss": value, "grad_norm": gnorm, "ok": ok})
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def _fused_step(model: Model, tx: optax.GradientTransformation, config: TrainConfig) -> Callable:
+    """:func:`make_step`'s signature over :func:`memlab.fused.step_fn`."""
+    from memlab import fused
+    inner = fused.step_fn(compute_model(model, config.precision), tx,
+                          clip_norm=None if config.clip_norm is None else float(config.clip_norm),
+                          return_metrics=True)
+
+    def step(trainable, opt_state, frozen, rng, tokens):
+        params, opt_state, metrics = inner(merge_trainable(trainable, frozen), opt_state, tokens)
+        trainable, _ = split_trainable(model, params)
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
+        return trainable, opt_state, rng, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
 
@@ -470,7 +503,12 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
     tx = make_optimizer(config, trainable)
     # Fresh buffers: the step donates them, the caller's model keeps its own.
     trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-    opt_state = jax.jit(tx.init)(trainable)
+    if config.fused:
+        from memlab import fused
+        fused.check_model(model)
+        opt_state = fused.init(model.replace(params=merge_trainable(trainable, frozen)), tx)
+    else:
+        opt_state = jax.jit(tx.init)(trainable)
     rng = jax.random.key_data(jax.random.key(config.seed))
     sig = _signature(trainable, frozen, opt_state, config)
     traj = config.trajectory_dict()
