@@ -33,6 +33,22 @@ def train_tiny_and_profile(tiny, name):
     return losses
 
 
+SHAPES = {"w": (37, 129), "v": (5000,), "s": (100,)}  # 4773 and 5000 quantized; 100 in fp32
+
+
+def random_params(seed, shapes=SHAPES):
+    rng = np.random.default_rng(seed)
+    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
+
+
+def random_grads(seed, steps, shapes=SHAPES):
+    """A persistent direction plus fresh noise each step (like minibatch gradients)."""
+    rng = np.random.default_rng(seed)
+    signal = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    return [{k: jnp.asarray(signal[k] + rng.standard_normal(s), jnp.float32)
+             for k, s in shapes.items()} for _ in range(steps)]
+
+
 def adamw_f64(params, grads, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0):
     """Independent float64 numpy AdamW (decoupled weight decay, eps outside the sqrt)."""
     p = {k: np.asarray(v, np.float64) for k, v in params.items()}

@@ -14,23 +14,8 @@ from memlab.memory.bytes import tree_bytes
 from memlab.memory.profile import train_step_fn
 from memlab.optim import _blockwise as bw
 from memlab.optim.adam8bit import SIGNED_MAP, UNSIGNED_MAP
-from _optim_checks import adamw_f64, run_updates
-
-SHAPES = {"w": (37, 129), "v": (5000,), "s": (100,)}  # 4773 and 5000 quantized; 100 in fp32
-
-
-def _params(seed, shapes=SHAPES):
-    rng = np.random.default_rng(seed)
-    return {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in shapes.items()}
-
-
-def _grads(seed, steps, shapes=SHAPES):
-    """A persistent direction plus fresh noise each step (like minibatch gradients)."""
-    rng = np.random.default_rng(seed)
-    signal = {k: rng.standard_normal(s) for k, s in shapes.items()}
-    return [{k: jnp.asarray(signal[k] + rng.standard_normal(s), jnp.float32)
-             for k, s in shapes.items()} for _ in range(steps)]
-
+from _optim_checks import SHAPES, adamw_f64, run_updates
+from _optim_checks import random_grads as _grads, random_params as _params
 
 @pytest.fixture(scope="module")
 def opt():

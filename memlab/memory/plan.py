@@ -165,10 +165,9 @@ class Candidate:
             parts.append(f"{self.shard}x{self.devices}")
         return " · ".join(parts)
 
-    def passes(self, task: str, mesh=None):
-        """The composable passes (``ml.compose``) of this candidate."""
+    def format_passes(self) -> list:
+        """The weight-format and adapter passes (quantize, LoRA), in order."""
         from memlab import passes as P, quant
-        from memlab.model import compose
         out = []
         if self.weights == "int8":
             out.append(P.quantize(quant.int8()))
@@ -176,6 +175,13 @@ class Candidate:
             out.append(P.quantize(quant.nf4(64, double_quant=True)))
         if self.lora_rank:
             out.append(P.lora(self.lora_rank, rules=P.lora.ALL_LINEAR))
+        return out
+
+    def passes(self, task: str, mesh=None):
+        """The composable passes (``ml.compose``) of this candidate."""
+        from memlab import passes as P
+        from memlab.model import compose
+        out = self.format_passes()
         if self.remat is not None and not self.offload and not self.fused:
             # layer streaming recomputes each block in its own backward (custom_vjp saving
             # only the block inputs): that *is* nothing_saveable, so no remat pass on top
@@ -506,14 +512,8 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
     opt = c.optimizer if task in ("train", "finetune") else None
     cats = est.bytes_by_category(cfg, work.task, batch, seq, optimizer=opt)
     # pass estimates (exact): weight format, LoRA, KV policy
-    pas = []
-    from memlab import passes as P, quant
-    if c.weights == "int8":
-        pas.append(P.quantize(quant.int8()))
-    elif c.weights == "nf4":
-        pas.append(P.quantize(quant.nf4(64, double_quant=True)))
-    if c.lora_rank:
-        pas.append(P.lora(c.lora_rank, rules=P.lora.ALL_LINEAR))
+    from memlab import passes as P
+    pas = c.format_passes()
     if c.kv:
         pas.append(P.kv_compress(c.kv))
     for p in pas:
@@ -792,21 +792,14 @@ def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int,
 def _profile_fused(model, c: Candidate, batch: int, seq: int):
     """Compile :func:`memlab.fused.step_fn` (params and state donated) on abstract shapes."""
     from memlab import fused, nn, optim
-    from memlab.memory.profile import MemoryReport, _compile
+    from memlab.memory.profile import _compile, _report
     tx = optim.get(c.optimizer)
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     with nn.use_cross_entropy(c.loss):
         compiled, secs = _compile(fused.step_fn(model, tx), (model.params, fused.init(model, tx),
                                                             tokens), donate=(0, 1))
-    ma = compiled.memory_analysis()
-    return MemoryReport(name=model.spec.name, task="train", batch=batch, seq=seq,
-                        argument_bytes=int(ma.argument_size_in_bytes),
-                        output_bytes=int(ma.output_size_in_bytes),
-                        alias_bytes=int(ma.alias_size_in_bytes),
-                        temp_bytes=int(ma.temp_size_in_bytes),
-                        generated_code_bytes=int(ma.generated_code_size_in_bytes),
-                        by_category={}, analytic={}, compile_seconds=secs,
-                        device=jax.devices()[0].device_kind)
+    return _report(compiled, model.spec.name, "train", batch, seq, {}, {}, secs,
+                   jax.devices()[0].device_kind)
 
 
 def _scored(cfg, cands, task, batch, seq) -> list:
