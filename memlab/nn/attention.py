@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memlab import dispatch
 from memlab_kernels.attention_reference import attention_reference, check_attention_args
 from memlab_kernels.chunked_attention import chunked_attention
 
@@ -83,8 +84,7 @@ def _check_impl(impl, allowed):
 
 
 def _platform() -> str:
-    p = jax.default_backend()
-    return "gpu" if p in ("gpu", "cuda", "rocm") else p
+    return dispatch.platform()
 
 
 def choose(q, k, v, *, causal=False, window=None, segment_ids=None, q_positions=None,

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memlab import dispatch
 from memlab_kernels import cut_cross_entropy as _cce
 
 __all__ = ["LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES", "REDUCTIONS", "choose_cross_entropy",
@@ -81,8 +82,7 @@ def _check_impl(impl):
 
 
 def _platform() -> str:
-    p = jax.default_backend()
-    return "gpu" if p in ("gpu", "cuda", "rocm") else p
+    return dispatch.platform()
 
 
 def choose_cross_entropy(n: int, v: int, platform: Optional[str] = None) -> tuple[str, str]:

@@ -17,6 +17,7 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
+from memlab import dispatch
 from memlab.quant.qarray import QArray
 
 _MODES = ("auto", "xla", "interpret")
@@ -42,8 +43,7 @@ def kernel_backend() -> str | None:
         return None
     if mode == "interpret":
         return "interpret"
-    platform = jax.default_backend()
-    return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(platform)
+    return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(dispatch.platform())
 
 
 def qmatmul(x: jax.Array, w, dtype=None) -> jax.Array:
