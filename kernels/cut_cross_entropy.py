@@ -100,7 +100,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import cdiv, is_power_of_2, next_power_of_2, resolve_backend
+from ._common import (MOSAIC_DEFAULT_VMEM_BYTES, MOSAIC_MAX_VMEM_BYTES, cdiv, check_on_chip,
+                      is_power_of_2, mosaic_compiler_params, next_power_of_2,
+                      resolve_backend)
 
 __all__ = ["BlockSizes", "check_args", "chunked_cross_entropy", "cross_entropy_reference",
            "cut_cross_entropy"]
@@ -477,6 +479,7 @@ class _KCfg:
     interpret: Any    # False | True | pltpu.InterpretParams
     cdt: Any          # compute dtype name
     kernel: str = "triton"   # "triton" | "mosaic"
+    vmem: int = 0     # mosaic: VMEM the largest of the three kernels needs (bytes)
 
 
 def _fit(b: int, n: int) -> int:
@@ -747,6 +750,33 @@ def _plan_mosaic(bs: BlockSizes, n: int, v: int) -> tuple[int, int]:
     return out[0], out[1]
 
 
+def _mosaic_vmem(bn: int, bv: int, d: int, itemsize: int) -> int:
+    """VMEM of the largest Mosaic kernel (dH or dW): double-buffered h / W / output tiles,
+    the float32 accumulator and a few ``[bn, bv]`` float32 logit temporaries."""
+    tiles = 2 * (bn + bv) * d * itemsize
+    return tiles + 2 * max(bn, bv) * d * itemsize + max(bn, bv) * d * 4 + 4 * bn * bv * 4
+
+
+def _plan_mosaic_vmem(bs: Optional[BlockSizes], n: int, v: int, d: int, itemsize: int,
+                      name: str) -> tuple[int, int, int]:
+    """Mosaic row / vocabulary blocks and their VMEM: the defaults (256 x 512) are halved,
+    vocabulary first, down to 128 while they would exceed the default scoped VMEM; blocks
+    the caller chose are kept, and refused if no TPU has the VMEM they need."""
+    bn, bv = _plan_mosaic(bs or BlockSizes(block_n=256, block_v=512), n, v)
+    if bs is None:
+        while _mosaic_vmem(bn, bv, d, itemsize) > MOSAIC_DEFAULT_VMEM_BYTES * 3 // 4:
+            if bv >= 256 and bv % 256 == 0 and bv >= bn:
+                bv //= 2
+            elif bn >= 256 and bn % 256 == 0:
+                bn //= 2
+            else:
+                break
+    need = _mosaic_vmem(bn, bv, d, itemsize)
+    check_on_chip(name, need, MOSAIC_MAX_VMEM_BYTES, "VMEM",
+                  f"lower block_sizes.block_v (now {bv}) or block_n (now {bn}) towards 128")
+    return bn, bv, need
+
+
 def _col_vec(ref, shape):
     """A lane-dense ``(1, n)`` per-row block as an ``(n, 1)`` column, broadcast to ``shape``."""
     return jnp.broadcast_to(jnp.expand_dims(ref[0], -1), shape)
@@ -897,7 +927,7 @@ def _mosaic_forward(k: _KCfg, h, w, t):
         out_shape=[out, out], grid=(nb, nvb), in_specs=[h_spec, w_spec, row],
         out_specs=[out_spec, out_spec],
         scratch_shapes=[pltpu.VMEM((k.bn, _LANES), jnp.float32)] * 3,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=mosaic_compiler_params(("parallel", "arbitrary"), k.vmem),
         interpret=k.interpret, name="cut_cross_entropy_fwd",
         cost_estimate=_cost(k, 1, _nbytes(h, w, t) + 8 * sp.n),
     )(h, w, t[None, :])
@@ -915,7 +945,7 @@ def _mosaic_backward(k: _KCfg, h, w, t, lse, g):
         out_shape=jax.ShapeDtypeStruct(h.shape, h.dtype), grid=(nb, nvb),
         in_specs=[h_spec, w_spec, row, row, row], out_specs=h_spec,
         scratch_shapes=[pltpu.VMEM((k.bn, sp.d), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=mosaic_compiler_params(("parallel", "arbitrary"), k.vmem),
         interpret=k.interpret, name="cut_cross_entropy_bwd_dh",
         cost_estimate=_cost(k, 2, _nbytes(h, w, *rows) + h.size * h.dtype.itemsize),
     )(h, w, *rows)
@@ -925,7 +955,7 @@ def _mosaic_backward(k: _KCfg, h, w, t, lse, g):
         out_shape=jax.ShapeDtypeStruct(w.shape, w.dtype), grid=(nvb, nb),
         in_specs=[h_spec, w_spec, row, row, row], out_specs=w_spec,
         scratch_shapes=[pltpu.VMEM((k.bv, sp.d) if sp.tied else (sp.d, k.bv), jnp.float32)],
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+        compiler_params=mosaic_compiler_params(("parallel", "arbitrary"), k.vmem),
         interpret=k.interpret, name="cut_cross_entropy_bwd_dw",
         cost_estimate=_cost(k, 2, _nbytes(h, w, *rows) + w.size * w.dtype.itemsize),
     )(h, w, *rows)
@@ -1034,9 +1064,11 @@ def cut_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
         return _empty_vjp_safe(n, hidden, classifier)
     cdt = jnp.dtype(_compute_dtype(hidden, classifier)).name
     if backend == "mosaic_tpu":
-        bn, bv = _plan_mosaic(block_sizes or BlockSizes(block_n=256, block_v=512), n, v)
+        itemsize = max(jnp.dtype(hidden.dtype).itemsize, jnp.dtype(classifier.dtype).itemsize)
+        bn, bv, vmem = _plan_mosaic_vmem(block_sizes, n, v, d, itemsize, name)
         interp = pltpu.InterpretParams() if interpret is True else (interpret or False)
-        k = _KCfg(spec, bn=bn, bv=bv, bd=d, interpret=interp, cdt=cdt, kernel="mosaic")
+        k = _KCfg(spec, bn=bn, bv=bv, bd=d, interpret=interp, cdt=cdt, kernel="mosaic",
+                  vmem=vmem)
     else:
         bs = block_sizes or BlockSizes()
         k = _KCfg(spec, bn=_fit(bs.block_n, n), bv=_fit(bs.block_v, v), bd=_fit(bs.block_d, d),

@@ -141,7 +141,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import cdiv, is_power_of_2, next_power_of_2, resolve_backend, round_up
+from ._common import (TRITON_SMEM_BYTES, cdiv, check_on_chip, is_power_of_2, next_power_of_2,
+                      resolve_backend, round_up)
 from .attention_reference import attention_reference
 
 __all__ = [
@@ -453,7 +454,27 @@ def _splits(kernel, requested, programs, nb):
     return cdiv(nb, bps), bps
 
 
-def _plan_contiguous(kernel, interpret, block_sizes, scale, b, h, d, s, hkv, dv):
+def triton_smem_bytes(keys: int, d: int, dv: int, itemsize: int) -> int:
+    """Shared memory a Triton decode program needs for ``keys`` keys per block (an upper
+    bound of what Triton allocates: the K and V tiles, padded to powers of two, plus 10%
+    and 8 KiB for layout conversions)."""
+    dp, dvp = max(_MIN_DOT, next_power_of_2(d)), max(_MIN_DOT, next_power_of_2(dv))
+    return int(1.1 * keys * (dp + dvp) * itemsize) + 8192
+
+
+def _fit_smem(bk, d, dv, itemsize, chosen: bool, what: str, fix) -> int:
+    """Default blocks halve (down to 16 keys) until the tiles fit
+    :data:`TRITON_SMEM_BYTES`; blocks the caller chose are refused if they do not."""
+    while not chosen and bk > _MIN_DOT and triton_smem_bytes(bk, d, dv, itemsize) > \
+            TRITON_SMEM_BYTES:
+        bk //= 2
+    check_on_chip(what, triton_smem_bytes(bk, d, dv, itemsize), TRITON_SMEM_BYTES,
+                  "shared memory", fix(bk))
+    return bk
+
+
+def _plan_contiguous(kernel, interpret, block_sizes, scale, b, h, d, s, hkv, dv,
+                     itemsize=4):
     bs = block_sizes or BlockSizes.get_default(backend="mosaic_tpu" if kernel == "mosaic" else "triton")
     block_k = bs.block_k
     head_major = False
@@ -464,6 +485,8 @@ def _plan_contiguous(kernel, interpret, block_sizes, scale, b, h, d, s, hkv, dv)
                 "triton/interpret backends (Triton tiles are powers of two, tl.dot needs >= 16); "
                 f"use block_k={max(_MIN_DOT, next_power_of_2(block_k))}.")
         bk = min(block_k, max(_MIN_DOT, next_power_of_2(s)))
+        bk = _fit_smem(bk, d, dv, itemsize, block_sizes is not None, "decode_attention",
+                       lambda bk: f"lower block_sizes.block_k={bk} to {max(_MIN_DOT, bk // 2)}")
     else:
         if s <= block_k:
             bk = s
@@ -481,7 +504,7 @@ def _plan_contiguous(kernel, interpret, block_sizes, scale, b, h, d, s, hkv, dv)
 
 
 def _plan_paged(kernel, interpret, pages_per_block, num_splits, scale, b, h, d, hkv, ps,
-                max_pages, dv, fn):
+                max_pages, dv, fn, itemsize=4):
     if num_splits is not None:
         _check_positive_int("num_splits", num_splits, "num_splits=8, or None for the heuristic")
     if kernel == "triton":
@@ -502,6 +525,10 @@ def _plan_paged(kernel, interpret, pages_per_block, num_splits, scale, b, h, d, 
                     f"page_size >= {_MIN_DOT} on the triton/interpret backends (page_size={ps}); "
                     f"use pages_per_block={good}.")
         ppb = min(ppb, max(next_power_of_2(max_pages), cdiv(_MIN_DOT, ps)))
+        keys = _fit_smem(ppb * ps, d, dv, itemsize, pages_per_block is not None, fn,
+                         lambda keys: f"lower pages_per_block={keys // ps} to "
+                                      f"{max(1, keys // ps // 2)}")
+        ppb = max(1, keys // ps)
     else:
         if ps % 8:
             raise ValueError(
@@ -863,7 +890,8 @@ def decode_attention_with_lse(q, k, v, lengths, *, scale: Optional[float] = None
         return decode_attention_reference(q, k, v, lengths, scale=scale, return_lse=True)
     if b == 0 or s == 0 or h == 0:
         return jnp.zeros((b, h, dv), q.dtype), jnp.full((b, h), -jnp.inf, jnp.float32)
-    cfg = _plan_contiguous(kernel, interp, block_sizes, scale, b, h, d, s, hkv, dv)
+    cfg = _plan_contiguous(kernel, interp, block_sizes, scale, b, h, d, s, hkv, dv,
+                           jnp.dtype(k.dtype).itemsize)
     return _forward(cfg, q, k, v, jnp.asarray(lengths), None)
 
 
@@ -928,7 +956,7 @@ def paged_decode_attention_with_lse(q, k_pages, v_pages, lengths, block_tables, 
     if b == 0 or h == 0 or max_pages == 0:
         return jnp.zeros((b, h, dv), q.dtype), jnp.full((b, h), -jnp.inf, jnp.float32)
     cfg = _plan_paged(kernel, interp, pages_per_block, num_splits, scale, b, h, d, hkv, ps,
-                      max_pages, dv, fn)
+                      max_pages, dv, fn, jnp.dtype(k_pages.dtype).itemsize)
     return _forward(cfg, q, k_pages, v_pages, jnp.asarray(lengths), jnp.asarray(block_tables))
 
 

@@ -115,7 +115,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import cdiv, is_power_of_2, next_power_of_2, resolve_backend, round_up
+from ._common import (TRITON_SMEM_BYTES, cdiv, check_on_chip, is_power_of_2, next_power_of_2,
+                      resolve_backend, round_up)
 from .attention_reference import attention_reference, check_attention_args
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_with_lse"]
@@ -250,6 +251,41 @@ _FIELD_SEQ = {"block_q": "T", "block_kv": "S", "block_q_dkv": "T", "block_kv_dkv
               "block_q_dq": "T", "block_kv_dq": "S"}
 
 
+def triton_smem_bytes(plan: _Plan, itemsize: int) -> dict:
+    """Shared memory each Triton program needs (an upper bound of Triton's allocation):
+    the tiles a program keeps, plus two pipeline stages of the tiles it streams."""
+    dp, dvp = plan.dp, plan.dvp
+    return {
+        "fwd": (plan.bq * dp + 2 * plan.bk * (dp + dvp)) * itemsize,
+        "dkv": (plan.bk_dkv * (dp + dvp) + 2 * plan.bq_dkv * (dp + dvp)) * itemsize,
+        "dq": (plan.bq_dq * (dp + dvp) + 2 * plan.bk_dq * (dp + dvp)) * itemsize,
+    }
+
+
+# (kernel, the field it keeps, the field it streams) of each Triton program
+_SMEM_FIELDS = {"fwd": ("bq", "bk"), "dkv": ("bk_dkv", "bq_dkv"), "dq": ("bq_dq", "bk_dq")}
+_PLAN_FIELD = {"bq": "block_q", "bk": "block_kv", "bq_dkv": "block_q_dkv",
+               "bk_dkv": "block_kv_dkv", "bq_dq": "block_q_dq", "bk_dq": "block_kv_dq"}
+
+
+def _fit_triton_smem(plan: _Plan, itemsize: int, chosen: bool) -> _Plan:
+    """Default blocks halve (the streamed block first, down to 16) until each program's
+    tiles fit :data:`TRITON_SMEM_BYTES`; blocks the caller chose are refused if they
+    do not."""
+    for prog, (keep, stream) in _SMEM_FIELDS.items():
+        while not chosen and triton_smem_bytes(plan, itemsize)[prog] > TRITON_SMEM_BYTES:
+            f = stream if getattr(plan, stream) > 16 else keep
+            if getattr(plan, f) <= 16:
+                break
+            plan = dataclasses.replace(plan, **{f: getattr(plan, f) // 2})
+        big = max((keep, stream), key=lambda f: getattr(plan, f))
+        check_on_chip(f"flash_attention ({prog} kernel)", triton_smem_bytes(plan, itemsize)[prog],
+                      TRITON_SMEM_BYTES, "shared memory",
+                      f"lower block_sizes.{_PLAN_FIELD[big]}={getattr(plan, big)} to "
+                      f"{max(16, getattr(plan, big) // 2)}")
+    return plan
+
+
 def _plan_triton(bs: BlockSizes, t: int, s: int, d: int, dv: int) -> _Plan:
     r = bs.resolved()
     for name, v in r.items():
@@ -333,6 +369,8 @@ def _prepare(name, q, k, v, causal, window, segment_ids, q_positions, kv_positio
     bs = block_sizes or BlockSizes.get_default(
         backend="mosaic_tpu" if kernel == "mosaic" else "triton", head_dim=max(d, dv))
     plan = (_plan_triton if kernel == "triton" else _plan_mosaic)(bs, t, s, d, dv)
+    if kernel == "triton":
+        plan = _fit_triton_smem(plan, jnp.dtype(q.dtype).itemsize, block_sizes is not None)
     use_pos = causal or window is not None
     qp = kp = qs = ks = None
     if use_pos and q_positions is not None:

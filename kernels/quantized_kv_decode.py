@@ -971,8 +971,8 @@ def _spread_lanes(x, width, n):
 
 
 def _mosaic_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref,
-                   acc_out, m_out, l_out, acc_sc, m_sc, l_sc, *, dims: _Dims, plan: _Plan,
-                   sm_scale, precision):
+                   acc_out, m_out, l_out, acc_sc, m_sc, l_sc, vc_sc, vs_sc, vz_sc, *,
+                   dims: _Dims, plan: _Plan, sm_scale, precision):
     bits, g, p, d, hkv = dims.bits, dims.g, dims.p, dims.d, dims.hkv
     bk, nkb, gq = plan.bk, plan.nkb, plan.gq
     n, dp, mask = bk // p, d // p, 2 ** bits - 1
@@ -1016,11 +1016,16 @@ def _mosaic_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_r
                 l_new = l_new + pj.sum(axis=1, keepdims=True)
             m_sc[h], l_sc[h] = m_new, l_new
             accs = [acc_sc[h, t] * corr for t in range(p)]             # [Gq, D/P] each
+            # Mosaic strides loads of 32-bit data only: widen this head's value codes and
+            # scales into 32-bit VMEM once, then read token plane j as rows j, j+P, ...
+            vc_sc[...] = vc_ref[:, h, :].astype(jnp.int32)             # [bk, D/P]
+            vs_sc[...] = vs_ref[:, h, :].astype(jnp.float32)           # [bk, D/G]
+            vz_sc[...] = vz_ref[:, h, :].astype(jnp.float32)
             for j in range(p):
                 rows = pl.ds(j, n, stride=p) if p > 1 else slice(None)
-                vc = vc_ref[rows, h, :].astype(jnp.int32)              # [bk/P, D/P]
-                vs = _spread_lanes(vs_ref[rows, h, :].astype(jnp.float32), g // p, dp)
-                vz = _spread_lanes(vz_ref[rows, h, :].astype(jnp.float32), g // p, dp)
+                vc = vc_sc[rows, :]                                    # [bk/P, D/P]
+                vs = _spread_lanes(vs_sc[rows, :], g // p, dp)
+                vz = _spread_lanes(vz_sc[rows, :], g // p, dp)
                 ok = start + col_tok * p + j < qlen                    # [bk/P, 1]
                 pj = probs[j].astype(cdtype)
                 for t in range(p):                                     # channel plane t
@@ -1069,7 +1074,8 @@ def _mosaic_call(spec: _Spec, dims: _Dims, plan: _Plan, q4, cache: KiviCache, pr
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1, grid=(b, splits, nkb), in_specs=in_specs, out_specs=out_specs,
         scratch_shapes=[pltpu.VMEM((hkv, p, gq, d // p), f32), pltpu.VMEM((hkv, gq, 1), f32),
-                        pltpu.VMEM((hkv, gq, 1), f32)])
+                        pltpu.VMEM((hkv, gq, 1), f32), pltpu.VMEM((bk, d // p), jnp.int32),
+                        pltpu.VMEM((bk, d // g), f32), pltpu.VMEM((bk, d // g), f32)])
     acc, m, l = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,

@@ -289,6 +289,8 @@ def _devices(target: Target) -> tuple:
     if target.platform == "tpu":
         # libtpu looks for a TPU VM's metadata; a compile-only topology needs none of it
         os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+        # libtpu locks the (absent) chips per process; compile-only work may run in several
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         # one chip: libtpu's default host is 2x2 chips, which a 1x1 slice does not divide
         kw = {"chips_per_host_bounds": [1, 1, 1]} if target.num_devices == 1 else {}
         desc = topologies.get_topology_desc(target.topology, platform="tpu", **kw)
