@@ -6,11 +6,13 @@
     python -m memlab demo          # the `make demo` job
     python -m memlab fetch         # download the Austen corpus into ~/.cache/memlab
     python -m memlab plan --model=llama2-7b --task=train --budget=24GB
+    python -m memlab profile --target=h100 --model=llama2-7b --task=train --seq=2048
     python -m memlab train --model=smollm2-135m --optimizer=adamw --steps=200 --batch=4 \
         --seq=256 --ckpt_dir=runs/a --resume
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -65,6 +67,9 @@ flags.DEFINE_string("budget", "24GB", "plan: device memory budget, e.g. 24GB, 24
 flags.DEFINE_enum("objective", "speed", ["speed", "quality"], "plan: what to rank by.")
 flags.DEFINE_integer("verify", 3, "plan: candidates compiled to verify (0 = analytic only).")
 flags.DEFINE_integer("devices", 1, "plan: devices to shard over (FSDP / DP candidates).")
+flags.DEFINE_string("target", None, "profile/plan: compile for this device on this machine "
+                    "(memlab.targets: h100, a100, h200, h100x8, v5e, v6e, v5e:4x4, ...); needs "
+                    "the targets environment (make targets-env).")
 
 
 def _load(name: str, dtype: str | None):
@@ -83,7 +88,7 @@ def cmd_profile() -> dict:
     import memlab as ml
     model = _with_kv(_load(FLAGS.model, FLAGS.dtype))
     report = ml.memory.profile(model, FLAGS.task, batch=FLAGS.batch, seq=FLAGS.seq,
-                               optimizer=FLAGS.optimizer)
+                               optimizer=FLAGS.optimizer, target=FLAGS.target)
     print(report.table())
     return {"profile": report.to_dict()}
 
@@ -244,7 +249,8 @@ def cmd_plan() -> dict:
     import memlab as ml
     seq = FLAGS.seq if FLAGS["seq"].present else None
     plan = ml.memory.plan(FLAGS.model, FLAGS.task, FLAGS.budget, batch=FLAGS.batch, seq=seq,
-                          objective=FLAGS.objective, verify=FLAGS.verify, devices=FLAGS.devices)
+                          objective=FLAGS.objective, verify=FLAGS.verify, devices=FLAGS.devices,
+                          target=FLAGS.target)
     print(plan.table())
     return {"plan": plan.to_dict()}
 
@@ -252,6 +258,11 @@ def cmd_plan() -> dict:
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m memlab {{{'|'.join(COMMANDS)}}} [--flags]")
+    if FLAGS.target and not os.environ.get("JAX_PLATFORMS"):
+        # compile-only: the CUDA plugin must register without starting a GPU runtime (on a
+        # machine without one it would fail and be dropped); JAX has no backend yet here
+        import jax
+        jax.config.update("jax_platforms", "cpu")
     try:
         result = globals()[f"cmd_{argv[1]}"]()
     except (ValueError, FileNotFoundError, ModuleNotFoundError, RuntimeError) as e:
@@ -260,7 +271,7 @@ def main(argv):
         return 2
     result.update(command=argv[1],
                   flags={k: FLAGS[k].value for k in ("model", "task", "batch", "seq", "dtype",
-                                                      "optimizer")})
+                                                      "optimizer", "target")})
     if FLAGS.json:
         from memlab import results
         results.write(FLAGS.json, result)

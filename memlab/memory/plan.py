@@ -225,6 +225,8 @@ class Verification:
     cpu_extra_bytes: int = 0                     # predicted XLA:CPU-only bytes (bf16 upcasts)
     temp_bytes: Optional[int] = None
     error: Optional[str] = None                  # why it was not compiled / failed
+    target: Optional[str] = None                 # memlab.targets name compiled for (None: host)
+    compiled_host_bytes: Optional[int] = None    # host peak XLA reports apart (GPU/TPU targets)
 
     @property
     def compiled_device_bytes(self) -> Optional[int]:
@@ -273,6 +275,7 @@ class Plan:
     front: list                      # [(Candidate, Estimate)] Pareto-optimal, feasible
     considered: int
     feasible: int
+    target: Optional[str] = None     # verified by compiling for this memlab.targets device
 
     @property
     def verification(self) -> Optional[Verification]:
@@ -302,7 +305,7 @@ class Plan:
 
         return {"model": self.model, "task": self.task, "budget_bytes": self.budget_bytes,
                 "batch": self.batch, "seq": self.seq, "objective": self.objective,
-                "devices": self.devices, "chosen": cand(self.candidate),
+                "devices": self.devices, "target": self.target, "chosen": cand(self.candidate),
                 "estimate": estd(self.estimate),
                 "compiled_device_bytes": self.compiled_device_bytes,
                 "confirmed_by_compile": self.confirmed,
@@ -314,7 +317,8 @@ class Plan:
                                   host_bytes=v.host_bytes,
                                   compiled_device_bytes=v.compiled_device_bytes,
                                   relative_error=v.relative_error,
-                                  total_error=v.total_error, error=v.error)
+                                  total_error=v.total_error, error=v.error,
+                                  target=v.target, compiled_host_bytes=v.compiled_host_bytes)
                              for v in self.verified],
                 "front": [dict(candidate=c.label(), device_bytes=e.device_bytes,
                                step_seconds=e.step_seconds, quality_loss=e.quality_loss)
@@ -325,7 +329,8 @@ class Plan:
         e = self.estimate
         lines = [f"plan · {self.model} · {self.task} · batch {self.batch} · seq {self.seq} · "
                  f"budget {gb(self.budget_bytes)} · objective {self.objective}"
-                 + (f" · {self.devices} devices" if self.devices > 1 else ""),
+                 + (f" · {self.devices} devices" if self.devices > 1 else "")
+                 + (f" · verified for {self.target} (compile-only)" if self.target else ""),
                  f"chosen: {self.candidate.label()}"
                  + ("  [fits when compiled]" if self.confirmed else "  [analytic only: not "
                     "confirmed by a compile]"),
@@ -337,7 +342,12 @@ class Plan:
                          f"ml.optim.get({self.candidate.optimizer!r})): the fused "
                          "backward-update, no whole-model gradient")
         v = self.verification
-        if v is not None and v.compiled_device_bytes is not None:
+        if v is not None and v.compiled_device_bytes is not None and v.target:
+            lines.append(f"  compiled for {v.target}: device {gb(v.compiled_device_bytes)}"
+                         + (f", host {gb(v.compiled_host_bytes)}" if v.compiled_host_bytes
+                            else "") + f" (XLA's own buffer assignment) · error "
+                         f"{v.relative_error:+.1%}")
+        elif v is not None and v.compiled_device_bytes is not None:
             lines.append(f"  compiled device {gb(v.compiled_device_bytes)} = XLA peak "
                          f"{gb(v.compiled_peak_bytes)} - host {gb(v.host_bytes)} "
                          f"(host part from the formulas) · error {v.relative_error:+.1%}"
@@ -351,7 +361,8 @@ class Plan:
                      "(compiled on abstract shapes):")
         w = 80
         lines.append(f"  {'candidate':<{w}} {'predicted':>11} {'compiled':>11} {'error':>7}"
-                     "  (both on XLA:CPU terms)")
+                     + (f"  (device bytes on {self.target})" if self.target
+                        else "  (both on XLA:CPU terms)"))
         for v in self.verified:
             c = v.compiled_device_bytes
             lines.append(f"  {v.candidate.label()[:w]:<{w}} "
@@ -749,57 +760,79 @@ def _rank_key(objective: str):
     return lambda ce: (round(ce[1].quality_loss, 6), ce[1].step_seconds, ce[1].device_bytes)
 
 
-def build(cfg, c: Candidate, task: str):
-    """The candidate's composed model on abstract shapes (chunked attention)."""
+def build(cfg, c: Candidate, task: str, target=None):
+    """The candidate's composed model on abstract shapes (chunked attention on the host;
+    the dispatcher's choice for the device when compiled for a ``target``); sharded
+    candidates get a mesh over the host's or the target's devices."""
     from memlab import models
-    base = models.abstract(dataclasses.replace(cfg, attention="chunked"))
+    base = models.abstract(cfg if target is not None else
+                           dataclasses.replace(cfg, attention="chunked"))
     mesh = None
     if c.shard:
         from memlab import shard as sh
-        mesh = sh.mesh((c.devices,), ("data",))
+        devices = None
+        if target is not None:
+            from memlab import targets
+            devices = targets.get(target).devices()[:c.devices]
+        mesh = sh.mesh((c.devices,), ("data",), devices=devices)
     return c.passes(task, mesh)(base)
 
 
 def verify_candidate(cfg, c: Candidate, e: Estimate, task: str, batch: int,
-                     seq: int) -> Verification:
-    """Compile the candidate with :func:`memlab.memory.profile` on abstract shapes."""
+                     seq: int, target: Optional[str] = None) -> Verification:
+    """Compile the candidate with :func:`memlab.memory.profile` on abstract shapes, for
+    this process's device or for a :mod:`memlab.targets` ``target``."""
     from memlab import nn
     from memlab.memory.profile import profile
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = target is None and jax.default_backend() == "cpu"
     # XLA:CPU has one memory (its peak holds the host buffers: subtract the formulas'
     # host part); XLA:GPU/TPU report host buffers apart (host_*), so the peak is the device's
     v = Verification(c, e.device_bytes, host_bytes=e.host_bytes if on_cpu else 0,
-                     cpu_extra_bytes=e.cpu_extra_bytes if on_cpu else 0)
-    if c.shard and jax.device_count() < c.devices:
-        v.error = f"needs {c.devices} devices, this process has {jax.device_count()}"
+                     cpu_extra_bytes=e.cpu_extra_bytes if on_cpu else 0, target=target)
+    available = jax.device_count()
+    if target is not None:
+        from memlab import targets
+        available = targets.get(target).num_devices
+    if c.shard and available < c.devices:
+        v.error = (f"needs {c.devices} devices, {target or 'this process'} has {available}"
+                   + ("" if target is None else f"; use a target such as "
+                      f"{targets.get(target).chip}x{c.devices}"))
         return v
     try:
-        model = build(cfg, c, task)
+        model = build(cfg, c, task, target)
+        # the loss the candidate names; on a target "chunked" means the device's kernel
+        loss = c.loss if target is None or c.loss == "naive" else "auto"
         if c.fused:
-            r = _profile_fused(model, c, batch, seq)
+            r = _profile_fused(model, c, batch, seq, target, loss)
         else:
-            with nn.use_cross_entropy(c.loss):
+            with nn.use_cross_entropy(loss):
                 r = profile(model, "train" if task in ("train", "finetune") else task,
-                            batch=batch, seq=seq, optimizer=c.optimizer or "adamw")
+                            batch=batch, seq=seq, optimizer=c.optimizer or "adamw",
+                            target=target)
     except Exception as exc:  # noqa: BLE001 -- recorded; the next candidate is tried
-        v.error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        v.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:240]}"
         return v
     v.compiled_peak_bytes = int(r.peak_bytes)
     v.temp_bytes = int(r.temp_bytes)
+    if target is not None:
+        v.compiled_host_bytes = int(r.host_bytes)
     return v
 
 
-def _profile_fused(model, c: Candidate, batch: int, seq: int):
+def _profile_fused(model, c: Candidate, batch: int, seq: int, target=None, loss=None):
     """Compile :func:`memlab.fused.step_fn` (params and state donated) on abstract shapes."""
     from memlab import fused, nn, optim
     from memlab.memory.profile import _compile, _report
     tx = optim.get(c.optimizer)
     tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-    with nn.use_cross_entropy(c.loss):
+    with nn.use_cross_entropy(loss or c.loss):
         compiled, secs = _compile(fused.step_fn(model, tx), (model.params, fused.init(model, tx),
-                                                            tokens), donate=(0, 1))
-    return _report(compiled, model.spec.name, "train", batch, seq, {}, {}, secs,
-                   jax.devices()[0].device_kind)
+                                                            tokens), donate=(0, 1), target=target)
+    device = jax.devices()[0].device_kind
+    if target is not None:
+        from memlab import targets
+        device = targets.get(target).device_kind
+    return _report(compiled, model.spec.name, "train", batch, seq, {}, {}, secs, device, target)
 
 
 def _scored(cfg, cands, task, batch, seq) -> list:
@@ -838,7 +871,7 @@ def _nearest(cfg, task, batch, seq, budget, devices) -> Optional[str]:
 
 def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] = None,
          objective: str = "speed", verify: int = 3, devices: int = 1,
-         max_quality_loss: float = 0.05) -> Plan:
+         max_quality_loss: float = 0.05, target: Optional[str] = None) -> Plan:
     """Choose the passes that fit ``model``'s ``task`` into ``budget_bytes`` of device memory.
 
     ``budget_bytes``: bytes or a string (``"24GB"``, ``"24GiB"``, ``"12e9"``).
@@ -847,12 +880,20 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
     ``verify``: how many of the best-ranked fitting candidates to compile (0: none).
     ``max_quality_loss``: with ``objective="speed"``, candidates whose expected quality
     loss exceeds this are ranked after all others (they stay on the Pareto front).
+    ``target``: verify by compiling for that :mod:`memlab.targets` device (``"h100"``,
+    ``"h100x8"``, ``"v5e"``, ...) on this machine, so "fits" is XLA:GPU's or XLA:TPU's
+    own buffer assignment; ``devices`` defaults to the target's device count.
     Raises :class:`NoPlanError` when no candidate fits, naming the minimum bytes any
     candidate needs and the nearest feasible option.
     """
     name, cfg = _config(model)
     task = check_task(task)
     budget = parse_budget(budget_bytes)
+    if target is not None:
+        from memlab import targets
+        target = targets.get(target).name
+        if devices == 1:
+            devices = targets.get(target).num_devices
     if objective not in OBJECTIVES:
         raise ValueError(f"plan: objective={objective!r} is not one of {OBJECTIVES}")
     if not isinstance(max_quality_loss, (int, float)) or max_quality_loss < 0:
@@ -889,7 +930,7 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
             break
         if _family(c) in failed:
             continue
-        v = verify_candidate(cfg, c, e, task, batch, seq)
+        v = verify_candidate(cfg, c, e, task, batch, seq, target)
         verified.append(v)
         if v.compiled_device_bytes is None:
             failed.add(_family(c))
@@ -903,4 +944,5 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
         chosen = next((ce for ce in ranked if _family(ce[0]) not in failed), ranked[0])
     c, e = chosen
     return Plan(name, task, budget, batch, seq, objective, devices, c, e, c.passes(task)
-                if not c.shard else None, verified, pareto_front(fits), len(cands), len(fits))
+                if not c.shard else None, verified, pareto_front(fits), len(cands), len(fits),
+                target)

@@ -42,27 +42,52 @@ class MemoryReport:
     # sharded models (ml.passes.shard): by_category and analytic are per device (XLA's
     # memory_analysis is per device too); the whole-model bytes are kept here
     global_by_category: Optional[dict] = None
+    # compiled for a memlab.targets target (None: this process's device)
+    target: Optional[str] = None
+    # host memory XLA:GPU / XLA:TPU report apart (XLA:CPU has one memory: always 0 there)
+    host_argument_bytes: int = 0
+    host_output_bytes: int = 0
+    host_alias_bytes: int = 0
+    host_temp_bytes: int = 0
+    # attention implementation(s) the compiled program reached (memlab.nn names)
+    attention: Optional[list] = None
 
     @property
     def peak_bytes(self) -> int:
+        """Device peak: argument + output - alias + temp (host buffers excluded where the
+        backend reports them apart)."""
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        """Host-memory peak the backend reports (arguments + outputs - aliases + temp)."""
+        return (self.host_argument_bytes + self.host_output_bytes - self.host_alias_bytes
+                + self.host_temp_bytes)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["peak_bytes"] = self.peak_bytes
+        d["host_bytes"] = self.host_bytes
         return d
 
     def table(self) -> str:
         rows = [("argument", self.argument_bytes), ("output", self.output_bytes),
                 ("alias (donated)", self.alias_bytes), ("temp", self.temp_bytes),
                 ("peak ≈ arg+out−alias+temp", self.peak_bytes)]
+        if self.host_bytes:
+            rows += [("host argument", self.host_argument_bytes),
+                     ("host temp", self.host_temp_bytes), ("host peak", self.host_bytes)]
         if self.gpu_peak_bytes is not None:
             rows.append(("device peak (memory_stats)", self.gpu_peak_bytes))
         w = 28
+        where = f"{self.device} (target {self.target}, compile-only)" if self.target else \
+            self.device
         lines = [f"{self.name} · {self.task} · batch {self.batch} · seq {self.seq} · "
-                 f"{self.device} · compiled in {self.compile_seconds:.1f}s",
+                 f"{where} · compiled in {self.compile_seconds:.1f}s",
                  f"{'XLA memory_analysis':<{w}} {'bytes':>14}"]
         lines += [f"  {k:<{w - 2}} {fmt_bytes(v):>14}" for k, v in rows]
+        if self.attention:
+            lines.append(f"  {'attention (from HLO)':<{w - 2}} {', '.join(self.attention):>14}")
         per = " (per device)" if self.global_by_category is not None else ""
         lines.append(f"{'category' + per:<{w}} {'exact':>14} {'analytic':>14} {'match':>6}")
         for cat, exact in self.by_category.items():
@@ -72,9 +97,15 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _compile(fn: Callable, args: Sequence[Any], donate: Sequence[int] = ()):
+def _compile(fn: Callable, args: Sequence[Any], donate: Sequence[int] = (), target=None):
+    """Compile ``fn`` on ``args`` for this process's device, or for ``target``
+    (:mod:`memlab.targets`: a compile-only GPU/TPU)."""
     t0 = time.perf_counter()
-    compiled = jax.jit(fn, donate_argnums=tuple(donate)).lower(*args).compile()
+    if target is not None:
+        from memlab import targets
+        compiled = targets.compile(fn, args, target, donate_argnums=donate)
+    else:
+        compiled = jax.jit(fn, donate_argnums=tuple(donate)).lower(*args).compile()
     return compiled, time.perf_counter() - t0
 
 
@@ -127,7 +158,8 @@ def _kv_cache(model: Model, batch: int, max_len: int, lengths: int):
 def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, seq: int = 128,
             *, optimizer: str | optax.GradientTransformation = "adamw",
             args: Optional[Sequence[Any]] = None, donate: Sequence[int] = (),
-            categories: Optional[dict] = None, name: Optional[str] = None) -> MemoryReport:
+            categories: Optional[dict] = None, name: Optional[str] = None,
+            target: Optional[str] = None) -> MemoryReport:
     """Compile one step on abstract shapes and report its memory.
 
     * ``Model``: ``task="train"`` compiles loss + gradient + optimizer update (params
@@ -136,20 +168,29 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
       length ``seq`` holding ``seq - 1`` (cache donated).
     * a plain function: pass ``args`` (arrays or ShapeDtypeStructs) and optionally
       ``donate`` and ``categories={"params": 0, ...}`` naming argument positions.
+
+    ``target`` (``"h100"``, ``"v5e"``, ...; :mod:`memlab.targets`) compiles for that
+    device on this machine, with memlab's kernels chosen for it: the report is that
+    backend's ``memory_analysis()`` (device and host parts apart) and names the
+    attention implementation the compiled program reached.
     """
     est.check_task(task)
     for argname, v in (("batch", batch), ("seq", seq)):
         if not isinstance(v, int) or v <= 0:
             raise ValueError(f"profile: {argname} must be a positive int, got {v!r}")
     device = jax.devices()[0].device_kind
+    if target is not None:
+        from memlab import targets
+        target = targets.get(target).name
+        device = targets.get(target).device_kind
     if not isinstance(model_or_fn, Model):
         if args is None:
             raise ValueError("profile(fn, ...) needs args=(...) (arrays or jax.ShapeDtypeStruct)")
         abstract_args = abstractify(tuple(args))
-        compiled, secs = _compile(model_or_fn, abstract_args, donate)
+        compiled, secs = _compile(model_or_fn, abstract_args, donate, target)
         cats = {k: tree_bytes(abstract_args[i]) for k, i in (categories or {}).items()}
         return _report(compiled, name or getattr(model_or_fn, "__name__", "fn"), task, batch, seq,
-                       cats, {}, secs, device)
+                       cats, {}, secs, device, target)
 
     model = model_or_fn
     spec = model.spec
@@ -184,7 +225,7 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
             opt_state = shard.put_state(opt_state, trainable)
             tokens = shard.put_batch(tokens)
         compiled, secs = _compile(train_step_fn(abstract_model, tx), (params, opt_state, tokens),
-                                  donate=(0, 1))
+                                  donate=(0, 1), target=target)
         grads = jax.eval_shape(jax.grad(lambda t, f, x: loss_fn(abstract_model)(
             merge_trainable(t, f), x)), trainable, frozen, tokens)
         analytic = est.over_trainable(analytic, opt_name)
@@ -212,7 +253,7 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
             logits, cache = apply(params, tokens, cache=cache, last_only=True)
             return logits, cache
 
-        compiled, secs = _compile(step, (params, tokens, cache), donate=(2,))
+        compiled, secs = _compile(step, (params, tokens, cache), donate=(2,), target=target)
         cats = {"params": tree_bytes(params), "kv_cache": tree_bytes(cache),
                 "inputs": tree_bytes(tokens)}
         cats.update(_host_bytes(params=params))
@@ -221,7 +262,7 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
             per_device = dict(cats, params=shard.param_bytes(params),
                               inputs=shard.batch_bytes(tokens), kv_cache=shard.cache_bytes(cache))
     report = _report(compiled, name or getattr(spec, "name", "model"), task, batch, seq, cats,
-                     {k: analytic.get(k) for k in cats}, secs, device)
+                     {k: analytic.get(k) for k in cats}, secs, device, target)
     if model.extra("shard") is not None:
         report.global_by_category, report.by_category = cats, per_device
     return report
@@ -239,13 +280,23 @@ def _host_bytes(**trees) -> dict:
     return out
 
 
-def _report(compiled, name, task, batch, seq, cats, analytic, secs, device) -> MemoryReport:
+def _report(compiled, name, task, batch, seq, cats, analytic, secs, device,
+            target=None) -> MemoryReport:
     ma = compiled.memory_analysis()
     if ma is None:
         raise RuntimeError("this backend gives no memory_analysis() for compiled code")
+    attention = None
+    if target is not None:
+        from memlab.targets.report import attention_impls
+        attention = attention_impls(compiled.as_text())
+    host = lambda f: int(getattr(ma, f, 0) or 0)  # noqa: E731
     return MemoryReport(
         name=name, task=task, batch=batch, seq=seq,
         argument_bytes=int(ma.argument_size_in_bytes), output_bytes=int(ma.output_size_in_bytes),
         alias_bytes=int(ma.alias_size_in_bytes), temp_bytes=int(ma.temp_size_in_bytes),
         generated_code_bytes=int(ma.generated_code_size_in_bytes),
-        by_category=cats, analytic=analytic, compile_seconds=secs, device=device)
+        by_category=cats, analytic=analytic, compile_seconds=secs, device=device,
+        target=target, host_argument_bytes=host("host_argument_size_in_bytes"),
+        host_output_bytes=host("host_output_size_in_bytes"),
+        host_alias_bytes=host("host_alias_size_in_bytes"),
+        host_temp_bytes=host("host_temp_size_in_bytes"), attention=attention)

@@ -302,9 +302,11 @@ def _devices(target: Target) -> tuple:
         except Exception as exc:  # noqa: BLE001 -- explained below
             raise TargetUnavailable(
                 f"the CUDA plugin is installed but made no compile-only devices for "
-                f"{target.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                "is JAX_PLATFORMS restricting the plugins (it must allow discovery; "
-                "JAX_PLATFORMS=cpu is fine)?") from exc
+                f"{target.name} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). "
+                "On a machine without a GPU the plugin fails to start CUDA and JAX drops it: "
+                "set JAX_PLATFORMS=cpu before JAX starts (or jax.config.update("
+                "'jax_platforms', 'cpu') before the first jax.devices()), which registers the "
+                "plugin for compiling without starting it") from exc
     devices = tuple(desc.devices)
     if len(devices) != target.num_devices:
         raise TargetUnavailable(f"{target.name}: the topology {target.topology!r} gave "
