@@ -2,6 +2,7 @@
 
     python experiments/plan.py                       # ~10 min on a 2-core CPU
     python experiments/plan.py --verify=1 --grid=small
+    .venv-targets/bin/python experiments/plan.py --target=h100   # and --target=v5e
 
 Written to results/plan.json:
 
@@ -19,6 +20,13 @@ Written to results/plan.json:
 Numbers are XLA:CPU's.  CPU has one memory: host placements are subtracted by
 formula; bf16 upcasts XLA:CPU makes (``cpu_extra_bytes``) are predicted and
 reported separately.
+
+``--target=h100`` (or ``v5e``, ...; run from the targets environment, ``make
+targets-env``) compiles the same plans and the same error grid for that device
+with :mod:`memlab.targets` and stores them under ``by_target[<target>]`` in the
+same file, leaving the XLA:CPU part as it is.  There the compiled device bytes
+are XLA:GPU's / XLA:TPU's own buffer assignment, host buffers come from XLA
+(reported apart), and no XLA:CPU-only bytes are predicted.
 """
 import time
 
@@ -32,6 +40,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("verify", 3, "Candidates compiled per target plan.")
 flags.DEFINE_enum("grid", "full", ["small", "full"], "Error grid: small shapes only, or also 7B.")
 flags.DEFINE_string("out", "results/plan.json", "Output JSON.")
+flags.DEFINE_string("target", None, "Compile for this memlab.targets device instead of XLA:CPU "
+                    "(results go under by_target[<target>] of --out).")
 
 GB = 1e9
 
@@ -47,7 +57,8 @@ def targets() -> list:
             ("llama2-7b", "train", "2GB", dict(seq=2048))]:
         t0 = time.perf_counter()
         try:
-            plan = ml.memory.plan(model, task, budget, verify=FLAGS.verify, **kw)
+            plan = ml.memory.plan(model, task, budget, verify=FLAGS.verify, target=FLAGS.target,
+                                  **kw)
         except P.NoPlanError as e:
             print(f"\n{model} {task} {budget}: {e}")
             rows.append(dict(model=model, task=task, budget=budget, **kw, feasible=False,
@@ -117,7 +128,7 @@ def grid() -> list:
     for cfg, task, c, b, s in cases:
         t0 = time.perf_counter()
         e = P.estimate(cfg, c, task, b, s)
-        v = P.verify_candidate(cfg, c, e, task, b, s)
+        v = P.verify_candidate(cfg, c, e, task, b, s, FLAGS.target)
         row = dict(model=cfg.name if cfg.name != "tiny" else
                    f"d{cfg.d_model}-ff{cfg.d_ff}-L{cfg.n_layers}-H{cfg.n_heads}/{cfg.n_kv_heads}"
                    f"-V{cfg.vocab_size}", task=task, candidate=c.label(), batch=b, seq=s,
@@ -125,6 +136,7 @@ def grid() -> list:
                    host_bytes=v.host_bytes, compiled_peak_bytes=v.compiled_peak_bytes,
                    temp_bytes=v.temp_bytes, compiled_device_bytes=v.compiled_device_bytes,
                    relative_error=v.relative_error, total_error=v.total_error, error=v.error,
+                   compiled_host_bytes=v.compiled_host_bytes,
                    seconds=time.perf_counter() - t0)
         rows.append(row)
         err = "—" if v.relative_error is None else f"{v.relative_error:+.1%}"
@@ -137,6 +149,9 @@ def grid() -> list:
 
 
 def main(_):
+    if FLAGS.target:  # compile-only: register the GPU/TPU compilers without starting them
+        import jax
+        jax.config.update("jax_platforms", "cpu")
     t0 = time.perf_counter()
     plans = targets()
     err_rows = grid()
@@ -157,12 +172,26 @@ def main(_):
                             if r["task"] == t and r["relative_error"] is not None), default=None)
                     for t in ("train", "finetune", "decode")},
     }
-    print(f"\npredicted vs compiled: {summary['within_10pct']}/{len(errs)} within 10%, "
-          f"median |error| {summary['median_abs_error']:.1%}, max {summary['max_abs_error']:.1%}")
-    results.write(FLAGS.out, {"experiment": "plan", "memlab": ml.__version__,
-                              "settings": {"verify": FLAGS.verify, "grid": FLAGS.grid},
-                              "targets": plans, "error": err_rows, "summary": summary,
-                              "seconds": time.perf_counter() - t0})
+    if errs:
+        print(f"\npredicted vs compiled: {summary['within_10pct']}/{len(errs)} within 10%, "
+              f"median |error| {summary['median_abs_error']:.1%}, "
+              f"max {summary['max_abs_error']:.1%}")
+    doc = {"settings": {"verify": FLAGS.verify, "grid": FLAGS.grid}, "targets": plans,
+           "error": err_rows, "summary": summary, "seconds": time.perf_counter() - t0}
+    if FLAGS.target is None:
+        results.write(FLAGS.out, {"experiment": "plan", "memlab": ml.__version__, **doc})
+        return
+    import json
+    import os
+    target = ml.targets.get(FLAGS.target)
+    by = {}
+    if os.path.exists(FLAGS.out):
+        with open(FLAGS.out) as f:
+            by = json.load(f).get("by_target", {})
+    by.pop("environment", None)
+    by[target.name] = dict(doc, device=target.device_kind, target=target.facts(),
+                           compiler=ml.targets.environment(target.platform))
+    results.write(FLAGS.out, by, key="by_target")
 
 
 if __name__ == "__main__":

@@ -278,7 +278,8 @@ def _fit_triton_smem(plan: _Plan, itemsize: int, chosen: bool) -> _Plan:
             if getattr(plan, f) <= 16:
                 break
             plan = dataclasses.replace(plan, **{f: getattr(plan, f) // 2})
-        big = max((keep, stream), key=lambda f: getattr(plan, f))
+        # name the block whose tiles take the most: the streamed one counts twice (stages)
+        big = stream if 2 * getattr(plan, stream) >= getattr(plan, keep) else keep
         check_on_chip(f"flash_attention ({prog} kernel)", triton_smem_bytes(plan, itemsize)[prog],
                       TRITON_SMEM_BYTES, "shared memory",
                       f"lower block_sizes.{_PLAN_FIELD[big]}={getattr(plan, big)} to "

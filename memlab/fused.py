@@ -43,11 +43,14 @@ layers are updated before that is known, so there is no skip.
 
 **Host memory.**  With ``ml.passes.offload`` applied (``params["layers"]`` in
 ``pinned_host``), :func:`init` puts the layers' optimizer state in the same host
-memory and the step moves one layer's params and state to the device, updates it
-there and moves it back: any optimizer (8-bit, GaLore, APOLLO) with its state in
-host memory, one layer of it on the device at a time.  (The step does not use the
-pass's ``k, p``: it moves one layer per scan step.)  On XLA:CPU the placements exist
-at the program boundary only; on a GPU they were not tested (no GPU was available).
+memory (its ``[L, m, n, ...]`` stacks; per-layer vectors stay on the device, as the
+pass keeps the layers' vectors: :func:`memlab.offload.streams_from_host`) and the
+step moves one layer's params and state to the device, updates it there and moves
+it back: any optimizer (8-bit, GaLore, APOLLO) with its state in host memory, one
+layer of it on the device at a time.  (The step does not use the pass's ``k, p``: it
+moves one layer per scan step.)  On XLA:CPU the placements exist at the program
+boundary only; XLA:TPU (compiled for a v5e with :mod:`memlab.targets`) reports the
+host part apart.
 
 **Device bytes** (resident): params + optimizer state (both updated in place when
 donated) + ``L B T d`` saved inputs (compute dtype) + one layer's recompute and
@@ -71,7 +74,8 @@ import jax.numpy as jnp
 import optax
 
 from memlab.model import Model
-from memlab.offload import LAYERS, _sharding, _to_device, _to_host, memory_kinds_of, place
+from memlab.offload import (LAYERS, _in_host, _to_device, _to_host, layer_shardings,
+                            memory_kinds_of, place_layers)
 
 __all__ = ["FusedState", "init", "step_fn", "check_model", "state_bytes"]
 
@@ -138,11 +142,12 @@ def init(model: Model, tx: optax.GradientTransformation, params=None) -> FusedSt
     if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree_util.tree_leaves(params)):
         state = FusedState(jax.eval_shape(jax.vmap(tx.init), layers),
                            jax.eval_shape(init_other, other))
-        return state._replace(layers=place(state.layers, kind)) if kind else state
+        return state._replace(layers=place_layers(state.layers, kind)) if kind else state
     if kind is None:
         return FusedState(_unshare(jax.vmap(tx.init)(layers)), _unshare(init_other(other)))
     # one program writing the state into host memory (eager host copies fail in jax 0.10)
-    return FusedState(jax.jit(jax.vmap(tx.init), out_shardings=_sharding(kind))(layers),
+    out_shardings = layer_shardings(jax.eval_shape(jax.vmap(tx.init), layers), kind)
+    return FusedState(jax.jit(jax.vmap(tx.init), out_shardings=out_shardings)(layers),
                       _unshare(init_other(other)))
 
 
@@ -227,11 +232,15 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
 
         def fetch(tree, i):
             out = _index(tree, i)
-            return jax.tree_util.tree_map(_to_device, out) if kind else out
+            if not kind:
+                return out
+            return jax.tree_util.tree_map(lambda o, a: _to_device(o) if _in_host(a) else o,
+                                          out, tree)
 
         def store(tree, value, i):
-            if kind:
-                value = jax.tree_util.tree_map(_to_host, value)
+            if kind:  # back to the stack's memory: host for the streamed leaves
+                value = jax.tree_util.tree_map(
+                    lambda v, a: _to_host(v) if _in_host(a) else v, value, tree)
             return _set(tree, value, i)
 
         # 1. embedding

@@ -9,7 +9,11 @@ transfer time for up to 60% less device memory with unchanged outputs.
 
 Here the stacked layer weights ``params["layers"]`` (``[L, ...]`` leaves, the
 model's ``nn.scan`` layout) live in ``memory_kind="pinned_host"`` and the
-decoder runs them with :func:`stream_layers`:
+decoder runs them with :func:`stream_layers`.  Only the per-layer matrices
+stream (:func:`streams_from_host`: leaves with a ``[L, m, n, ...]`` shape); the
+per-layer vectors (``[L, d]``: RMSNorm scales, per-channel scales) stay on the
+device, a negligible share of the bytes -- and XLA:TPU cannot move one row of a
+host ``[L, d]`` stack (its tiled layout packs rows into sublanes):
 
 * a ``lax.scan`` over ``S = (L - p) // k`` steps; step ``g`` runs layers
   ``[g k, g k + k)`` from a device block and, before them, moves layers
@@ -31,10 +35,11 @@ the device as a whole).  The backward fetches one block per step without a
 prefetch window (``k`` layers on the device, plus their gradients).
 
 Bytes (exact, :func:`param_bytes`; ``layer`` = one layer's slice of every
-``params["layers"]`` leaf)::
+streamed ``params["layers"]`` leaf; ``resident`` = the non-layer params and the
+layers' per-layer vectors)::
 
-    device = (k + p) * layer + non-layer params      (the weights on the device at once)
-    host   = L * layer                                (all layers stay in host memory)
+    device = (k + p) * layer + resident               (the weights on the device at once)
+    host   = L * layer                                (all streamed layers stay in host memory)
 
 Limits (jax 0.10.2):
 
@@ -72,8 +77,9 @@ import numpy as np
 
 from memlab.memory.bytes import tree_bytes
 
-__all__ = ["StreamConfig", "check_stream", "host_memory_kinds", "place", "param_bytes",
-           "stream_layers", "schedule", "transfers", "memory_kinds_of", "host_optimizer"]
+__all__ = ["StreamConfig", "check_stream", "host_memory_kinds", "place", "place_layers",
+           "streams_from_host", "param_bytes", "stream_layers", "schedule", "transfers",
+           "memory_kinds_of", "host_optimizer"]
 
 LAYERS = "layers"  # the params key of the scanned decoder layers
 _TRACER = getattr(jax.core, "Tracer", None) or jax._src.core.Tracer
@@ -153,6 +159,32 @@ def place(tree, kind: str):
     return jax.tree_util.tree_map(one, tree)
 
 
+def streams_from_host(x) -> bool:
+    """Whether a stacked ``[L, ...]`` layer leaf streams from host memory: its per-layer
+    slice is a matrix (or more).  Per-layer vectors stay on the device."""
+    return len(getattr(x, "shape", ())) >= 3
+
+
+def place_layers(layers, kind: str):
+    """The streamed leaves of a layer stack (:func:`streams_from_host`) in memory ``kind``;
+    the per-layer vectors where they are."""
+    sharding = _sharding(kind)
+
+    def one(x):
+        if not streams_from_host(x):
+            return x
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        return jax.device_put(x, sharding)
+    return jax.tree_util.tree_map(one, layers)
+
+
+def layer_shardings(layers, kind: str):
+    """Per-leaf shardings of :func:`place_layers` (for ``jit(..., out_shardings=)``)."""
+    host, device = _sharding(kind), _sharding("device")
+    return jax.tree_util.tree_map(lambda x: host if streams_from_host(x) else device, layers)
+
+
 def memory_kinds_of(tree) -> set:
     """The memory kinds the leaves of ``tree`` live in (arrays or ShapeDtypeStructs)."""
     out = set()
@@ -163,15 +195,16 @@ def memory_kinds_of(tree) -> set:
 
 
 def param_bytes(params, n_layers: int, k: int, p: int) -> dict:
-    """Exact ``{"device", "host", "layer", "non_layer"}`` bytes of streaming ``params``."""
-    layers = params[LAYERS]
-    non_layer = tree_bytes({n: v for n, v in params.items() if n != LAYERS})
-    total = tree_bytes(layers)
+    """Exact ``{"device", "host", "layer", "resident"}`` bytes of streaming ``params``:
+    ``layer`` one layer's streamed slice, ``resident`` what never leaves the device."""
+    streamed = [x for x in jax.tree_util.tree_leaves(params[LAYERS]) if streams_from_host(x)]
+    total = tree_bytes(streamed)
     if total % n_layers:
         raise ValueError(f"params['{LAYERS}'] ({total} bytes) is not {n_layers} equal layers")
     layer = total // n_layers
-    return {"device": (k + p) * layer + non_layer, "host": n_layers * layer, "layer": layer,
-            "non_layer": non_layer}
+    resident = tree_bytes(params) - total
+    return {"device": (k + p) * layer + resident, "host": n_layers * layer, "layer": layer,
+            "resident": resident}
 
 
 # ---------------------------------------------------------------------------
@@ -188,8 +221,11 @@ def _to_host(x):
 def _fetch(host, start, n: int):
     """Layers ``[start, start + n)`` of the host stack, moved to the device."""
     start = jnp.asarray(start, jnp.int32)
-    return jax.tree_util.tree_map(
-        lambda a: _to_device(jax.lax.dynamic_slice_in_dim(a, start, n, 0)), host)
+
+    def one(a):
+        block = jax.lax.dynamic_slice_in_dim(a, start, n, 0)
+        return _to_device(block) if _in_host(a) else block   # resident vectors: a slice
+    return jax.tree_util.tree_map(one, host)
 
 
 def _cat(*blocks):
@@ -234,6 +270,10 @@ def _like(x, like):
     return x if jax.typeof(x).memory_space == want else jax.device_put(x, want)
 
 
+def _in_host(x) -> bool:
+    return jax.typeof(x).memory_space == jax.memory.Space.Host
+
+
 def _float_leaf(x) -> bool:
     return jnp.issubdtype(x.dtype, jnp.floating)
 
@@ -268,7 +308,8 @@ def _trainable(layer_fn, treedef, is_float, n_layers, k, p):
         blk_o = _fetch(other, start, n)
         _, vjp = jax.vjp(lambda b, xx: run(merge(b, blk_o), xx, start), blk_f, x)
         d_blk, ct = vjp(ct)
-        return jax.tree_util.tree_map(_to_host, d_blk), ct
+        return jax.tree_util.tree_map(
+            lambda d, a: _to_host(d) if _in_host(a) else d, d_blk, fl), ct
 
     def bwd(res, ct):
         fl, other, xs, x_tail = res

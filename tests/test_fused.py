@@ -101,6 +101,15 @@ def test_memlab_optimizer_runs_per_layer(tiny, tokens):
     chex.assert_trees_all_close(p, p_ref, rtol=1e-4, atol=2e-5)
 
 
+def _host_stacks_and_device_vectors(layers):
+    """As the offload pass places layers: [L, m, n, ...] stacks in host memory, per-layer
+    vectors on the device."""
+    leaves = jax.tree_util.tree_leaves(layers)
+    kinds = lambda xs: ml.offload.memory_kinds_of(xs)  # noqa: E731
+    return (kinds([x for x in leaves if ml.offload.streams_from_host(x)]) == {"pinned_host"}
+            and kinds([x for x in leaves if not ml.offload.streams_from_host(x)]) <= {"device"})
+
+
 def test_offload_state_in_host_memory_bit_identical(tokens):
     # 3 layers: no single layer's leaf shape can equal a stack's [3, ...] shape below
     tiny = ml.models.init(ml.models.config("tiny", n_layers=3), jax.random.key(8))
@@ -108,7 +117,7 @@ def test_offload_state_in_host_memory_bit_identical(tokens):
     p_ref, _, l_ref = _fused(tiny, tx, tokens, 2)
     streamed = ml.passes.offload(1, 1)(tiny)
     state = fused.init(streamed, tx)
-    assert ml.offload.memory_kinds_of(state.layers) == {"pinned_host"}
+    assert _host_stacks_and_device_vectors(state.layers)
     assert ml.offload.memory_kinds_of(state.other) == {"device"}
     step = jax.jit(fused.step_fn(streamed, tx), donate_argnums=(0, 1))
     p = jax.tree_util.tree_map(lambda a: a.copy(), streamed.params)
@@ -116,8 +125,8 @@ def test_offload_state_in_host_memory_bit_identical(tokens):
     for _ in range(2):
         p, state, value = step(p, state, tokens)
         losses.append(float(value))
-    assert ml.offload.memory_kinds_of(p["layers"]) == {"pinned_host"}
-    assert ml.offload.memory_kinds_of(state.layers) == {"pinned_host"}
+    assert _host_stacks_and_device_vectors(p["layers"])
+    assert _host_stacks_and_device_vectors(state.layers)
     assert losses == l_ref
     chex.assert_trees_all_equal(jax.device_get(p), jax.device_get(p_ref))
     # lowered for CUDA: every move to the device is one layer's slice (no [L, ...] stack)

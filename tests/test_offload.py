@@ -45,6 +45,16 @@ def _entry_params(compiled_text):
     return re.findall(r"\w+\[[\d,]*\]\{[^}]*\}", layout.split(")->")[0])
 
 
+def _placed_like_the_pass(layers):
+    """The streamed leaves (per-layer matrices) in host memory, the per-layer vectors on
+    the device (:func:`memlab.offload.streams_from_host`)."""
+    leaves = jax.tree_util.tree_leaves(layers)
+    host = [x for x in leaves if off.streams_from_host(x)]
+    assert host and len(host) < len(leaves)          # the tiny Llama has both kinds
+    return (off.memory_kinds_of(host) == {"pinned_host"} and
+            off.memory_kinds_of([x for x in leaves if not off.streams_from_host(x)]) == {"device"})
+
+
 def _np(tree):
     return jax.tree_util.tree_map(np.asarray, tree)  # host and device arrays compare as numpy
 
@@ -52,16 +62,17 @@ def _np(tree):
 @pytest.mark.parametrize("k,p", [(1, 0), (2, 1), (2, 3)])
 def test_logits_bit_identical_and_layers_in_host_memory(model, tokens, k, p):
     streamed = ml.passes.offload(layers_on_device=k, prefetch=p)(model)
-    assert off.memory_kinds_of(streamed.params["layers"]) == {"pinned_host"}
+    assert _placed_like_the_pass(streamed.params["layers"])
     assert off.memory_kinds_of({n: v for n, v in streamed.params.items() if n != "layers"}) == {"device"}
     ref = _forward(model, tokens)
     chex.assert_trees_all_equal(_forward(streamed, tokens), ref)
     # the compiled program's layer arguments are in host memory space S(5), nothing else is
-    layer_shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in jax.tree_util.tree_leaves(
-        model.params["layers"])}
+    streamed_leaves = [x for x in jax.tree_util.tree_leaves(model.params["layers"])
+                       if off.streams_from_host(x)]
+    layer_shapes = {f"f32[{','.join(map(str, x.shape))}]" for x in streamed_leaves}
     params = _entry_params(_forward.lower(streamed, tokens).compile().as_text())
     host = [s for s in params if ":S(5)" in s]
-    assert len(host) == len(jax.tree_util.tree_leaves(model.params["layers"]))
+    assert len(host) == len(streamed_leaves)
     assert {s.split("{")[0] for s in host} <= layer_shapes
     # the resident model has none: a pass that dropped the placement would fail above
     assert not any(":S(5)" in s for s in _entry_params(_forward.lower(model, tokens).compile().as_text()))
@@ -83,14 +94,15 @@ def test_cuda_lowering_moves_k_layers_per_step_to_device(model, tokens, k, p):
     text = _forward.trace(streamed, tokens).lower(lowering_platforms=("cuda",)).as_text()
     moves = off.transfers(text)
     assert moves and all(where == "device" for where, _, _ in moves)
-    layer_leaves = [x.shape for x in jax.tree_util.tree_leaves(model.params["layers"])]
+    layer_leaves = [x.shape for x in jax.tree_util.tree_leaves(model.params["layers"])
+                    if off.streams_from_host(x)]
     want = [(n,) + s[1:] for n in _expected_fetches(k, p) for s in layer_leaves]
     assert sorted(shape for _, shape, _ in moves) == sorted(want)  # text order != run order
     nb = off.param_bytes(streamed.params, N_LAYERS, k, p)
     body = sum(int(np.prod(s)) * 4 for s in want if s[0] == k)  # the scan step's fetch
     if p != k:
         assert body == k * nb["layer"]
-    assert (k + p) * nb["layer"] + nb["non_layer"] == nb["device"]
+    assert (k + p) * nb["layer"] + nb["resident"] == nb["device"]
     # the resident model moves nothing
     plain = _forward.trace(model, tokens).lower(lowering_platforms=("cuda",)).as_text()
     assert off.transfers(plain) == []
@@ -116,14 +128,15 @@ def test_gradients_bit_identical_and_layer_grads_in_host_memory(model, train_tok
     loss1, g1 = jax.jit(lambda prm: vg(prm, streamed))(streamed.params)
     assert float(loss0) == float(loss1)
     chex.assert_trees_all_equal(_np(g1), _np(g0))
-    assert off.memory_kinds_of(g1["layers"]) == {"pinned_host"}
+    assert _placed_like_the_pass(g1["layers"])
     assert off.memory_kinds_of(g1["embed"]) == {"device"}
     # compiled from abstract shapes (as the profiler does) the layer gradients are outputs in
     # host memory space S(5) too
     step = jax.jit(lambda prm: vg(prm, streamed))
     out_layout = re.search(r"entry_computation_layout=\{(.*?)\}(?:, \w+=|\n)", step.lower(
         abstractify(streamed.params)).compile().as_text()).group(1).split(")->")[1]
-    n_leaves = len(jax.tree_util.tree_leaves(model.params["layers"]))
+    n_leaves = len([x for x in jax.tree_util.tree_leaves(model.params["layers"])
+                    if off.streams_from_host(x)])
     assert out_layout.count(":S(5)") == n_leaves
     # the backward fetches each block from host again and sends its gradients to host
     text = step.trace(streamed.params).lower(lowering_platforms=("cuda",)).as_text()
@@ -187,9 +200,12 @@ def test_byte_formulas_exact(model):
     for k, p in [(1, 0), (2, 1), (2, 3), (5, 0)]:
         streamed = ml.passes.offload(k, p)(model)
         nb = off.param_bytes(streamed.params, N_LAYERS, k, p)
-        layers = model.params["layers"]
-        window = jax.tree_util.tree_map(lambda a: a[:k + p], layers)   # what a step holds
-        non_layer = tree_bytes({n: v for n, v in model.params.items() if n != "layers"})
+        leaves = jax.tree_util.tree_leaves(model.params["layers"])
+        layers = [a for a in leaves if off.streams_from_host(a)]       # the streamed matrices
+        window = [a[:k + p] for a in layers]                            # what a step holds
+        # the non-layer params and the layers' per-layer vectors stay on the device
+        non_layer = tree_bytes({n: v for n, v in model.params.items() if n != "layers"}) + \
+            tree_bytes([a for a in leaves if not off.streams_from_host(a)])
         assert nb["device"] == tree_bytes(window) + non_layer
         assert nb["host"] == tree_bytes(layers)
         assert nb["layer"] * N_LAYERS == tree_bytes(layers)
@@ -206,11 +222,13 @@ def test_byte_formulas_exact(model):
     # llama2-7b bf16 shapes (abstract): device bytes fall with k
     big = ml.models.load("llama2-7b", dtype="bfloat16")
     shapes = big.params
-    layer = tree_bytes(shapes["layers"]) // 32
-    non_layer = tree_bytes(shapes) - tree_bytes(shapes["layers"])
+    matrices = [a for a in jax.tree_util.tree_leaves(shapes["layers"]) if off.streams_from_host(a)]
+    layer = tree_bytes(matrices) // 32
+    non_layer = tree_bytes(shapes) - tree_bytes(matrices)
     for k, p in [(1, 1), (4, 4), (16, 0)]:
         streamed = ml.passes.offload(k, p)(big)
-        assert off.memory_kinds_of(streamed.params["layers"]) == {"pinned_host"}
+        assert off.memory_kinds_of([a for a in jax.tree_util.tree_leaves(
+            streamed.params["layers"]) if off.streams_from_host(a)]) == {"pinned_host"}
         assert off.param_bytes(streamed.params, 32, k, p)["device"] == (k + p) * layer + non_layer
     frac = off.param_bytes(shapes, 32, 1, 1)["device"] / tree_bytes(shapes)
     assert frac < 0.4                             # >= 60% less device memory for the weights
@@ -239,7 +257,7 @@ def test_train_step_equals_resident_and_profile_reports_host_state(model, train_
         streamed.params, stx.init(streamed.params), train_tokens)
     assert float(loss0) == float(loss1)
     chex.assert_trees_all_equal(_np(new1), _np(new0))
-    assert off.memory_kinds_of(new1["layers"]) == {"pinned_host"}
+    assert _placed_like_the_pass(new1["layers"])
     assert off.memory_kinds_of(state1) == {"device"}
     r = ml.memory.profile(ml.passes.offload(1, 1, optimizer_state=True)(model), task="train",
                           batch=2, seq=9)

@@ -464,8 +464,12 @@ def _workload(task: str, batch: int, seq: int):
 
 
 def _layer_split(cfg, shapes) -> tuple:
-    from memlab.offload import LAYERS
-    layers = tree_bytes(shapes[LAYERS])
+    """(the layers' streamable bytes, the rest): what ``ml.passes.offload`` moves to host
+    memory (the per-layer matrices, :func:`memlab.offload.streams_from_host`) and what
+    stays on the device (non-layer params, the layers' per-layer vectors)."""
+    from memlab.offload import LAYERS, streams_from_host
+    layers = tree_bytes([x for x in jax.tree_util.tree_leaves(shapes[LAYERS])
+                         if streams_from_host(x)])
     return layers, tree_bytes(shapes) - layers
 
 
@@ -657,10 +661,14 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
 
 @functools.lru_cache(maxsize=64)
 def _fused_state(cfg, optimizer: str) -> tuple:
-    """(layers' state bytes, other params' state bytes) of ``memlab.fused.init`` (exact)."""
+    """(the layers' streamable state bytes, the rest) of ``memlab.fused.init`` (exact): what
+    goes to host memory with ``offload`` (the ``[L, m, n, ...]`` stacks) and what stays."""
     from memlab import fused, models, optim
+    from memlab.offload import streams_from_host
     state = fused.init(models.abstract(cfg), optim.get(optimizer))
-    return tree_bytes(state.layers), tree_bytes(state.other)
+    streamed = tree_bytes([x for x in jax.tree_util.tree_leaves(state.layers)
+                           if streams_from_host(x)])
+    return streamed, tree_bytes(state) - streamed
 
 
 def _estimate_fused(cfg, c: Candidate, task: str, batch: int, seq: int, cats: dict,

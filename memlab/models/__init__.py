@@ -31,6 +31,10 @@ CONFIGS: dict[str, LlamaConfig] = {
         name="llama3-8b", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32,
         n_kv_heads=8, head_dim=128, d_ff=14336, rope_theta=500000.0, norm_eps=1e-5,
         tie_embeddings=False, max_seq_len=8192),
+    "llama3-70b": LlamaConfig(  # Llama 3.1 70B: the 128k-token context
+        name="llama3-70b", vocab_size=128256, d_model=8192, n_layers=80, n_heads=64,
+        n_kv_heads=8, head_dim=128, d_ff=28672, rope_theta=500000.0, norm_eps=1e-5,
+        tie_embeddings=False, max_seq_len=131072),
     "qwen2.5-0.5b": LlamaConfig(  # Qwen2's q/k/v biases are not modelled (0.1% of params)
         name="qwen2.5-0.5b", vocab_size=151936, d_model=896, n_layers=24, n_heads=14,
         n_kv_heads=2, head_dim=64, d_ff=4864, rope_theta=1000000.0, norm_eps=1e-6,

@@ -11,9 +11,9 @@ the resident model.  The mechanism is :mod:`memlab.offload`::
                        ml.passes.offload(1, 1, optimizer_state=True))(model)
     tx = ml.passes.offload.optimizer(model, ml.optim.get("adamw"))    # state in host memory
 
-* ``params["layers"]`` (every stacked ``[L, ...]`` leaf) is placed in
-  ``memory_kind`` (``pinned_host``); the other params (embedding, final norm,
-  head) stay on the device; the module runs its layers through
+* ``params["layers"]`` (every stacked ``[L, m, n, ...]`` leaf: the per-layer
+  matrices) is placed in ``memory_kind`` (``pinned_host``); the other params
+  (embedding, final norm, head, the layers' per-layer vectors) stay on the device; the module runs its layers through
   :func:`memlab.offload.stream_layers` (``Llama.stream = (k, p)``).
 * training: the layer gradients come back in host memory, so the optimizer must be
   wrapped: :func:`optimizer` (``ml.passes.offload.optimizer(model, tx)``) returns
@@ -24,12 +24,14 @@ the resident model.  The mechanism is :mod:`memlab.offload`::
 * activations: compose with ``ml.passes.remat("offload:<names>")``.
 
 Estimate (exact, checked against ``tree_bytes`` in the tests): ``params`` and
-``gradients`` keep their total storage; ``params_device = non_layer + (k + p) *
-layer`` and ``params_host = L * layer`` are added (``gradients_device = non_layer +
+``gradients`` keep their total storage; ``params_device = resident + (k + p) *
+layer`` and ``params_host = L * layer`` are added (``gradients_device = resident +
 k * layer``, ``gradients_host = L * layer`` for training: the backward holds one
 block's weight gradients before they move to host); with ``optimizer_state=True``
 ``optimizer_state_host`` is the whole state and ``optimizer_state_device`` is 0.
-Here ``layer`` is one layer's bytes of ``params["layers"]``.
+Here ``layer`` is one layer's bytes of the streamed ``params["layers"]`` leaves (the
+per-layer matrices, :func:`memlab.offload.streams_from_host`) and ``resident`` the
+rest: non-layer params and the layers' per-layer vectors, which stay on the device.
 
 Limits: memlab's Llama only (its layers under ``nn.scan``); one device; on CPU the
 placement is real at the program boundary but saves nothing (see
@@ -41,16 +43,15 @@ from __future__ import annotations
 
 from memlab.model import Model, Pass
 from memlab.models.llama import Llama
-from memlab.offload import LAYERS, check_stream, host_optimizer, place
+from memlab.offload import LAYERS, check_stream, host_optimizer, place_layers
 from memlab.passes import PASSES
 
 
 def _layer_bytes(spec) -> tuple:
-    """(one layer's bytes, non-layer bytes) of the spec's abstract params."""
-    from memlab.memory.bytes import tree_bytes
-    shapes = spec.param_shapes()
-    layers = tree_bytes(shapes[LAYERS])
-    return layers // spec.n_layers, tree_bytes(shapes) - layers
+    """(one layer's streamed bytes, resident bytes) of the spec's abstract params."""
+    from memlab.offload import param_bytes
+    nb = param_bytes(spec.param_shapes(), spec.n_layers, 0, 0)
+    return nb["layer"], nb["resident"]
 
 
 def optimizer(model: Model, tx, compute: str = "host"):
@@ -89,18 +90,18 @@ def offload(layers_on_device: int = 1, prefetch: int = 1, optimizer_state: bool 
                              f"got {sorted(model.params)}")
         cfg = check_stream(model.spec.n_layers, k, p, memory_kind)
         params = dict(model.params)
-        params[LAYERS] = place(params[LAYERS], cfg.memory_kind)
+        params[LAYERS] = place_layers(params[LAYERS], cfg.memory_kind)
         out = model.replace(params=params, module=model.module.clone(stream=(cfg.k, cfg.p)))
         return out.with_extras(offload=(("layers_on_device", cfg.k), ("memory_kind", cfg.memory_kind),
                                         ("optimizer_state", optimizer_state), ("prefetch", cfg.p)))
 
     def estimate(current, spec, workload):
         out = dict(current)
-        layer, non_layer = _layer_bytes(spec)
-        out["params_device"] = non_layer + (k + p) * layer
+        layer, resident = _layer_bytes(spec)
+        out["params_device"] = resident + (k + p) * layer
         out["params_host"] = spec.n_layers * layer
         if "gradients" in out:
-            out["gradients_device"] = non_layer + k * layer
+            out["gradients_device"] = resident + k * layer
             out["gradients_host"] = spec.n_layers * layer
         if optimizer_state and "optimizer_state" in out:
             out["optimizer_state_host"] = out["optimizer_state"]
