@@ -151,8 +151,19 @@ def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
 
 
 def _kv_cache(model: Model, batch: int, max_len: int, lengths: int):
+    """The cache's shapes, with the host placement a policy gives its state (HeadInfer)
+    kept: ``eval_shape`` drops memory spaces, the traced program's output avals keep them."""
     from memlab.kv import make_cache
-    return jax.eval_shape(lambda: make_cache(model, batch, max_len, lengths))
+    from memlab.offload import _sharding
+    traced = jax.jit(lambda: make_cache(model, batch, max_len, lengths)).trace()
+    shapes = jax.eval_shape(lambda: make_cache(model, batch, max_len, lengths))
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    avals = traced.jaxpr.out_avals
+    host = _sharding("pinned_host")
+    placed = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host)
+              if getattr(a, "memory_space", None) == jax.memory.Space.Host else x
+              for x, a in zip(leaves, avals)]
+    return jax.tree_util.tree_unflatten(treedef, placed)
 
 
 def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, seq: int = 128,
@@ -256,7 +267,7 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
         compiled, secs = _compile(step, (params, tokens, cache), donate=(2,), target=target)
         cats = {"params": tree_bytes(params), "kv_cache": tree_bytes(cache),
                 "inputs": tree_bytes(tokens)}
-        cats.update(_host_bytes(params=params))
+        cats.update(_host_bytes(params=params, kv_cache=cache))
         shard = model.extra("shard")
         if shard is not None:  # tokens and cache rows over the batch axes, KV heads over tensor
             per_device = dict(cats, params=shard.param_bytes(params),
