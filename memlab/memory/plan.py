@@ -165,6 +165,11 @@ class Candidate:
             parts.append(f"{self.shard}x{self.devices}")
         return " · ".join(parts)
 
+    @property
+    def mesh_axis(self) -> str:
+        """The mesh axis a sharded candidate uses: ``"model"`` for tensor parallelism."""
+        return "model" if self.shard == "tp" else "data"
+
     def format_passes(self) -> list:
         """The weight-format and adapter passes (quantize, LoRA), in order."""
         from memlab import passes as P, quant
@@ -195,7 +200,7 @@ class Candidate:
             if mesh is None:
                 raise ValueError(f"plan: {self.label()} needs a mesh of {self.devices} devices")
             from memlab import shard as sh
-            strategy = sh.fsdp("data") if self.shard == "fsdp" else sh.dp("data")
+            strategy = {"fsdp": sh.fsdp, "dp": sh.dp, "tp": sh.tp}[self.shard](self.mesh_axis)
             out.append(P.shard(mesh, strategy, optimizer=self.optimizer))
         return compose(*out) if out else P.identity()
 
@@ -419,7 +424,13 @@ def _kv_options(seq: int) -> list:
 def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
     """The search space for ``task`` (see the module docstring)."""
     task = check_task(task)
-    shards = [(None, 1)] + ([("fsdp", devices), ("dp", devices)] if devices > 1 else [])
+    shards = [(None, 1)]
+    if devices > 1:
+        if batch % devices == 0:  # the batch splits over the data axis
+            shards += [("fsdp", devices), ("dp", devices)]
+        if task in ("decode", "prefill") and cfg.n_heads % devices == 0 \
+                and cfg.n_kv_heads % devices == 0:  # Megatron splits whole heads
+            shards.append(("tp", devices))
     offloads = [None] + [(k, 1) for k in (1, 2, 4) if k + 1 <= cfg.n_layers]
     out = []
     if task in ("train", "finetune"):
@@ -574,14 +585,20 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
         for key in ("params", "gradients", "optimizer_state"):
             if key in dev:
                 dev[key] = int(math.ceil(dev[key] / n_dev))
-    per_dev_batch = batch // n_dev if c.shard and batch % n_dev == 0 else batch
+    if c.shard == "tp":  # every layer's heads and MLP columns split; the cache by KV heads
+        for key in ("params", "kv_cache"):
+            if key in dev:
+                dev[key] = int(math.ceil(dev[key] / n_dev))
+    per_dev_batch = batch // n_dev if c.shard in ("fsdp", "dp") and batch % n_dev == 0 \
+        else batch
     cs = jnp.dtype(cfg.dtype).itemsize
     if training:
         # a quantized base is dequantized one matmul at a time (compute dtype): the MLP's
         # gate and up projections are the largest pair live together
         dequant = 2.0 * cfg.d_model * cfg.d_ff * cs if c.weights != "bf16" else 0.0
-        upd_layers = 0.0 if c.offload else p_layers
-        upd_other = 0.0 if c.offload else p_other
+        # FSDP updates each device's shard of the params: its temporaries shrink with it
+        upd_layers = 0.0 if c.offload else p_layers / (n_dev if c.shard == "fsdp" else 1)
+        upd_other = 0.0 if c.offload else p_other / (n_dev if c.shard == "fsdp" else 1)
         f = act.train_features(cfg, per_dev_batch, seq, c.remat, p_layers=upd_layers,
                                p_other=upd_other, loss=c.loss, dequant_bytes=dequant)
         temp = act.train_temp(f, opt)
@@ -782,7 +799,7 @@ def build(cfg, c: Candidate, task: str, target=None):
         if target is not None:
             from memlab import targets
             devices = targets.get(target).devices()[:c.devices]
-        mesh = sh.mesh((c.devices,), ("data",), devices=devices)
+        mesh = sh.mesh((c.devices,), (c.mesh_axis,), devices=devices)
     return c.passes(task, mesh)(base)
 
 
