@@ -34,7 +34,7 @@ demo: data
 	$(PY) -m memlab demo --json=results/demo.json
 
 test: data
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/targets tests
 
 targets-env: $(TSTAMP)
 

@@ -42,6 +42,9 @@ flags.DEFINE_list("models", list(K.MODEL_SHAPES), "Model shapes to compile at.")
 flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Activation dtypes.")
 flags.DEFINE_list("families", list(K.families()), "Kernel families.")
 flags.DEFINE_string("out", None, "Output JSON (default results/kernels_<target>.json).")
+flags.DEFINE_string("table", None, "Print the README's Markdown table from this results file "
+                    "(e.g. results/kernels_h100.json) for --table_model and compile nothing.")
+flags.DEFINE_string("table_model", "llama3-8b", "Model shapes the --table rows show.")
 
 
 def compile_case(target, case, backend, ptxas) -> dict:
@@ -82,8 +85,45 @@ def _summary(row) -> str:
     return "  " + ("; ".join(parts) if parts else f"temp {row['memory']['temp_bytes']} B")
 
 
+def table(path: str, model: str) -> str:
+    """Markdown: one row per launched kernel at ``model``'s shapes, bf16 and float32."""
+    with open(path) as f:
+        doc = json.load(f)
+    gpu = doc["backend"] == "triton"
+    s = doc["summary"]
+    lines = [f"{doc['target']['device_kind']} ({doc['target']['name']}): {s['compiled']}/"
+             f"{s['cases']} cases compiled"
+             + (f", {s['cases_with_spills']} with register spills" if gpu else ""), ""]
+    if gpu:
+        lines += ["| kernel | dtype | grid | threads | shared mem | registers | spills (st/ld B) |",
+                  "|---|---|---|---|---|---|---|"]
+    else:
+        lines += ["| kernel | dtype | grid | compiled | temp | declared GFLOP | declared MB |",
+                  "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        if r["model"] != model:
+            continue
+        if not r["compiled"]:
+            lines.append(f"| {r['case']} | {r['dtype']} | | failed: {r['error'][:80]} | | | |")
+            continue
+        if gpu:
+            for k in r["kernels"]:
+                lines.append(f"| {k['name']} | {r['dtype']} | {'x'.join(map(str, k['grid']))} | "
+                             f"{k['threads'][0]} | {k['shared_memory_bytes'] / 1024:.0f} KiB | "
+                             f"{k['registers']} | {k['spill_stores']}/{k['spill_loads']} |")
+        else:
+            for name, d in r["declared"].items():
+                lines.append(f"| {name} | {r['dtype']} | {'x'.join(map(str, d['grid']))} | yes | "
+                             f"{r['memory']['temp_bytes'] / 2**20:.1f} MiB | "
+                             f"{d['flops'] / 1e9:.1f} | {d['bytes_accessed'] / 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
+    if FLAGS.table:
+        print(table(FLAGS.table, FLAGS.table_model))
+        return
     target = ml.targets.get(FLAGS.target)
     env = ml.targets.environment(target.platform)
     backend = "triton" if target.is_gpu else "mosaic_tpu"

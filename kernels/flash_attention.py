@@ -783,7 +783,10 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
     g = h // hkv
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     vec = _vec_args(qp, kp, qs, ks)
-    warps = lambda b1, b2: 8 if b1 * b2 >= 128 * 64 and max(dp, dvp) > 64 else 4
+    # a program accumulates [b_own, dp + dvp] float32 gradients in registers: 8 warps once
+    # that is 128 x 128 floats keep them under 128 registers a thread (4 warps spill there)
+    warps = lambda b_own, b_step: 8 if b_own * (dp + dvp) >= 128 * 128 or (
+        b_own * b_step >= 128 * 64 and max(dp, dvp) > 64) else 4
 
     bq, bk = plan.bq_dkv, plan.bk_dkv
     dkv_specs = [
@@ -803,7 +806,7 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         in_specs=dkv_specs,
         out_specs=[pl.BlockSpec((_SQ, s, _SQ, dp), lambda j, bi, hk: (bi, 0, hk, 0)),
                    pl.BlockSpec((_SQ, s, _SQ, dvp), lambda j, bi, hk: (bi, 0, hk, 0))],
-        compiler_params=plgpu.CompilerParams(num_warps=warps(bq, bk), num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=warps(bk, bq), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dkv",
         cost_estimate=_cost(b, h, t, s, 2 * dp, 2 * dvp, _nbytes(q, k, v, do, k, v)),
     )(q, k, v, do, lse, delta, *vec)

@@ -349,6 +349,22 @@ class Llama(nn.Module):
     config: LlamaConfig
     remat: Optional[str] = None
     stream: Optional[tuple] = None  # (k, p): layer streaming from host memory (memlab.offload)
+    # one NamedSharding per leaf of one layer's params (ml.passes.shard): each scanned layer's
+    # weights are constrained inside the layer body, so FSDP gathers one layer at a time and
+    # its gradient is reduce-scattered inside the backward loop, never the whole stack
+    layer_shardings: Optional[tuple] = None
+
+    def _constrain_layer(self, variables):
+        """One layer's params with their ``layer_shardings`` (inside the scanned body)."""
+        if "params" not in variables:
+            return variables
+        leaves, treedef = jax.tree_util.tree_flatten(variables["params"])
+        if len(leaves) != len(self.layer_shardings):
+            raise ValueError(f"layer_shardings has {len(self.layer_shardings)} entries for "
+                             f"{len(leaves)} layer params")
+        params = treedef.unflatten([jax.lax.with_sharding_constraint(x, s)
+                                    for x, s in zip(leaves, self.layer_shardings)])
+        return dict(variables, params=params)
 
     @nn.compact
     def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False,
@@ -396,6 +412,8 @@ class Llama(nn.Module):
         block = Block
         if self.remat is not None:
             block = nn.remat(Block, policy=remat_policy(self.remat), prevent_cse=False)
+        if self.layer_shardings is not None and not self.is_initializing():
+            block = nn.map_variables(block, "params", trans_in_fn=self._constrain_layer)
         layers = nn.scan(block, variable_axes={"params": 0, "intermediates": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.n_layers)
         if hidden_in is not None:

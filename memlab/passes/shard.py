@@ -99,6 +99,19 @@ def _wrapper(sharded: sh.Sharded):
     return wrap
 
 
+def _layer_shardings(model: Model, sharded: sh.Sharded):
+    """One layer's shardings for memlab's Llama (its ``[L, ...]`` specs without the layer
+    axis, which is never sharded), or None for other models."""
+    from memlab.models.llama import Llama
+    from memlab.offload import LAYERS
+    if not isinstance(model.module, Llama) or LAYERS not in model.params \
+            or model.module.stream is not None:
+        return None
+    specs = sharded.param_specs(model.params)[LAYERS]
+    flat = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, sh.P))
+    return tuple(NamedSharding(sharded.mesh, sh.P(*tuple(s)[1:])) for s in flat)
+
+
 def _scaled(value: int, exact_global: int, exact_device: int) -> int:
     """Per-device bytes: exact when the category is what the shapes say, else scaled."""
     if value == exact_global:
@@ -142,6 +155,9 @@ def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
         except TypeError:  # an unhashable spec: the estimate works from spec shapes
             pass
         out = model.replace(params=params)
+        layer_shardings = _layer_shardings(model, sharded)
+        if layer_shardings is not None:
+            out = out.replace(module=model.module.clone(layer_shardings=layer_shardings))
         wrap = _wrapper(sharded)
         return out.wrap(wrap).with_extras(shard=sharded)
 

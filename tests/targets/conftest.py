@@ -12,6 +12,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_platforms", "cpu")
+# compile-only executables cannot be stored or read back by the persistent cache
+jax.config.update("jax_enable_compilation_cache", False)
 
 import memlab as ml  # noqa: E402
 
