@@ -766,7 +766,8 @@ def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
                  pl.BlockSpec((_SQ, _SQ, t), lambda i, bi, hi: (bi, hi, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, t, h, dvp), q.dtype),
                  jax.ShapeDtypeStruct((b, h, t), jnp.float32)]
-    num_warps = 4 if max(dp, dvp) <= 64 else 8
+    # float32 tiles (IEEE dots, no tensor cores) need twice the registers of 16-bit ones
+    num_warps = 4 if max(dp, dvp) <= 64 and q.dtype.itemsize == 2 else 8
     return pl.pallas_call(
         kernel, out_shape=out_shape, grid=(cdiv(t, bq), b, h),
         in_specs=in_specs, out_specs=out_specs,
