@@ -40,6 +40,10 @@ flags.DEFINE_list("plan_targets", ["h100", "v5e", "v6e"], "Targets the plans are
 flags.DEFINE_enum("part", "all", ["all", "steps", "plans", "multi"], "Which part to run; each "
                   "part updates its own key of the output JSON.")
 flags.DEFINE_string("out", "results/targets.json", "Output JSON.")
+flags.DEFINE_bool("table", False, "Print the README's Markdown tables from --out; compile nothing.")
+flags.DEFINE_string("row", None, "Internal: compute one row (plans:<i>:<target> or multi:<i>) in "
+                    "this process and print it as JSON; the parent runs every row this way, so "
+                    "a compiler that aborts the process loses one row, not the run.")
 
 GB = 1e9
 STEPS = [  # (model, task, batch, seq)
@@ -94,57 +98,176 @@ def steps() -> list:
     return rows
 
 
+def _isolated(row: str) -> dict:
+    """Run one row in a child process (see ``--row``); a compiler abort becomes an error."""
+    import json
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, __file__, f"--row={row}"], capture_output=True,
+                          text=True, timeout=3600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    why = [ln for ln in proc.stderr.splitlines() if "Check failed" in ln or "Error" in ln]
+    return {"error": f"the compiler aborted the process (exit {proc.returncode}): "
+                     + (why[-1].strip()[:300] if why else proc.stderr.strip()[-300:])}
+
+
+def _plan_choice(i: int):
+    name, task, budget, kw = PLANS[i]
+    plan = ml.memory.plan(name, task, budget, verify=0, **kw)
+    return name, task, budget, plan
+
+
+def _plan_target(i: int, target: str) -> dict:
+    name, task, budget, plan = _plan_choice(i)
+    c, e = plan.candidate, plan.estimate
+    t0 = time.perf_counter()
+    v = P.verify_candidate(P._config(name)[1], c, e, plan.task, plan.batch, plan.seq, target)
+    t = ml.targets.get(target)
+    return dict(device=t.device_kind, memory_bytes=t.memory_bytes,
+                compiled_device_bytes=v.compiled_device_bytes,
+                compiled_host_bytes=v.compiled_host_bytes, relative_error=v.relative_error,
+                fits_device=(None if v.compiled_device_bytes is None
+                             else v.compiled_device_bytes <= t.memory_bytes),
+                error=v.error, seconds=round(time.perf_counter() - t0, 1))
+
+
 def plans() -> list:
     rows = []
-    for name, task, budget, kw in PLANS:
-        plan = ml.memory.plan(name, task, budget, verify=0, **kw)
+    for i in range(len(PLANS)):
+        name, task, budget, plan = _plan_choice(i)
         c, e = plan.candidate, plan.estimate
-        cfg = P._config(name)[1]
         row = dict(model=name, task=task, budget=budget, seq=plan.seq, batch=plan.batch,
                    candidate=c.label(), predicted_device_bytes=e.device_bytes,
                    predicted_host_bytes=e.host_bytes, by_target={})
         print(f"\n{name} {task} {budget} seq {plan.seq}: {c.label()} (predicted device "
               f"{e.device_bytes / GB:.2f} GB, host {e.host_bytes / GB:.2f} GB)")
         for target in FLAGS.plan_targets:
-            t0 = time.perf_counter()
-            v = P.verify_candidate(cfg, c, e, plan.task, plan.batch, plan.seq, target)
-            t = ml.targets.get(target)
-            row["by_target"][target] = dict(
-                device=t.device_kind, memory_bytes=t.memory_bytes,
-                compiled_device_bytes=v.compiled_device_bytes,
-                compiled_host_bytes=v.compiled_host_bytes, relative_error=v.relative_error,
-                fits_device=(None if v.compiled_device_bytes is None
-                             else v.compiled_device_bytes <= t.memory_bytes),
-                error=v.error, seconds=round(time.perf_counter() - t0, 1))
-            got = ("—" if v.compiled_device_bytes is None else
-                   f"device {v.compiled_device_bytes / GB:.2f} GB, host "
-                   f"{(v.compiled_host_bytes or 0) / GB:.2f} GB ({v.relative_error:+.1%})")
-            print(f"  {target:5s} {got}" + (f"  {v.error[:200]}" if v.error else ""), flush=True)
+            got = _isolated(f"plans:{i}:{target}")
+            if "device" not in got:   # the child died
+                t = ml.targets.get(target)
+                got = dict(device=t.device_kind, memory_bytes=t.memory_bytes,
+                           compiled_device_bytes=None, compiled_host_bytes=None,
+                           relative_error=None, fits_device=None, error=got["error"])
+            row["by_target"][target] = got
+            d = got["compiled_device_bytes"]
+            print(f"  {target:5s} " + ("—" if d is None else
+                                       f"device {d / GB:.2f} GB, host "
+                                       f"{(got['compiled_host_bytes'] or 0) / GB:.2f} GB "
+                                       f"({got['relative_error']:+.1%})")
+                  + (f"  {got['error'][:200]}" if got["error"] else ""), flush=True)
         rows.append(row)
     return rows
+
+
+def _multi_row(i: int) -> dict:
+    name, task, batch, seq, target, budget = MULTI[i]
+    t0 = time.perf_counter()
+    row = dict(model=name, task=task, batch=batch, seq=seq, target=target, budget=budget)
+    try:
+        plan = ml.memory.plan(name, task, budget, batch=batch, seq=seq, verify=2,
+                              target=target)
+        print("\n" + plan.table(), file=__import__("sys").stderr, flush=True)
+        row.update(plan.to_dict(), feasible=True)
+    except P.NoPlanError as e:
+        row.update(feasible=False, error=str(e), minimum_bytes=e.minimum_bytes,
+                   nearest=e.nearest)
+    row["seconds"] = round(time.perf_counter() - t0, 1)
+    return row
 
 
 def multi() -> list:
     rows = []
-    for name, task, batch, seq, target, budget in MULTI:
-        t0 = time.perf_counter()
-        row = dict(model=name, task=task, batch=batch, seq=seq, target=target, budget=budget)
-        try:
-            plan = ml.memory.plan(name, task, budget, batch=batch, seq=seq, verify=2,
-                                  target=target)
-            print("\n" + plan.table(), flush=True)
-            row.update(plan.to_dict(), feasible=True)
-        except P.NoPlanError as e:
-            print(f"\n{name} {task} on {target} in {budget}: {e}", flush=True)
-            row.update(feasible=False, error=str(e), minimum_bytes=e.minimum_bytes,
-                       nearest=e.nearest)
-        row["seconds"] = round(time.perf_counter() - t0, 1)
+    for i, (name, task, batch, seq, target, budget) in enumerate(MULTI):
+        row = _isolated(f"multi:{i}")
+        row.update(model=name, task=task, batch=batch, seq=seq, target=target, budget=budget)
+        row.setdefault("feasible", False)
+        print(f"\n{name} {task} {batch}x{seq} on {target} in {budget}: "
+              + (f"{row['chosen']['label']}, predicted {row['estimate']['device_bytes'] / GB:.2f}"
+                 f" GB, compiled {(row['compiled_device_bytes'] or 0) / GB:.2f} GB"
+                 if row["feasible"] else row.get("error", "")[:300]), flush=True)
         rows.append(row)
     return rows
 
 
+def _gb(x) -> str:
+    return "—" if x is None else f"{x / GB:.2f} GB"
+
+
+def tables(path: str) -> str:
+    """The README's tables, from the results file."""
+    import json
+    with open(path) as f:
+        doc = json.load(f)
+    out = []
+    st = doc.get("steps")
+    if st:
+        keys = ["xla_cpu"] + [k for k in st["rows"][0]["by_target"] if k != "xla_cpu"]
+        out += ["| step (bf16) | " + " | ".join(f"{k} peak (temp)" for k in keys)
+                + " | attention reached (HLO) |", "|---" * (len(keys) + 2) + "|"]
+        for r in st["rows"]:
+            cells, att = [], []
+            for k in keys:
+                v = r["by_target"].get(k, {})
+                if "error" in v:
+                    cells.append("refused: " + ("out of HBM" if "HBM" in v["error"]
+                                                else v["error"][:40]))
+                else:
+                    cells.append(f"{_gb(v['peak_bytes'])} ({_gb(v['temp_bytes'])})")
+                    if v.get("attention"):
+                        att.append(f"{k}: {', '.join(v['attention'])}")
+            out.append(f"| {r['model']} {r['task']} {r['batch']}x{r['seq']} | "
+                       + " | ".join(cells) + f" | {'; '.join(att)} |")
+    pl = doc.get("plans")
+    if pl:
+        tg = list(pl["rows"][0]["by_target"])
+        out += ["", "| plan | predicted device / host | " + " | ".join(tg) + " |",
+                "|---" * (len(tg) + 2) + "|"]
+        for r in pl["rows"]:
+            cells = []
+            for t in tg:
+                v = r["by_target"][t]
+                if v["compiled_device_bytes"] is not None:
+                    cells.append(f"device {_gb(v['compiled_device_bytes'])}"
+                                 + (f", host {_gb(v['compiled_host_bytes'])}"
+                                    if v["compiled_host_bytes"] else "")
+                                 + f" ({v['relative_error']:+.0%})")
+                else:
+                    e = v["error"] or ""
+                    cells.append("refused: out of HBM" if "HBM" in e else
+                                 "no host memory space" if "memory kinds" in e else e[:60])
+            out.append(f"| {r['model']} {r['task']} {r['budget']} seq {r['seq']}: "
+                       f"{r['candidate']} | {_gb(r['predicted_device_bytes'])} / "
+                       f"{_gb(r['predicted_host_bytes'])} | " + " | ".join(cells) + " |")
+    mu = doc.get("multi")
+    if mu:
+        out += ["", "| model, task | target, budget | chosen plan | predicted | compiled |",
+                "|---|---|---|---|---|"]
+        for r in mu["rows"]:
+            if not r.get("feasible"):
+                out.append(f"| {r['model']} {r['task']} {r['batch']}x{r['seq']} | {r['target']}, "
+                           f"{r['budget']} | no plan: {r['error'][:120]} | | |")
+                continue
+            out.append(f"| {r['model']} {r['task']} {r['batch']}x{r['seq']} | {r['target']}, "
+                       f"{r['budget']} | {r['chosen']['label']} | "
+                       f"{_gb(r['estimate']['device_bytes'])} | "
+                       f"{_gb(r['compiled_device_bytes'])}"
+                       + ("" if r["confirmed_by_compile"] else " (not confirmed)") + " |")
+    return "\n".join(out)
+
+
 def main(_):
+    if FLAGS.table:
+        print(tables(FLAGS.out))
+        return
     jax.config.update("jax_platforms", "cpu")
+    if FLAGS.row:
+        import json
+        part, *args = FLAGS.row.split(":", 2)
+        row = _plan_target(int(args[0]), args[1]) if part == "plans" else _multi_row(int(args[0]))
+        print("ROW " + json.dumps(row, default=str), flush=True)
+        return
     env = {t: ml.targets.environment(ml.targets.get(t).platform)
            for t in set(FLAGS.targets + FLAGS.plan_targets)}
     targets = {t: ml.targets.get(t).facts() for t in

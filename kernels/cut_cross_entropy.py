@@ -79,12 +79,12 @@ float32 accumulation (``dz`` is cast to the input dtype before its dots).
 back in the input dtypes.  Targets outside ``[0, V)`` (other than
 ``ignore_index``) match no column: their target logit counts as 0.
 
-Verified without accelerators: the Triton kernels run in the HLO interpreter
-and the Mosaic kernels in TPU interpret mode on CPU, and both lower (forward
-and backward) via ``jax.export`` for ``cuda`` / ``tpu`` to Triton IR / Mosaic
-MLIR; PTX / TPU compilation (register, shared-memory and VMEM budgets, Mosaic
-layout rules) and speed are only exercised on real devices, which these tests
-never had.  Default block sizes are untuned.
+Checked without accelerators: the kernels run interpreted on CPU against float64
+references, and are compiled to machine code for an H100 (XLA:GPU, Triton, ptxas) and a
+TPU v5e (XLA:TPU, Mosaic) on a CPU-only machine (``benchmarks/compile_report.py``,
+``tests/targets``; :mod:`memlab.targets`).  Mosaic row and vocabulary blocks are
+planned against the scoped VMEM (:func:`_plan_mosaic_vmem`); speed is only measured on a
+real device, and the default block sizes are untuned.
 """
 from __future__ import annotations
 

@@ -119,12 +119,12 @@ live block-table entries must be valid page ids.  Under ``jit`` they cannot be
 checked: lengths are then clamped to the cache and page ids clipped into
 ``[0, num_pages)`` so the kernels never read outside the cache.
 
-Verified without accelerators: both kernels run in interpret mode on CPU (the
-Triton body in the HLO interpreter, the Mosaic body in TPU interpret mode) and
-lower, via ``jax.export`` for platforms cuda / tpu, to Triton IR / Mosaic MLIR.
-The final PTX / TPU compilation (register and VMEM budgets, Mosaic layouts of
-the ``[G, 1]`` statistics, the in-VMEM page concatenation, small ``G``) is
-only exercised on a real device.
+Checked without accelerators: the kernels run interpreted on CPU against float64
+references, and are compiled to machine code for an H100 (XLA:GPU, Triton, ptxas) and a
+TPU v5e (XLA:TPU, Mosaic) on a CPU-only machine (``benchmarks/compile_report.py``,
+``tests/targets``; :mod:`memlab.targets`).  Triton key blocks are planned to fit
+``TRITON_SMEM_BYTES`` of shared memory (:func:`triton_smem_bytes`); speed is only
+measured on a real device.
 """
 from __future__ import annotations
 

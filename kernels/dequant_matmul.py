@@ -64,11 +64,10 @@ uses ``Precision.HIGHEST`` (IEEE fp32 on Triton, not TF32).  For int8 the
 per-channel scale factors out of the K sum and is applied once to the f32
 accumulator.
 
-Verified without accelerators: both kernels run in interpret mode on CPU and
-lower, via ``jax.export`` for platforms cuda / tpu, to Triton IR / Mosaic MLIR;
-the final PTX / TPU compilation (shared memory and register budgets, Mosaic
-layout rules for the uint8 -> int32 widening and the scale-row broadcast) is
-only exercised on a real device.
+Checked without accelerators: the kernels run interpreted on CPU against float64
+references, and are compiled to machine code for an H100 (XLA:GPU, Triton, ptxas) and a
+TPU v5e (XLA:TPU, Mosaic) on a CPU-only machine (``benchmarks/compile_report.py``,
+``tests/targets``; :mod:`memlab.targets`).  Speed is only measured on a real device.
 
 Zero padding along K is safe for every format: padded ``x`` columns are zero,
 so whatever the padded codes, zero points or scales dequantize to (all finite,
@@ -97,7 +96,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from ._common import (
+    TRITON_SMEM_BYTES,
     cdiv,
+    check_on_chip,
     is_power_of_2,
     lowest_power_of_2_factor,
     next_power_of_2,
@@ -458,6 +459,17 @@ def _block_k_for_format(spec: _Spec, block_k: int, user: bool, align: int) -> in
     return round_up(block_k, unit)
 
 
+def triton_smem_bytes(fmt: str, bm: int, bn: int, bk: int, group: int, x_itemsize: int,
+                      n_aux: int) -> tuple[int, int]:
+    """``(bytes per pipeline stage, the dequantized tile's bytes)`` of a Triton program: a
+    stage holds the ``[bm, bk]`` activations, the ``[bk (/2), bn]`` codes and their scales;
+    the ``[bk, bn]`` dequantized weight tile is staged once for the dot."""
+    w_rows = bk if fmt == "int8" else bk // 2
+    per_stage = (bm * bk * x_itemsize + w_rows * bn
+                 + (0 if fmt == "int8" else 4 * n_aux * (bk // group) * bn))
+    return per_stage, bk * bn * x_itemsize
+
+
 def _plan_triton(spec: _Spec, m: int, k: int, n: int) -> _Plan:
     user = spec.block_sizes is not None
     bs = spec.block_sizes or BlockSizes.get_default(m, backend="triton")
@@ -592,11 +604,13 @@ def _triton_call(spec: _Spec, plan: _Plan, x, w, aux, precision):
     kernel = functools.partial(_triton_kernel, fmt=spec.fmt, plan=plan,
                                group=spec.group, precision=precision)
     num_warps = 8 if bm * bn >= 128 * 128 else 4
-    # Software-pipeline as many K steps as fit in ~160 KiB of shared memory.
-    w_rows = plan.bk if spec.fmt == "int8" else plan.bk // 2
-    per_stage = (bm * plan.bk * x.dtype.itemsize + w_rows * bn * w.dtype.itemsize
-                 + (0 if spec.fmt == "int8" else 4 * len(aux) * (plan.bk // spec.group) * bn))
-    num_stages = max(1, min(3, (160 * 1024) // per_stage))
+    # Software-pipeline as many K steps as fit the shared memory left beside the
+    # dequantized [bk, bn] weight tile the dot reads (staged once, in x's dtype).
+    per_stage, deq = triton_smem_bytes(spec.fmt, bm, bn, plan.bk, spec.group, x.dtype.itemsize,
+                                       len(aux))
+    num_stages = max(1, min(3, (TRITON_SMEM_BYTES - deq) // per_stage))
+    check_on_chip(f"dequant_matmul_{spec.fmt}", deq + num_stages * per_stage, TRITON_SMEM_BYTES,
+                  "shared memory", f"lower block_sizes.block_n={bn} or block_k={plan.bk}")
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),

@@ -90,12 +90,12 @@ The Triton kernels work in base 2 (``exp2`` with ``log2(e)`` folded into the
 score scale); ``lse`` is returned in natural log.  float64 is only supported by
 ``backend="xla"``.
 
-Verified without accelerators: the Triton kernels run in the HLO interpreter
-and the Mosaic kernels in TPU interpret mode on CPU, and both lower (forward and
-backward) via ``jax.export`` for platforms cuda / tpu to Triton IR / Mosaic
-MLIR.  The final PTX / TPU compilation (register and shared-memory budgets,
-Mosaic layout rules, e.g. for ``D`` not a multiple of 128) is only exercised on
-real devices.  Default block sizes are untuned.
+Checked without accelerators: the kernels run interpreted on CPU against float64
+references, and are compiled to machine code for an H100 (XLA:GPU, Triton, ptxas) and a
+TPU v5e (XLA:TPU, Mosaic) on a CPU-only machine (``benchmarks/compile_report.py``,
+``tests/targets``; :mod:`memlab.targets`).  Default Triton blocks shrink to fit
+``TRITON_SMEM_BYTES`` of shared memory per program (:func:`triton_smem_bytes`); blocks
+a caller chose that do not fit are an error.  Speed is only measured on a real device.
 
 :func:`flash_attention_with_lse` returns ``(out, lse)`` and is forward only
 (it has no VJP on the Pallas backends).

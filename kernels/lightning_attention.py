@@ -92,10 +92,10 @@ to the input dtype, as in FlashAttention's ``P @ V``.  Decay factors are
 underflow to 0, which is the correct limit (no inf, no NaN).  The output has
 ``q.dtype``.
 
-Verified without accelerators: both kernels run in interpret mode on CPU and
-lower, via ``jax.export`` for platforms cuda / tpu, to Triton IR / Mosaic MLIR;
-the final PTX / TPU compilation (register and VMEM budgets, Mosaic layout rules)
-is only exercised on a real device.
+Checked without accelerators: the kernels run interpreted on CPU against float64
+references, and are compiled to machine code for an H100 (XLA:GPU, Triton, ptxas) and a
+TPU v5e (XLA:TPU, Mosaic) on a CPU-only machine (``benchmarks/compile_report.py``,
+``tests/targets``; :mod:`memlab.targets`).  Speed is only measured on a real device.
 """
 from __future__ import annotations
 
@@ -112,7 +112,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import cdiv, is_power_of_2, next_power_of_2, resolve_backend, round_up
+from ._common import (TRITON_SMEM_BYTES, cdiv, check_on_chip, is_power_of_2, next_power_of_2,
+                      resolve_backend, round_up)
 
 __all__ = [
     "BlockSizes",
@@ -343,9 +344,16 @@ def _sublanes(dtype) -> int:
     return 8 if jnp.dtype(dtype).itemsize == 4 else 16
 
 
+def triton_smem_bytes(block_t: int, d: int, block_dv: int, itemsize: int) -> int:
+    """Shared memory of a Triton program (an upper bound of Triton's allocation): two
+    pipeline stages of its ``[block_t, D]`` A and B tiles and ``[block_t, block_dv]`` C tile."""
+    return 2 * (2 * block_t * d + block_t * block_dv) * itemsize
+
+
 def _plan(kernel: str, bs: BlockSizes | None, t: int, d: int, dv: int, dtype) -> tuple[int, int]:
     """Validate the block sizes for ``kernel``; return (block_t, block_dv) resolved."""
     backend = {"triton": "triton", "mosaic": "mosaic_tpu", "xla": "xla"}[kernel]
+    user = bs
     bs = bs or BlockSizes.get_default(backend)
     if kernel == "triton":
         for name in ("block_t", "block_dv"):
@@ -355,7 +363,15 @@ def _plan(kernel: str, bs: BlockSizes | None, t: int, d: int, dv: int, dtype) ->
                     f"block_sizes.{name}={v} must be a power of two >= 16 on the "
                     f"triton/interpret backends (Triton tiles; tl.dot needs >= 16); "
                     f"use {name}={max(16, next_power_of_2(v))}.")
-        return min(bs.block_t, max(16, next_power_of_2(t))), bs.block_dv
+        bt = min(bs.block_t, max(16, next_power_of_2(t)))
+        itemsize = jnp.dtype(dtype).itemsize
+        while user is None and bt > 16 and \
+                triton_smem_bytes(bt, d, bs.block_dv, itemsize) > TRITON_SMEM_BYTES:
+            bt //= 2   # default blocks shrink to fit; chosen ones are refused below
+        check_on_chip("lightning_attention", triton_smem_bytes(bt, d, bs.block_dv, itemsize),
+                      TRITON_SMEM_BYTES, "shared memory",
+                      f"lower block_sizes.block_t={bt} to {max(16, bt // 2)}")
+        return bt, bs.block_dv
     if kernel == "mosaic":
         sub = _sublanes(dtype)
         if t > bs.block_t and bs.block_t % 128:

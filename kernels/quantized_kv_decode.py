@@ -112,13 +112,12 @@ dot (bf16 queries run bf16 x bf16 -> f32 dots; float32 queries use
 ``Precision.HIGHEST``, i.e. IEEE fp32, not TF32); the softmax statistics and
 accumulators are float32; the output is cast to ``q.dtype``.
 
-Verified without accelerators: the Triton body runs in interpret mode on CPU,
-the Mosaic body in TPU interpret mode, and both lower via ``jax.export`` for
-cuda / tpu to Triton IR / Mosaic MLIR.  The final PTX / TPU compilation
-(register and shared-memory budgets; Mosaic layout rules for the strided and
-head-indexed uint8 loads, the row/lane scale broadcasts and the 3-D VMEM
-tiles) is only exercised on a real device.  Forward only: there is no
-gradient (decode inference).
+Checked without accelerators: the kernels run interpreted on CPU against float64
+references, and are compiled to machine code for an H100 (XLA:GPU, Triton, ptxas) and a
+TPU v5e (XLA:TPU, Mosaic) on a CPU-only machine (``benchmarks/compile_report.py``,
+``tests/targets``; :mod:`memlab.targets`).  Mosaic strides loads of 32-bit data only, so the
+Mosaic body widens a head's value codes and scales into 32-bit VMEM before reading token
+planes.  Forward only: there is no gradient (decode inference).
 """
 from __future__ import annotations
 
@@ -135,7 +134,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import is_power_of_2, lowest_power_of_2_factor, next_power_of_2, resolve_backend
+from ._common import (TRITON_SMEM_BYTES, check_on_chip, is_power_of_2, lowest_power_of_2_factor,
+                      next_power_of_2, resolve_backend)
 
 __all__ = [
     "BlockSizes",
@@ -773,7 +773,13 @@ def _splits_for(n_blocks, want):
     return max(x for x in range(1, min(want, n_blocks) + 1) if n_blocks % x == 0)
 
 
-def _plan(spec: _Spec, dims: _Dims, h: int) -> _Plan:
+def triton_smem_bytes(block_k: int, d: int, itemsize: int) -> int:
+    """Shared memory of a Triton program (an upper bound of Triton's allocation): the
+    dequantized ``[block_k, D]`` key and value tiles staged for the dots, plus 8 KiB."""
+    return 2 * block_k * d * itemsize + 8192
+
+
+def _plan(spec: _Spec, dims: _Dims, h: int, itemsize: int = 4) -> _Plan:
     user = spec.block_sizes is not None
     backend = "mosaic_tpu" if spec.kernel == "mosaic" else "triton"
     bs = spec.block_sizes or BlockSizes.get_default(dims.s, backend=backend)
@@ -806,6 +812,12 @@ def _plan(spec: _Spec, dims: _Dims, h: int) -> _Plan:
                 f"block_k={bk} is below the minimum tl.dot size 16 (the capacity S={s} has "
                 f"no power-of-two factor >= 16 that is a multiple of group_size={g}); "
                 "use a capacity that is a multiple of 16 or backend='xla'.")
+        while not user and bk > max(g, 16) and \
+                triton_smem_bytes(bk, d, itemsize) > TRITON_SMEM_BYTES:
+            bk //= 2   # default blocks shrink to fit; chosen ones are refused below
+        check_on_chip("quantized_decode_attention", triton_smem_bytes(bk, d, itemsize),
+                      TRITON_SMEM_BYTES, "shared memory",
+                      f"lower block_sizes.block_k={bk} to {max(g, 16, bk // 2)}")
         gp = max(16, next_power_of_2(gq))
     else:
         if user and bs.block_k <= s and (s % bs.block_k or bs.block_k % g):
@@ -1134,7 +1146,7 @@ def _combine(acc, m, l):
 def _pallas_forward(spec: _Spec, q, cache: KiviCache):
     dims = _check_cache(cache)
     b, h, d = q.shape
-    plan = _plan(spec, dims, h)
+    plan = _plan(spec, dims, h, jnp.dtype(q.dtype).itemsize)
     precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     q4 = q.reshape(b, dims.hkv, plan.gq, d)
     if spec.kernel == "triton":
@@ -1198,5 +1210,5 @@ def quantized_decode_attention(q, cache: KiviCache, *, scale: float | None = Non
     spec = _make_spec(block_sizes, backend, interpret, sm_scale)
     if spec is None:
         return _reference_impl(q, cache, sm_scale)
-    _plan(spec, dims, q.shape[1])      # raise block-size errors before tracing
+    _plan(spec, dims, q.shape[1], jnp.dtype(q.dtype).itemsize)  # block-size errors first
     return _pallas_forward(spec, q, cache)

@@ -48,10 +48,11 @@ Limits (jax 0.10.2):
   but ``jax.device_put`` to a memory space inside ``jit`` lowers to nothing on
   CPU, so nothing is saved and no time is spent there.  The per-step
   transfers are checked by lowering for CUDA (``annotate_device_placement``
-  custom calls, :func:`transfers`).  Whether XLA:GPU's host offloader accepts
-  these programs (a dynamic slice of a host stack inside a loop, and a
-  concatenation of host gradient blocks in the backward) was not tested: no
-  GPU was available.
+  custom calls, :func:`transfers`).  XLA:TPU compiles these programs for a
+  compile-only v5e (:mod:`memlab.targets`) and reports the host part apart;
+  jaxlib's compile-only CUDA devices expose no memory spaces, so a GPU
+  compile of a host placement cannot be expressed (:mod:`memlab.targets`
+  refuses it with that reason).
 * ``device`` counts the live weights; the concatenation of the window with a
   fetched block is a transient copy of up to ``k + p`` layers that XLA may or
   may not elide.

@@ -860,6 +860,11 @@ def _profile_fused(model, c: Candidate, batch: int, seq: int, target=None, loss=
     return _report(compiled, model.spec.name, "train", batch, seq, {}, {}, secs, device, target)
 
 
+def _uses_host(c: Candidate) -> bool:
+    """Whether a candidate keeps bytes in host memory (layer streaming, HeadInfer)."""
+    return c.offload is not None or _kv_name(c.kv or "") == "headinfer"
+
+
 def _scored(cfg, cands, task, batch, seq) -> list:
     """``(candidate, estimate)`` for each candidate whose passes apply to these shapes (a
     pass that cannot, e.g. a block size that does not divide a dimension, is skipped)."""
@@ -907,7 +912,9 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
     loss exceeds this are ranked after all others (they stay on the Pareto front).
     ``target``: verify by compiling for that :mod:`memlab.targets` device (``"h100"``,
     ``"h100x8"``, ``"v5e"``, ...) on this machine, so "fits" is XLA:GPU's or XLA:TPU's
-    own buffer assignment; ``devices`` defaults to the target's device count.
+    own buffer assignment; ``devices`` defaults to the target's device count.  A target
+    whose compile-only devices expose no host memory (jaxlib's CUDA devices) searches
+    device-resident candidates only.
     Raises :class:`NoPlanError` when no candidate fits, naming the minimum bytes any
     candidate needs and the nearest feasible option.
     """
@@ -933,6 +940,10 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
         raise ValueError(f"plan: seq must be a positive int, got {seq!r}")
     cands = candidates(cfg, task, batch, seq, devices)
+    if target is not None and not any("host" in k for k in targets.get(target).memory_kinds()):
+        # the compile-only device has no host memory space: host plans cannot be verified
+        # there (memlab.targets says why), so the search keeps to device-resident plans
+        cands = [c for c in cands if not _uses_host(c)]
     scored = _scored(cfg, cands, task, batch, seq)
     fits = [ce for ce in scored if ce[1].device_bytes <= budget]
     if not fits:
