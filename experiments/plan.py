@@ -42,6 +42,9 @@ flags.DEFINE_enum("grid", "full", ["small", "full"], "Error grid: small shapes o
 flags.DEFINE_string("out", "results/plan.json", "Output JSON.")
 flags.DEFINE_string("target", None, "Compile for this memlab.targets device instead of XLA:CPU "
                     "(results go under by_target[<target>] of --out).")
+flags.DEFINE_bool("fit", False, "Compile the activation model's fitting points (d=256) for "
+                  "--target and fit its constants (memlab.memory.activations.fit); stored "
+                  "under by_target[<target>].fit and printed.")
 
 GB = 1e9
 
@@ -72,6 +75,49 @@ def targets() -> list:
                                        and v.accelerator_bytes <= plan.budget_bytes))
         rows.append(d)
     return rows
+
+
+def _platform() -> str:
+    return "cpu" if FLAGS.target is None else ml.targets.get(FLAGS.target).dispatch_platform
+
+
+def fit_points() -> dict:
+    """The activation model's fitting compiles (its docstring's: d=256, d_ff=688, 4 MHA
+    heads of 64, V=1000, chunked loss, L in {2, 4} x (B, T) in {(2, 256), (2, 512),
+    (4, 512)}; AdamW under four remat families, and nothing_saveable under the other
+    optimizers) for ``--target``, and the constants :func:`act.fit` gives."""
+    from memlab.memory import activations as act
+    C = P.Candidate
+    platform = _platform()
+    points, rows = [], []
+    runs = [(pol, "adamw") for pol in ("nothing_saveable", "dots_with_no_batch_dims_saveable",
+                                       "save:qkv,attn_out,mlp_hidden", None)]
+    runs += [("nothing_saveable", o) for o in ("apollo_mini", "adamw8bit", "adam4bit",
+                                              "galore", "came")]
+    for pol, opt in runs:
+        for n_layers in (2, 4):
+            cfg = _small(d_model=256, d_ff=688, n_layers=n_layers, n_heads=4, n_kv_heads=4,
+                         head_dim=64, vocab_size=1000)
+            shapes = cfg.param_shapes()
+            p_layers = P._count(shapes["layers"])
+            p_other = P._count(shapes) - p_layers
+            for b, t in ((2, 256), (2, 512), (4, 512)):
+                c = C("bf16", pol, opt)
+                v = P.verify_candidate(cfg, c, P.estimate(cfg, c, "train", b, t, platform),
+                                       "train", b, t, FLAGS.target)
+                if v.temp_bytes is None:
+                    print(f"fit point {pol} {opt} L={n_layers} {b}x{t}: {v.error}")
+                    continue
+                f = act.train_features(cfg, b, t, pol, p_layers=p_layers, p_other=p_other,
+                                       platform=platform)
+                points.append((f, opt, v.temp_bytes))
+                rows.append(dict(policy=pol, optimizer=opt, n_layers=n_layers, batch=b, seq=t,
+                                 temp_bytes=v.temp_bytes))
+                print(f"fit point {str(pol):34s} {opt:11s} L={n_layers} {b}x{t}: temp "
+                      f"{v.temp_bytes / 2**20:8.2f} MiB", flush=True)
+    tables = act.fit(points)
+    print("fitted:", tables)
+    return {"points": rows, "constants": tables, "platform": platform}
 
 
 def _small(**kw):
@@ -127,7 +173,7 @@ def grid() -> list:
     rows = []
     for cfg, task, c, b, s in cases:
         t0 = time.perf_counter()
-        e = P.estimate(cfg, c, task, b, s)
+        e = P.estimate(cfg, c, task, b, s, _platform())
         v = P.verify_candidate(cfg, c, e, task, b, s, FLAGS.target)
         row = dict(model=cfg.name if cfg.name != "tiny" else
                    f"d{cfg.d_model}-ff{cfg.d_ff}-L{cfg.n_layers}-H{cfg.n_heads}/{cfg.n_kv_heads}"
@@ -153,6 +199,13 @@ def main(_):
         import jax
         jax.config.update("jax_platforms", "cpu")
     t0 = time.perf_counter()
+    if FLAGS.fit:
+        if FLAGS.target is None:
+            raise app.UsageError("--fit compiles for a --target (XLA:CPU's constants are the "
+                                 "defaults in memlab/memory/activations.py)")
+        fitted = fit_points()
+        _store_by_target({"fit": fitted}, update=True)
+        return
     plans = targets()
     err_rows = grid()
     # device error; where host buffers dominate XLA:CPU's one memory (offload, HeadInfer) the
@@ -181,6 +234,11 @@ def main(_):
     if FLAGS.target is None:
         results.write(FLAGS.out, {"experiment": "plan", "memlab": ml.__version__, **doc})
         return
+    _store_by_target(doc)
+
+
+def _store_by_target(doc: dict, update: bool = False) -> None:
+    """``doc`` under ``by_target[<target>]`` of ``--out`` (merged into it with ``update``)."""
     import json
     import os
     target = ml.targets.get(FLAGS.target)
@@ -189,8 +247,10 @@ def main(_):
         with open(FLAGS.out) as f:
             by = json.load(f).get("by_target", {})
     by.pop("environment", None)
-    by[target.name] = dict(doc, device=target.device_kind, target=target.facts(),
-                           compiler=ml.targets.environment(target.platform))
+    entry = dict(by.get(target.name, {})) if update else {"fit": by.get(target.name, {}).get("fit")}
+    entry.update(doc, device=target.device_kind, target=target.facts(),
+                 compiler=ml.targets.environment(target.platform))
+    by[target.name] = {k: v for k, v in entry.items() if v is not None}
     results.write(FLAGS.out, by, key="by_target")
 
 

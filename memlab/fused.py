@@ -344,7 +344,8 @@ FUSED_UPDATE_BYTES = {"apollo_mini": 11.65, "apollo": 12.40, "galore": 14.44,
                       "adam8bit": 31.88, "adamw": 181.0, "came": 14.0, "sgd": 6.0}
 
 
-def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunked") -> float:
+def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunked",
+                  platform: str = "cpu") -> float:
     """Predicted XLA temp bytes of the fused step: the layers' saved inputs (compute
     dtype) and the non-layer gradients, plus the larger of one layer's recompute and
     backward (the remat model's ``nothing_saveable`` terms, with the layer's float32 weight
@@ -353,11 +354,12 @@ def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunke
     from memlab.memory import activations as act
     p_layer = cfg.layer_param_count()
     p_other = cfg.param_count() - cfg.n_layers * p_layer
+    cal = act.calibration(platform)
     f = act.train_features(cfg, batch, seq, "nothing_saveable", p_layers=p_layer,
-                           p_other=p_other, loss=loss)
+                           p_other=p_other, loss=loss, platform=platform)
     saved = cfg.n_layers * batch * seq * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
-    backward = max(act.KAPPA["nothing_saveable"] * f.work + f.attention + f.loss, f.loss_phase)
+    backward = max(cal.kappa["nothing_saveable"] * f.work + f.attention + f.loss, f.loss_phase)
     update = FUSED_UPDATE_BYTES.get(optimizer, 14.0) * p_layer
     grad = 4.0 * p_layer  # the layer's float32 weight gradient, live at the end of its backward
-    return float(saved + act.A_OTHER * p_other + max(backward + grad, update)
-                 + act.C0["nothing_saveable"])
+    return float(saved + cal.a_other * p_other + max(backward + grad, update)
+                 + cal.c0["nothing_saveable"])

@@ -170,3 +170,19 @@ def test_block_sizes_beyond_on_chip_memory_fail_before_compiling():
         jax.eval_shape(lambda h, w, t: cce.cut_cross_entropy(
             h, w, t, tied=True, backend="mosaic_tpu",
             block_sizes=cce.BlockSizes(block_n=2048, block_v=4096)), h, w, t)
+
+
+def test_estimates_are_calibrated_per_compiler():
+    from memlab.memory import activations as act
+    P = ml.memory.planner
+    assert act.calibration("cpu") is act.CPU and act.calibration("tpu") is act.CPU
+    gpu = act.calibration("gpu")
+    assert gpu.attention_blocks == 0 and not gpu.saved_float32 and not gpu.loss_blocks
+    cfg = ml.models.config("llama2-7b", dtype="bfloat16", param_dtype="bfloat16")
+    c = P.Candidate("bf16", "nothing_saveable", "adamw8bit")
+    cpu, on_gpu = (P.estimate(cfg, c, "train", 1, 2048, platform=p) for p in ("cpu", "gpu"))
+    # the same exact bytes of params, gradients and state; only the fitted temp differs
+    for k in ("params", "optimizer_state", "inputs"):
+        assert cpu.categories["device"][k] == on_gpu.categories["device"][k]
+    assert on_gpu.categories["device"]["temp"] < cpu.categories["device"]["temp"]
+    assert on_gpu.cpu_extra_bytes == 0

@@ -83,6 +83,56 @@ Q_CHUNK, KV_CHUNK = 512, 1024  # memlab_kernels.chunked_attention defaults
 LOSS_CHUNK, LOSS_VOCAB_CHUNK = 1024, 2048  # memlab.nn.cross_entropy "chunked" defaults
 
 
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """The training-temp model's constants for one backend's compiler (see :func:`fit`),
+    and which of XLA:CPU's habits the features include.
+
+    ``saved_float32``: XLA:CPU slices ``nothing_saveable``'s layer inputs from a float32
+    copy of the stack; ``attention_blocks``: float32 score blocks of the chunked XLA
+    attention live at once (0 where a fused attention kernel runs); ``loss_blocks``: the
+    chunked loss's logit blocks (False where the cut-cross-entropy kernel runs)."""
+
+    platform: str
+    opt_bytes_per_param: dict
+    a_other: float
+    sigma: dict
+    kappa: dict
+    c0: dict
+    attention_blocks: float
+    saved_float32: bool
+    loss_blocks: bool
+
+
+CPU = Calibration("cpu", OPT_BYTES_PER_PARAM, A_OTHER, SIGMA, KAPPA, C0, ATT_BLOCKS, True, True)
+# XLA:GPU (compiled for an H100 with memlab.targets): the flash and cut-cross-entropy
+# kernels keep their tiles on chip and the saved inputs stay in the compute dtype.
+# Fitted (``experiments/plan.py --target=h100 --fit``: the 54 d=256 compiles of the CPU fit
+# and of the other optimizers under nothing_saveable; results/plan.json by_target.h100.fit).
+# Families not fitted take their neighbour's values, as on CPU.
+GPU_HABITS = dict(attention_blocks=0.0, saved_float32=False, loss_blocks=False)
+_GPU_A = {"adamw": 2.095, "apollo_mini": 5.044, "apollo": 5.044, "adamw8bit": 3.767,
+          "adam8bit": 3.767, "adam4bit": 3.198, "adamw4bit": 3.198, "galore": 11.44,
+          "came": 2.358, "sgd": 2.0}
+_GPU_SIGMA = {"none": 1.561, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.096,
+              "dots_saveable": 1.096, "save": 1.064, "offload": 1.0}
+_GPU_KAPPA = {"none": 0.387, "nothing_saveable": 0.502, "dots_with_no_batch_dims_saveable": 0.336,
+              "dots_saveable": 0.336, "save": 0.491, "offload": 0.491}
+_GPU_C0 = {"none": 5.13e6, "nothing_saveable": 4.41e6, "dots_with_no_batch_dims_saveable": 2.70e6,
+           "dots_saveable": 2.70e6, "save": 3.68e6, "offload": 3.68e6}
+GPU = Calibration("gpu", _GPU_A, A_OTHER, _GPU_SIGMA, _GPU_KAPPA, _GPU_C0, **GPU_HABITS)
+# XLA:TPU is not fitted: at the d=256 fitting shapes its temp is not linear in the terms
+# (0 bytes at several points, where on-chip memory holds the step's temporaries), so TPU
+# plans are scored with XLA:CPU's constants and checked by compiling for the TPU.
+CALIBRATIONS = {"cpu": CPU, "gpu": GPU}
+
+
+def calibration(platform: str) -> Calibration:
+    """The :class:`Calibration` of ``platform`` (``"cpu"``, ``"gpu"``, ``"tpu"``): XLA:CPU's
+    for a backend that has not been fitted."""
+    return CALIBRATIONS.get(platform, CPU)
+
+
 def policy_family(policy: Optional[str]) -> str:
     """The key of the fitted tables for a remat policy name (None = no remat)."""
     if policy is None:
@@ -148,7 +198,7 @@ class TrainFeatures:
     loss_phase: float = 0.0  # the loss's own workspace, live before the layers' backward
 
 
-def loss_bytes(cfg, tokens: int, loss: str = "chunked") -> tuple:
+def loss_bytes(cfg, tokens: int, loss: str = "chunked", blocks: bool = True) -> tuple:
     """``(residual, workspace)`` bytes of the cross-entropy over ``tokens`` rows.
 
     The loss runs before the layers' backward, where the step's peak is: its logit
@@ -164,13 +214,15 @@ def loss_bytes(cfg, tokens: int, loss: str = "chunked") -> tuple:
     hidden = tokens * cfg.d_model * 4.0
     if loss == "naive":
         return hidden + tokens * cfg.vocab_size * cs, 3.0 * tokens * cfg.vocab_size * 4 + hidden
+    if not blocks:  # the cut-cross-entropy kernel keeps its logit tiles on chip
+        return hidden, hidden
     block = 2.0 * min(tokens, LOSS_CHUNK) * min(cfg.vocab_size, LOSS_VOCAB_CHUNK) * 4
     return hidden, block + hidden
 
 
 def train_features(cfg, batch: int, seq: int, policy: Optional[str], *, p_layers: float,
-                   p_other: float, loss: str = "chunked", dequant_bytes: float = 0.0
-                   ) -> TrainFeatures:
+                   p_other: float, loss: str = "chunked", dequant_bytes: float = 0.0,
+                   platform: str = "cpu") -> TrainFeatures:
     """The features of one training step.  ``dequant_bytes``: the dequantized base
     weights a quantized (QLoRA) layer holds at once -- one matmul's at a time, not the
     layer's (the NF4 d=448 and llama2-7b steps held only ``gate_proj``'s at their peak).
@@ -180,29 +232,32 @@ def train_features(cfg, batch: int, seq: int, policy: Optional[str], *, p_layers
     d=448 and llama2-7b steps, the compute-dtype stack dead by then), so they count at 4
     bytes; the other policies' ``sigma`` (fitted, 1.8-2.7) holds their float32 copies.
     """
+    cal = calibration(platform)
     cs = _itemsize(cfg.dtype)
     dev, host = saved_elements(policy, cfg)
     tokens = batch * seq
-    saved_b = 4 if policy_family(policy) == "nothing_saveable" else cs
+    saved_b = 4 if policy_family(policy) == "nothing_saveable" and cal.saved_float32 else cs
     saved = cfg.n_layers * tokens * dev * saved_b
     saved_host = cfg.n_layers * tokens * host * cs
     work = tokens * work_elements(cfg) * 4 + dequant_bytes
-    att = ATT_BLOCKS * batch * cfg.n_heads * min(seq, Q_CHUNK) * min(seq, KV_CHUNK) * 4
-    resid, phase = loss_bytes(cfg, tokens, loss)
+    att = cal.attention_blocks * batch * cfg.n_heads * min(seq, Q_CHUNK) * min(seq, KV_CHUNK) * 4
+    resid, phase = loss_bytes(cfg, tokens, loss, blocks=cal.loss_blocks)
     return TrainFeatures(float(p_layers), float(p_other), float(saved), float(saved_host),
                          float(work), float(att), float(resid), policy_family(policy),
                          float(phase))
 
 
-def train_temp(f: TrainFeatures, optimizer: Optional[str]) -> float:
+def train_temp(f: TrainFeatures, optimizer: Optional[str], platform: str = "cpu") -> float:
     """Predicted XLA temp bytes of a training step on the device: the state terms plus
     the larger of the layers' backward (recompute work, score blocks, the loss's residual)
-    and the loss's own workspace."""
-    a = OPT_BYTES_PER_PARAM.get(optimizer or "adamw", OPT_BYTES_PER_PARAM["adamw"])
-    fam = f.family if f.family in SIGMA else "save"
-    backward = KAPPA[fam] * f.work + f.attention + f.loss
-    return (a * f.p_layers + A_OTHER * f.p_other + SIGMA[fam] * f.saved
-            + max(backward, f.loss_phase) + C0[fam])
+    and the loss's own workspace (``platform``'s :class:`Calibration`)."""
+    cal = calibration(platform)
+    opt = cal.opt_bytes_per_param
+    a = opt.get(optimizer or "adamw", opt["adamw"])
+    fam = f.family if f.family in cal.sigma else "save"
+    backward = cal.kappa[fam] * f.work + f.attention + f.loss
+    return (a * f.p_layers + cal.a_other * f.p_other + cal.sigma[fam] * f.saved
+            + max(backward, f.loss_phase) + cal.c0[fam])
 
 
 def decode_temp(cfg, batch: int, seq: int, *, kv_layer_bytes: float = 0.0,

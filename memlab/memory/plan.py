@@ -529,8 +529,12 @@ def _policy(c: Candidate):
     return parse(c.kv) if c.kv else None
 
 
-def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
-    """Analytic device / host bytes, step time and quality loss of one candidate."""
+def estimate(cfg, c: Candidate, task: str, batch: int, seq: int,
+             platform: str = "cpu") -> Estimate:
+    """Analytic device / host bytes, step time and quality loss of one candidate, with the
+    activation model calibrated for ``platform``'s compiler (``"cpu"``, ``"gpu"``; see
+    :func:`memlab.memory.activations.calibration`).  XLA:CPU-only bytes
+    (``cpu_extra_bytes``) are predicted on ``"cpu"`` only."""
     from memlab.memory import estimate as est
     task = check_task(task)
     work = _workload(task, batch, seq)
@@ -554,7 +558,8 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
     dev = dict(cats)
     training = task in ("train", "finetune")
     if c.fused:
-        return _estimate_fused(cfg, c, task, batch, seq, cats, layer_bytes, other_bytes)
+        return _estimate_fused(cfg, c, task, batch, seq, cats, layer_bytes, other_bytes,
+                               platform)
     # trainable counts (for the update temps)
     from memlab.offload import LAYERS
     if trainable_shapes is not None:
@@ -599,9 +604,10 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
         # FSDP updates each device's shard of the params: its temporaries shrink with it
         upd_layers = 0.0 if c.offload else p_layers / (n_dev if c.shard == "fsdp" else 1)
         upd_other = 0.0 if c.offload else p_other / (n_dev if c.shard == "fsdp" else 1)
-        f = act.train_features(cfg, per_dev_batch, seq, c.remat, p_layers=upd_layers,
+        f = act.train_features(cfg, per_dev_batch, seq, c.remat, platform=platform,
+                               p_layers=upd_layers,
                                p_other=upd_other, loss=c.loss, dequant_bytes=dequant)
-        temp = act.train_temp(f, opt)
+        temp = act.train_temp(f, opt, platform)
         if c.offload:  # the streamed backward holds one block's weight gradients (dev["gradients"])
             # XLA:CPU has one memory, so its peak is not device + host: the streamed layers'
             # device copies and device gradients are the host buffers themselves, and the host
@@ -673,7 +679,8 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int) -> Estimate:
         cpu_extra = int(cpu_total - device - host_total)
     step = step_seconds(cfg, c, task, batch, seq, cats, host, layer_bytes)
     categories = {"device": dev, "host": host}
-    return Estimate(device, host_total, categories, step, quality_loss(c, seq), cpu_extra)
+    return Estimate(device, host_total, categories, step, quality_loss(c, seq),
+                    cpu_extra if platform == "cpu" else 0)
 
 
 @functools.lru_cache(maxsize=64)
@@ -689,7 +696,7 @@ def _fused_state(cfg, optimizer: str) -> tuple:
 
 
 def _estimate_fused(cfg, c: Candidate, task: str, batch: int, seq: int, cats: dict,
-                    layer_bytes: int, other_bytes: int) -> Estimate:
+                    layer_bytes: int, other_bytes: int, platform: str = "cpu") -> Estimate:
     """The fused backward-update step (:mod:`memlab.fused`): every param and the per-layer
     optimizer state resident (or, with ``offload``, the layers and their state in host
     memory and one layer of each on the device); no whole-model gradient."""
@@ -698,7 +705,7 @@ def _estimate_fused(cfg, c: Candidate, task: str, batch: int, seq: int, cats: di
         raise ValueError("plan: the fused update is full training of float weights on one "
                          "device")
     st_layers, st_other = _fused_state(cfg, c.optimizer)
-    temp = fused.estimate_temp(cfg, c.optimizer, batch, seq, c.loss)
+    temp = fused.estimate_temp(cfg, c.optimizer, batch, seq, c.loss, platform)
     dev = {"inputs": cats.get("inputs", 0)}
     host = {}
     if c.offload:  # the fetched layer and its updated copy, of params and state
@@ -713,7 +720,8 @@ def _estimate_fused(cfg, c: Candidate, task: str, batch: int, seq: int, cats: di
     host_total = int(sum(host.values()))
     # XLA:CPU has one memory: the updated layer is written into the stack in place, so the
     # second device copy of one layer's params and state does not exist there
-    cpu_extra = -int((layer_bytes + st_layers) / cfg.n_layers) if c.offload else 0
+    cpu_extra = -int((layer_bytes + st_layers) / cfg.n_layers) \
+        if c.offload and platform == "cpu" else 0
     step = step_seconds(cfg, c, task, batch, seq, cats, host, layer_bytes)
     return Estimate(device, host_total, {"device": dev, "host": host}, step,
                     quality_loss(c, seq), cpu_extra)
@@ -865,13 +873,13 @@ def _uses_host(c: Candidate) -> bool:
     return c.offload is not None or _kv_name(c.kv or "") == "headinfer"
 
 
-def _scored(cfg, cands, task, batch, seq) -> list:
+def _scored(cfg, cands, task, batch, seq, platform: str = "cpu") -> list:
     """``(candidate, estimate)`` for each candidate whose passes apply to these shapes (a
     pass that cannot, e.g. a block size that does not divide a dimension, is skipped)."""
     out = []
     for c in cands:
         try:
-            out.append((c, estimate(cfg, c, task, batch, seq)))
+            out.append((c, estimate(cfg, c, task, batch, seq, platform)))
         except ValueError:
             continue
     return out
@@ -944,7 +952,8 @@ def plan(model, task: str, budget_bytes, *, batch: int = 1, seq: Optional[int] =
         # the compile-only device has no host memory space: host plans cannot be verified
         # there (memlab.targets says why), so the search keeps to device-resident plans
         cands = [c for c in cands if not _uses_host(c)]
-    scored = _scored(cfg, cands, task, batch, seq)
+    platform = "cpu" if target is None else targets.get(target).dispatch_platform
+    scored = _scored(cfg, cands, task, batch, seq, platform)
     fits = [ce for ce in scored if ce[1].device_bytes <= budget]
     if not fits:
         best = min(scored, key=lambda ce: ce[1].device_bytes)

@@ -147,3 +147,21 @@ def test_planner_verifies_on_the_target():
 
 def test_ptxas_is_present():
     assert shutil.which(ml.targets.ptxas_path())
+
+
+def test_gpu_calibrated_estimate_predicts_xla_gpu_on_a_held_out_shape():
+    """The activation model's GPU constants (fitted on d=256 compiles for an H100) predict
+    XLA:GPU's device bytes of a training step at a shape they were not fitted on."""
+    P = ml.memory.planner
+    cfg = ml.models.config("tiny", d_model=384, d_ff=1024, n_layers=4, n_heads=6, n_kv_heads=3,
+                           head_dim=64, vocab_size=2503, dtype="bfloat16",
+                           param_dtype="bfloat16", max_seq_len=4096)
+    for remat in ("nothing_saveable", "dots_with_no_batch_dims_saveable"):
+        c = P.Candidate("bf16", remat, "adamw")
+        e = P.estimate(cfg, c, "train", 2, 384, platform="gpu")
+        v = P.verify_candidate(cfg, c, e, "train", 2, 384, "h100")
+        assert v.error is None, v.error
+        assert abs(v.relative_error) <= 0.10, (remat, e.device_bytes, v.compiled_device_bytes)
+        # XLA:CPU's constants, kept for a CPU process, miss the GPU by far more
+        cpu = P.estimate(cfg, c, "train", 2, 384)
+        assert cpu.device_bytes > 1.2 * v.compiled_device_bytes
