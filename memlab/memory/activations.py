@@ -47,8 +47,12 @@ rewritten layer slice were 97-99% of the temp; at llama3-8b (128k slots, int8) t
 float32 copy of the int8 LM head (``V * d * 4``, 2.10 GB) is the whole temp and the
 attention phase (1.3 GB) shares its memory.
 
-The numbers are XLA:CPU's; a GPU's scheduler and fused kernels differ (cuDNN
-attention keeps no score blocks), so the planner verifies its winner by compiling.
+The constants above are XLA:CPU's.  Each compiler gets its own :class:`Calibration`
+(:func:`calibration`): XLA:GPU's constants were fitted the same way on compiles for an
+H100 (:mod:`memlab.targets`), with the features its kernels imply (the flash and
+cut-cross-entropy kernels keep no score or logit blocks; the saved inputs stay in the
+compute dtype).  The planner scores with the calibration of the device it plans for and
+verifies its winner by compiling for that device.
 """
 from __future__ import annotations
 

@@ -35,8 +35,12 @@ sharding, layer streaming and host-KV pieces.  Here::
    device bytes are ``argument + output - alias + temp - host``: XLA:CPU has one
    memory and drops host placements inside the program, so ``host`` (params,
    gradients, optimizer state and its update, KV cache and activations placed in
-   ``pinned_host``) comes from the formulas, not from XLA.  On a GPU it would be
-   XLA's own ``host_*`` numbers.
+   ``pinned_host``) comes from the formulas, not from XLA.  ``target=``
+   (:mod:`memlab.targets`) verifies by compiling for that GPU or TPU on this machine
+   instead: the device bytes are XLA:GPU's / XLA:TPU's own buffer assignment, the host
+   part XLA's ``host_*`` numbers, and the activation model is the target compiler's
+   calibration (:func:`memlab.memory.activations.calibration`).  Tensor parallelism joins
+   FSDP / DP for inference when the heads divide the devices.
 
 Speed constants (an H100-class accelerator; documented, not measured here):
 :data:`PEAK_FLOPS`, :data:`HBM_BYTES_PER_S`, :data:`HOST_LINK_BYTES_PER_S`,
