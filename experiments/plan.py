@@ -42,6 +42,8 @@ flags.DEFINE_enum("grid", "full", ["small", "full"], "Error grid: small shapes o
 flags.DEFINE_string("out", "results/plan.json", "Output JSON.")
 flags.DEFINE_string("target", None, "Compile for this memlab.targets device instead of XLA:CPU "
                     "(results go under by_target[<target>] of --out).")
+flags.DEFINE_enum("part", "all", ["all", "plans", "grid"], "With --target: the target plans, "
+                  "the error grid, or both.")
 flags.DEFINE_bool("fit", False, "Compile the activation model's fitting points (d=256) for "
                   "--target and fit its constants (memlab.memory.activations.fit); stored "
                   "under by_target[<target>].fit and printed.")
@@ -206,8 +208,8 @@ def main(_):
         fitted = fit_points()
         _store_by_target({"fit": fitted}, update=True)
         return
-    plans = targets()
-    err_rows = grid()
+    plans = targets() if FLAGS.part in ("all", "plans") else []
+    err_rows = grid() if FLAGS.part in ("all", "grid") else []
     # device error; where host buffers dominate XLA:CPU's one memory (offload, HeadInfer) the
     # device part is a small residual of large numbers: the total (device + host) is compared
     def err(r):

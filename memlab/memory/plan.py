@@ -605,9 +605,8 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int,
         # a quantized base is dequantized one matmul at a time (compute dtype): the MLP's
         # gate and up projections are the largest pair live together
         dequant = 2.0 * cfg.d_model * cfg.d_ff * cs if c.weights != "bf16" else 0.0
-        # FSDP updates each device's shard of the params: its temporaries shrink with it
-        upd_layers = 0.0 if c.offload else p_layers / (n_dev if c.shard == "fsdp" else 1)
-        upd_other = 0.0 if c.offload else p_other / (n_dev if c.shard == "fsdp" else 1)
+        upd_layers = 0.0 if c.offload else p_layers
+        upd_other = 0.0 if c.offload else p_other
         f = act.train_features(cfg, per_dev_batch, seq, c.remat, platform=platform,
                                p_layers=upd_layers,
                                p_other=upd_other, loss=c.loss, dequant_bytes=dequant)
@@ -627,9 +626,10 @@ def estimate(cfg, c: Candidate, task: str, batch: int, seq: int,
             cpu_total = (cats["params"] + cats.get("optimizer_state", 0) + cats.get("inputs", 0)
                          + max(temp + grads + f32_stack, grads + host["optimizer_update"]))
             temp += dev["gradients"]
-        if c.shard == "fsdp":  # gathered full params of one layer and gradients, per device
-            temp = temp - (upd_layers * act.OPT_BYTES_PER_PARAM.get(opt, 6.35)
-                           + upd_other * act.A_OTHER) * (1 - 1 / n_dev) + 2 * layer
+        if c.shard == "fsdp":  # each device updates its shard; one layer gathered, per device
+            cal = act.calibration(platform)
+            a = cal.opt_bytes_per_param.get(opt, cal.opt_bytes_per_param["adamw"])
+            temp = temp - (upd_layers * a + upd_other * cal.a_other) * (1 - 1 / n_dev) + 2 * layer
         if f.saved_host:
             host["activations"] = int(f.saved_host)
         dev.pop("gradients", None)  # gradients are part of the temp model
