@@ -195,6 +195,20 @@ def _gb(x) -> str:
     return "—" if x is None else f"{x / GB:.2f} GB"
 
 
+def _why(error: str) -> str:
+    """A table cell for a compile that gave no figure."""
+    import re
+    if "memory kinds" in error:
+        return "no host memory space on the compile-only GPU"
+    m = re.search(r"temporaries \(([\d.]+G)\) exceeds available HBM \(([\d.]+G)\)", error)
+    if m:
+        return f"refused: {m.group(1)} of temporaries > {m.group(2)} HBM"
+    if "aborted" in error:
+        return "XLA:TPU aborted: " + ("sublane slicing check" if "ublane" in error
+                                      else error.split(":")[-1][:60])
+    return error[:80]
+
+
 def tables(path: str) -> str:
     """The README's tables, from the results file."""
     import json
@@ -211,8 +225,7 @@ def tables(path: str) -> str:
             for k in keys:
                 v = r["by_target"].get(k, {})
                 if "error" in v:
-                    cells.append("refused: " + ("out of HBM" if "HBM" in v["error"]
-                                                else v["error"][:40]))
+                    cells.append(_why(v["error"]))
                 else:
                     cells.append(f"{_gb(v['peak_bytes'])} ({_gb(v['temp_bytes'])})")
                     if v.get("attention"):
@@ -234,9 +247,7 @@ def tables(path: str) -> str:
                                     if v["compiled_host_bytes"] else "")
                                  + f" ({v['relative_error']:+.0%})")
                 else:
-                    e = v["error"] or ""
-                    cells.append("refused: out of HBM" if "HBM" in e else
-                                 "no host memory space" if "memory kinds" in e else e[:60])
+                    cells.append(_why(v["error"] or ""))
             out.append(f"| {r['model']} {r['task']} {r['budget']} seq {r['seq']}: "
                        f"{r['candidate']} | {_gb(r['predicted_device_bytes'])} / "
                        f"{_gb(r['predicted_host_bytes'])} | " + " | ".join(cells) + " |")

@@ -468,6 +468,13 @@ class Sharded:
     def put_params(self, params):
         return put(params, self.param_specs(params), self.mesh)
 
+    def constrain(self, tree, specs):
+        """``with_sharding_constraint`` of every leaf of ``tree`` to its spec (under jit)."""
+        flat_s = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
+        flat_x, treedef = jax.tree_util.tree_flatten(tree)
+        return treedef.unflatten([jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, s))
+                                  for x, s in zip(flat_x, flat_s)])
+
     def put_state(self, state, params):
         """Shard an optimizer state of ``params`` (``tx.init(params)``)."""
         return put(state, self.state_specs(state, params), self.mesh)

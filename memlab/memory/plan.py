@@ -94,6 +94,11 @@ TRAIN_OPTIMIZERS = ("adamw", "adamw8bit", "adam4bit", "came", "apollo", "galore"
 REMAT_POLICIES = (None, "dots_with_no_batch_dims_saveable", "save:qkv,attn_out,mlp_hidden",
                   "nothing_saveable", "offload:qkv,attn_out,mlp_hidden")
 WEIGHT_FORMATS = ("bf16", "int8", "nf4")
+# Block-wise quantized states (8/4-bit Adam) quantize each leaf's flattened elements in
+# blocks; under FSDP, GSPMD cannot keep that flattening sharded and every device holds the
+# whole gradient in float32 (XLA:GPU for Llama-3-70B on 8 H100s: 282 GB per device,
+# results/targets.json), so FSDP plans use the optimizers whose state follows the params.
+BLOCKWISE_OPTIMIZERS = ("adamw8bit", "adam8bit", "adam4bit", "adamw4bit")
 LORA_RANK = 16
 MAX_COMPILE_FAILURES = 12  # candidates that fail to compile are skipped, up to this many
 MAX_OVER_BUDGET = 4  # more compiles when every verified candidate was over budget
@@ -451,6 +456,8 @@ def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
                                                         or r != "nothing_saveable"):
                                     continue  # layer streaming: one device, full training,
                                     # its backward recomputes each block (= nothing_saveable)
+                                if sh == "fsdp" and o in BLOCKWISE_OPTIMIZERS:
+                                    continue  # see BLOCKWISE_OPTIMIZERS
                                 out.append(Candidate(w, r, o, rank, loss, None, off, sh, n))
         if task == "train":  # the fused backward-update (LOMO), resident or with host state
             for o in opts:

@@ -140,11 +140,17 @@ def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
     from memlab.model import merge_trainable, split_trainable
     loss = loss_fn(model)
 
+    shard = model.extra("shard")
+
     def step(params, opt_state, tokens):
         trainable, frozen = split_trainable(model, params)
         value, grads = jax.value_and_grad(
             lambda t: loss(merge_trainable(t, frozen), tokens))(trainable)
+        if shard is not None:  # ZeRO: each device reduces, then updates, its own shard
+            grads = shard.constrain(grads, shard.param_specs(grads))
         updates, opt_state = tx.update(grads, opt_state, trainable)
+        if shard is not None:
+            opt_state = shard.constrain(opt_state, shard.state_specs(opt_state, trainable))
         return merge_trainable(optax.apply_updates(trainable, updates), frozen), opt_state, value
 
     return step
