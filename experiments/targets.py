@@ -20,6 +20,8 @@ XLA for the target on abstract shapes (nothing is allocated) with
 * **multi-device**: Llama-3-70B (3.1, 128k context) full fine-tuning (8 x 2048
   tokens) and 128k-token inference planned and compile-verified for eight H100s
   (``h100x8``) and a v5e-16 slice (``v5e:4x4``).
+* **checks**: single candidates compiled to show why the planner leaves them out
+  (FSDP with a block-wise 8-bit optimizer state).
 """
 import os
 import time
@@ -37,7 +39,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("targets", ["h100", "v5e", "v5p"], "Single-device targets for the steps "
                   "(a v5e has 16 GiB: the 7B/8B steps are refused there; a v5p has 95 GiB).")
 flags.DEFINE_list("plan_targets", ["h100", "v5e", "v6e"], "Targets the plans are compiled for.")
-flags.DEFINE_enum("part", "all", ["all", "steps", "plans", "multi"], "Which part to run; each "
+flags.DEFINE_enum("part", "all", ["all", "steps", "plans", "multi", "checks"], "Which part to run; each "
                   "part updates its own key of the output JSON.")
 flags.DEFINE_string("out", "results/targets.json", "Output JSON.")
 flags.DEFINE_bool("table", False, "Print the README's Markdown tables from --out; compile nothing.")
@@ -63,6 +65,15 @@ MULTI = [  # (model, task, batch, seq, target, budget)
     ("llama3-70b", "decode", 1, 131072, "h100x8", "80GB"),
     ("llama3-70b", "train", 16, 2048, "v5e:4x4", "16GiB"),
     ("llama3-70b", "decode", 1, 131072, "v5e:4x4", "16GiB"),
+]
+
+
+# single candidates compiled to explain what the planner excludes: (model, task, batch, seq,
+# target, candidate fields)
+CHECKS = [
+    ("llama3-70b", "train", 8, 2048, "h100x8",
+     dict(weights="bf16", remat="nothing_saveable", optimizer="adamw8bit", shard="fsdp",
+          devices=8)),
 ]
 
 
@@ -177,6 +188,30 @@ def _multi_row(i: int) -> dict:
     return row
 
 
+def _check_row(i: int) -> dict:
+    name, task, batch, seq, target, fields = CHECKS[i]
+    cfg = P._config(name)[1]
+    c = P.Candidate(**fields)
+    platform = ml.targets.get(target).dispatch_platform
+    e = P.estimate(cfg, c, task, batch, seq, platform)
+    v = P.verify_candidate(cfg, c, e, task, batch, seq, target)
+    return dict(model=name, task=task, batch=batch, seq=seq, target=target,
+                candidate=c.label(), predicted_device_bytes=e.device_bytes,
+                compiled_device_bytes=v.compiled_device_bytes, temp_bytes=v.temp_bytes,
+                error=v.error)
+
+
+def checks() -> list:
+    rows = []
+    for i in range(len(CHECKS)):
+        row = _isolated(f"checks:{i}")
+        print(f"check {row.get('candidate')} on {CHECKS[i][4]}: predicted "
+              f"{_gb(row.get('predicted_device_bytes'))}, compiled "
+              f"{_gb(row.get('compiled_device_bytes'))}", flush=True)
+        rows.append(row)
+    return rows
+
+
 def multi() -> list:
     rows = []
     for i, (name, task, batch, seq, target, budget) in enumerate(MULTI):
@@ -276,14 +311,15 @@ def main(_):
     if FLAGS.row:
         import json
         part, *args = FLAGS.row.split(":", 2)
-        row = _plan_target(int(args[0]), args[1]) if part == "plans" else _multi_row(int(args[0]))
+        row = (_plan_target(int(args[0]), args[1]) if part == "plans" else
+               _check_row(int(args[0])) if part == "checks" else _multi_row(int(args[0])))
         print("ROW " + json.dumps(row, default=str), flush=True)
         return
     env = {t: ml.targets.environment(ml.targets.get(t).platform)
            for t in set(FLAGS.targets + FLAGS.plan_targets)}
     targets = {t: ml.targets.get(t).facts() for t in
                set(FLAGS.targets + FLAGS.plan_targets + [m[4] for m in MULTI])}
-    parts = {"steps": steps, "plans": plans, "multi": multi}
+    parts = {"steps": steps, "plans": plans, "multi": multi, "checks": checks}
     for part, fn in parts.items():
         if FLAGS.part in ("all", part):
             t0 = time.perf_counter()

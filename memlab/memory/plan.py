@@ -96,8 +96,8 @@ REMAT_POLICIES = (None, "dots_with_no_batch_dims_saveable", "save:qkv,attn_out,m
 WEIGHT_FORMATS = ("bf16", "int8", "nf4")
 # Block-wise quantized states (8/4-bit Adam) quantize each leaf's flattened elements in
 # blocks; under FSDP, GSPMD cannot keep that flattening sharded and every device holds the
-# whole gradient in float32 (XLA:GPU for Llama-3-70B on 8 H100s: 282 GB per device,
-# results/targets.json), so FSDP plans use the optimizers whose state follows the params.
+# whole gradient in float32 (experiments/targets.py --part=checks), so FSDP plans use the
+# optimizers whose state follows the params.
 BLOCKWISE_OPTIMIZERS = ("adamw8bit", "adam8bit", "adam4bit", "adamw4bit")
 LORA_RANK = 16
 MAX_COMPILE_FAILURES = 12  # candidates that fail to compile are skipped, up to this many
