@@ -59,23 +59,16 @@ def _check_heads(spec, mesh, strategy) -> None:
                 f"feasible {strategy.tensor!r} size is {sh._feasible([h], n)}")
 
 
-def _constrain_tree(tree, specs, mesh):
-    flat_s = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, sh.P))
-    flat_x, treedef = jax.tree_util.tree_flatten(tree)
-    return treedef.unflatten([jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s))
-                              for x, s in zip(flat_x, flat_s)])
-
-
 def _wrapper(sharded: sh.Sharded):
     mesh, strategy = sharded.mesh, sharded.strategy
 
     def wrap(apply):
         def wrapped(params, tokens, *args, **kwargs):
-            params = _constrain_tree(params, sharded.param_specs(params), mesh)
+            params = sharded.constrain(params, sharded.param_specs(params))
             cache = kwargs.get("cache", args[0] if args else None)
             training = cache is None
             if cache is not None:  # rows over the batch axes, KV heads over the tensor axis
-                cache = _constrain_tree(cache, sharded.cache_specs(cache), mesh)
+                cache = sharded.constrain(cache, sharded.cache_specs(cache))
                 if "cache" in kwargs:
                     kwargs = dict(kwargs, cache=cache)
                 else:
@@ -92,7 +85,7 @@ def _wrapper(sharded: sh.Sharded):
                 out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
             elif cache is not None and isinstance(out, tuple) and len(out) == 2:
                 logits, new_cache = out  # the updated cache keeps the input's sharding
-                out = (logits, _constrain_tree(new_cache, sharded.cache_specs(new_cache), mesh))
+                out = (logits, sharded.constrain(new_cache, sharded.cache_specs(new_cache)))
             return out
         wrapped.__name__ = "shard_constraints"
         return wrapped
