@@ -3,7 +3,10 @@
 Used by :mod:`memlab.kv.streaming` (StreamingLLM), :mod:`memlab.kv.h2o` (H2O),
 :mod:`memlab.kv.snapkv` (SnapKV) and :mod:`memlab.kv.pyramidkv` (PyramidKV).
 Each keeps, per row and layer, at most ``S`` tokens (``S = budget``, or the
-largest per-layer budget for PyramidKV) and forgets the rest for good.
+largest per-layer budget for PyramidKV) and forgets the rest for good.  A cache
+shorter than the budget (``max_len < budget``) allocates ``S = max_len`` slots:
+the sequence never outgrows them, so every token is kept and nothing is
+evicted, exactly as in a cache of ``budget`` slots over the same tokens.
 
 State layout (one layer; the model stacks ``n_layers`` copies)
 --------------------------------------------------------------
@@ -86,6 +89,8 @@ def check_dtype(owner: str, dtype) -> None:
 
 
 def check_fits(owner: str, slots: int, dims: Dims, what: str = "budget") -> None:
+    """Raise if ``slots > dims.max_len``.  The policies no longer call it: a budget larger
+    than the cache is served by :meth:`BudgetPolicy.slots` (``min(budget, max_len)``)."""
     if slots > dims.max_len:
         raise ValueError(
             f"{owner}: {what}={slots} is larger than the cache's max_len={dims.max_len}, so it "
@@ -110,8 +115,9 @@ class BudgetPolicy(KVPolicy):
 
     # -- shapes --------------------------------------------------------------
     def slots(self, dims: Dims) -> int:
-        """Token slots per (row, layer[, head]) actually allocated."""
-        return self.budget
+        """Token slots per (row, layer[, head]) actually allocated: ``min(budget, max_len)``
+        (a sequence never outgrows ``max_len``, so a larger budget never evicts)."""
+        return min(self.budget, dims.max_len)
 
     def storage_dtype(self, dims: Dims):
         return jnp.dtype(self.dtype or dims.dtype)

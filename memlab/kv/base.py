@@ -91,7 +91,12 @@ class KVPolicy:
         raise NotImplementedError
 
     def validate(self, dims: Dims) -> None:
-        """Raise a clear error if this policy cannot serve ``dims`` (override as needed)."""
+        """Raise a clear error if this policy cannot serve ``dims`` (override as needed).
+
+        A short cache is never an error: when ``dims.max_len`` is below a policy's
+        window, buffer or budget, ``init`` / ``nbytes`` lay the state out so that it
+        holds every token (e.g. an eviction budget is capped at ``max_len``, KIVI keeps
+        its float residual), as :mod:`tests.test_kv_short` checks for every policy."""
 
     cross_layer = False   # True: one state for all layers, built by init_stacked (module doc)
 

@@ -33,17 +33,20 @@ by the traced layer) and ``streaming`` (sinks + the most recent tokens *of the
 prompt*).  ``h2o`` raises: it needs every decode step's attention probabilities
 over a dense store to re-select its heavy hitters.
 
-Capacity.  The storage is built for ``budget + room`` tokens (``budget``: the
-eviction's largest per-layer budget, ``eviction.slots(dims)``); ``room`` is
-the number of decode tokens reserved, ``None`` = ``max_len - budget`` (always
-enough, since a prompt of ``n`` tokens leaves ``max_len - n`` decode steps and
-keeps ``min(n, budget)``).  A token past the capacity is dropped by the
-storage (and then not attended to): choose ``room >= `` the decode length.
+Capacity.  The storage is built for ``min(budget + room, max_len)`` tokens
+(``budget``: the eviction's largest per-layer budget capped at ``max_len``,
+``eviction.slots(dims)``); ``room`` is the number of decode tokens reserved,
+``None`` = ``max_len - budget`` (always enough, since a prompt of ``n`` tokens
+leaves ``max_len - n`` decode steps and keeps ``min(n, budget)``).  The cap at
+``max_len`` loses nothing: a sequence never outgrows the cache, so a cache
+shorter than ``budget + room`` keeps every token it sees.  A token past the
+capacity is dropped by the storage (and then not attended to): choose
+``room >= `` the decode length.
 
-State (one layer): ``store`` (the storage's state at ``max_len = budget +
-room``), ``count [B]`` int32 (tokens stored) and the eviction's extra state
+State (one layer): ``store`` (the storage's state at ``max_len = min(budget +
+room, max_len)``), ``count [B]`` int32 (tokens stored) and the eviction's extra state
 (PyramidKV's ``layer_budgets``).  Bytes:
-``storage.nbytes(dims at budget + room) + 4 B + eviction.extra_bytes(dims)``.
+``storage.nbytes(dims at that capacity) + 4 B + eviction.extra_bytes(dims)``.
 """
 from __future__ import annotations
 
@@ -107,20 +110,16 @@ class Compose(KVPolicy):
 
     # -- sizes -------------------------------------------------------------------
     def capacity(self, dims: Dims) -> int:
-        """Tokens the storage holds: the eviction's slots + ``room``."""
-        slots = self.eviction.slots(dims)
-        return slots + (dims.max_len - slots if self.room is None else self.room)
+        """Tokens the storage holds: the eviction's slots + ``room``, at most ``max_len``."""
+        if self.room is None:
+            return dims.max_len
+        return min(self.eviction.slots(dims) + self.room, dims.max_len)
 
     def storage_dims(self, dims: Dims) -> Dims:
         return dataclasses.replace(dims, max_len=self.capacity(dims))
 
     def validate(self, dims: Dims) -> None:
         self.eviction.validate(dims)
-        if self.capacity(dims) > dims.max_len:
-            slots = self.eviction.slots(dims)
-            raise ValueError(
-                f"compose: room={self.room} plus the eviction's {slots} slots exceeds the cache's "
-                f"max_len={dims.max_len}; use room <= {dims.max_len - slots} (or None).")
         self.storage.validate(self.storage_dims(dims))
 
     def init(self, dims: Dims):

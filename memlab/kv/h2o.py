@@ -44,9 +44,8 @@ import jax.numpy as jnp
 
 from memlab.kv import POLICIES
 from memlab.kv._budget import (
-    BudgetPolicy, accumulated_scores, check_dtype, check_fits, check_int, last_tokens, valid_prompt,
+    BudgetPolicy, accumulated_scores, check_dtype, check_int, last_tokens, valid_prompt,
 )
-from memlab.kv.base import Dims
 
 
 @POLICIES.register("h2o")
@@ -73,9 +72,6 @@ class H2O(BudgetPolicy):
                              f"window is part of the budget); use recent <= {self.budget}.")
         check_int("H2O", "chunk", self.chunk, 1)
         check_dtype("H2O", self.dtype)
-
-    def validate(self, dims: Dims) -> None:
-        check_fits("H2O", self.budget, dims)
 
     def prefill_priority(self, q, k, ctx, limit):
         score = accumulated_scores(q, k, ctx, self.chunk)                    # [B, Hkv, T]

@@ -38,8 +38,11 @@ Dequantization: ``x = code * scale + zero`` (float32).  Quantization:
 ``scale_dtype``), ``code = clip(round((x - zero) / scale))``.
 
 Capacities.  ``R = residual`` float slots and a quantized capacity
-``S = round_up(max_len - R, G)``, so the cache holds ``S + R >= max_len``
-tokens.  The kernel's append (:func:`kivi_append`) quantizes a group as soon as
+``S = max(round_up(max_len - R, G), G)``, so the cache holds ``S + R >= max_len``
+tokens.  A cache shorter than the float window (``max_len < R + G``) still
+allocates the kernel's minimum of one quantized group: all its tokens fit, and
+a sequence shorter than ``G`` stays entirely in float.  The kernel's append
+(:func:`kivi_append`) quantizes a group as soon as
 the residual holds ``G`` tokens, so while the quantized part has room the
 residual holds fewer than ``G`` tokens; once ``S`` is full the last (up to
 ``R``) tokens stay in float (the paper's "recent tokens in full precision",
@@ -259,25 +262,21 @@ class KIVI(KVPolicy):
 
     def validate(self, dims: Dims) -> None:
         self._check_fields()
-        g, d, r = self.group_size, dims.head_dim, self.residual
+        g, d = self.group_size, dims.head_dim
         if d % g:
             divisors = [x for x in range(1, d + 1) if d % x == 0 and x % (8 // self.bits) == 0]
             raise ValueError(
                 f"KIVI: group_size={g} does not divide head_dim={d}: values are quantized in groups "
                 f"of {g} channels; use a group size in {divisors}.")
-        if dims.max_len < r + g:
-            raise ValueError(
-                f"KIVI: the cache capacity max_len={dims.max_len} is too small for residual={r} "
-                f"float slots plus one quantized group of {g} tokens; use max_len >= {r + g} "
-                f"or a smaller residual (>= group_size) / group_size.")
         if dims.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"KIVI: cache dtype {dims.dtype!r} is not supported; use one of "
                             f"{_FLOAT_DTYPES}.")
 
     # ---------------------------------------------------------------- sizes
     def capacity(self, dims: Dims) -> int:
-        """Quantized capacity ``S`` (the cache holds ``S + residual`` tokens)."""
-        return kivi_capacity(dims.max_len, self.group_size, self.residual)
+        """Quantized capacity ``S`` (the cache holds ``S + residual`` tokens): at least one
+        group of ``G``, the kernel's minimum, however short the cache."""
+        return max(kivi_capacity(dims.max_len, self.group_size, self.residual), self.group_size)
 
     def nbytes(self, dims: Dims) -> int:
         s, g, r = self.capacity(dims), self.group_size, self.residual

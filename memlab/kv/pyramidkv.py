@@ -22,7 +22,9 @@ for prompts shorter than ``2a``; the budgets here are static.  An explicit
 Storage (honestly): layers run under ``nn.scan`` with identical shapes, so
 **every layer allocates the largest budget** ``S = b_0`` slots and layer ``l``
 only uses the first ``b_l`` (the rest stay empty, ``pos = MAX_POS``; the traced
-``ctx.layer`` indexes the budget array)::
+``ctx.layer`` indexes the budget array).  A cache shorter than ``b_0`` allocates
+``S = max_len`` slots: layers with ``b_l >= max_len`` then keep every token
+(the sequence never outgrows the cache) and the others evict as usual::
 
     k, v           [B, S, Hkv, D]   storage dtype
     pos            [B, Hkv, S]      int32, MAX_POS = empty
@@ -33,8 +35,9 @@ so :meth:`nbytes` (one layer, what is allocated) is SnapKV's formula at ``S``
 plus ``4 L``, i.e. *more* than a uniform SnapKV of the same total budget.
 :meth:`logical_bytes` is what a ragged per-layer layout would store for all
 ``L`` layers (the paper's number): ``sum_l (2 B b_l Hkv D itemsize + 4 B Hkv b_l
-+ 4 B)``, equal to ``L * SnapKV(budget).nbytes`` -- compare policies at equal
-total budget with it, and report ``L * nbytes`` as the memory actually used.
++ 4 B)`` with ``b_l`` capped at ``max_len``, equal to ``L * SnapKV(budget).nbytes``
+when ``max_len >= b_0`` -- compare policies at equal total budget with it, and
+report ``L * nbytes`` as the memory actually used.
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ from typing import Optional
 import jax.numpy as jnp
 
 from memlab.kv import POLICIES
-from memlab.kv._budget import SnapKVBase, check_fits
+from memlab.kv._budget import SnapKVBase
 from memlab.kv.base import Dims
 
 
@@ -91,20 +94,16 @@ class PyramidKV(SnapKVBase):
         return pyramid_budgets(self.budget, self.window, self.beta, dims.n_layers)
 
     def validate(self, dims: Dims) -> None:
-        check_fits("PyramidKV", self.budget, dims)
         b = self.layer_budgets(dims)
         if dims.layer_budget is not None:
             if len(b) != dims.n_layers or any(x < self.window for x in b):
                 raise ValueError(
                     f"PyramidKV: Dims.layer_budget={dims.layer_budget} must hold n_layers="
                     f"{dims.n_layers} ints >= window={self.window}; fix it or leave it None.")
-        if max(b) > dims.max_len:
-            raise ValueError(
-                f"PyramidKV: the bottom layer's budget {max(b)} (of {b}) is larger than max_len="
-                f"{dims.max_len}; use a smaller budget, beta closer to 1, or a larger max_len.")
 
     def slots(self, dims: Dims) -> int:
-        return max(self.layer_budgets(dims))
+        """The bottom layer's budget, capped at ``max_len`` (a shorter cache never evicts there)."""
+        return min(max(self.layer_budgets(dims)), dims.max_len)
 
     def extra_state(self, dims: Dims) -> dict:
         return {"layer_budgets": jnp.asarray(self.layer_budgets(dims), jnp.int32)}
@@ -117,4 +116,4 @@ class PyramidKV(SnapKVBase):
 
     def logical_bytes(self, dims: Dims) -> int:
         """Bytes of all ``n_layers`` layers if each stored only its own ``b_l`` slots."""
-        return sum(self.bytes_for_slots(dims, b) for b in self.layer_budgets(dims))
+        return sum(self.bytes_for_slots(dims, min(b, dims.max_len)) for b in self.layer_budgets(dims))

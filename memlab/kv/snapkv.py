@@ -36,8 +36,7 @@ import dataclasses
 from typing import Optional
 
 from memlab.kv import POLICIES
-from memlab.kv._budget import SnapKVBase, check_fits
-from memlab.kv.base import Dims
+from memlab.kv._budget import SnapKVBase
 
 
 @POLICIES.register("snapkv")
@@ -54,6 +53,3 @@ class SnapKV(SnapKVBase):
 
     def __post_init__(self):
         self._check_snap("SnapKV")
-
-    def validate(self, dims: Dims) -> None:
-        check_fits("SnapKV", self.budget, dims)

@@ -33,8 +33,8 @@ from typing import Optional
 import jax.numpy as jnp
 
 from memlab.kv import POLICIES
-from memlab.kv._budget import BudgetPolicy, check_dtype, check_fits, check_int, valid_prompt
-from memlab.kv.base import MAX_POS, Dims
+from memlab.kv._budget import BudgetPolicy, check_dtype, check_int, valid_prompt
+from memlab.kv.base import MAX_POS
 
 
 @POLICIES.register("streaming")
@@ -57,9 +57,6 @@ class StreamingLLM(BudgetPolicy):
                 f"recent window has budget - sinks tokens); use budget >= {self.sinks + 1} or "
                 "fewer sinks.")
         check_dtype("StreamingLLM", self.dtype)
-
-    def validate(self, dims: Dims) -> None:
-        check_fits("StreamingLLM", self.budget, dims)
 
     def prefill_priority(self, q, k, ctx, limit):
         j = jnp.arange(q.shape[1])[None, :]
