@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
@@ -26,8 +27,9 @@ flags.DEFINE_enum("task", "train", ["train", "prefill", "decode", "finetune", "i
                   "Step to profile (plan also takes finetune = LoRA, inference = decode).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
 flags.DEFINE_integer("seq", 512, "Sequence length (train/prefill) or KV cache length (decode).")
-flags.DEFINE_string("dtype", None, "Weight and compute dtype (default: float32 for real "
-                    "models, bfloat16 for abstract ones).")
+DTYPES = ["float32", "bfloat16", "float16"]
+flags.DEFINE_enum("dtype", None, DTYPES, "Weight and compute dtype (default: float32 for real "
+                  "models, bfloat16 for abstract ones).")
 flags.DEFINE_string("optimizer", "adamw", "Optimizer for task=train (state in float32).")
 flags.DEFINE_string("prompt", "The capital of France is", "Prompt for generate.")
 flags.DEFINE_integer("max_new_tokens", 24, "Tokens to generate.")
@@ -116,10 +118,14 @@ def cmd_generate() -> dict:
     tok = model.tokenizer
     special = dict(model.extra("special_tokens", ()))
     ids, shown = [], ""
+    rows = stream(model, [tok.encode(FLAGS.prompt).ids], FLAGS.max_new_tokens,
+                  temperature=FLAGS.temperature, top_p=FLAGS.top_p,
+                  stop_tokens=[special["eos"]] if "eos" in special else [])
+    # the first step checks the flags (lengths, the policy against the cache) and builds the
+    # cache: an error then is one line of its own, not glued to the printed prompt
+    first = next(rows)
     print(FLAGS.prompt, end="", flush=True)
-    for row in stream(model, [tok.encode(FLAGS.prompt).ids], FLAGS.max_new_tokens,
-                      temperature=FLAGS.temperature, top_p=FLAGS.top_p,
-                      stop_tokens=[special["eos"]] if "eos" in special else []):
+    for row in itertools.chain([first], rows):
         if row[0] is None:
             break
         ids.append(row[0])
