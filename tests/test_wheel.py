@@ -20,8 +20,18 @@ def test_built_wheel_imports_every_package_outside_the_checkout(tmp_path):
     packages = sorted(os.path.relpath(d, ROOT).replace(os.sep, ".")
                       for d, _, files in os.walk(os.path.join(ROOT, "memlab"))
                       if "__init__.py" in files)
+    assert {"memlab", "memlab.kv", "memlab.quant.methods"} <= set(packages), packages
     for pkg in packages:
         assert pkg.replace(".", "/") + "/__init__.py" in names, pkg
+    # every source file, under its installed name: a module in a directory that
+    # lacks __init__.py (so package discovery skips it) is caught here
+    for src, dst in (("memlab", "memlab"), ("kernels", "memlab_kernels")):
+        for d, _, files in os.walk(os.path.join(ROOT, src)):
+            rel = os.path.relpath(d, os.path.join(ROOT, src))
+            for f in files:
+                if f.endswith(".py"):
+                    want = os.path.normpath(os.path.join(dst, rel, f)).replace(os.sep, "/")
+                    assert want in names, f"{want} is missing from the wheel"
     assert "memlab_kernels/flash_attention.py" in names
     assert {"memlab/targets/specs/h100.txtpb", "memlab/targets/specs/a100.txtpb",
             "memlab/targets/specs/h200.txtpb"} <= names
