@@ -13,9 +13,9 @@ from memlab.model import Model, Pass, Rules, compose, map_params, param_paths, p
 from memlab import memory, models, nn, passes  # noqa: E402
 from memlab import shard  # noqa: E402
 from memlab import fused  # noqa: E402
-from memlab import dispatch, targets  # noqa: E402
+from memlab import cache, dispatch, targets  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = ["Model", "Pass", "Rules", "compose", "map_params", "param_paths", "path_str",
-           "memory", "models", "nn", "passes", "shard", "fused", "dispatch", "targets"]
+           "memory", "models", "nn", "passes", "shard", "fused", "cache", "dispatch", "targets"]

@@ -48,15 +48,12 @@ def perplexity(model: Model, windows: np.ndarray, batch_size: int = 4,
 def _decode_nll(model: Model, windows, prefix_len):
     """Prefill ``windows[:, :prefix]`` (static prefix via shapes), then feed the true
     tokens one at a time through the model's cache, scoring each next token."""
-    from memlab.kv.base import PolicyCache, make_cache
+    from memlab.generate import make_cache
     b, n = windows.shape
     p = prefix_len.shape[0]
     cache = make_cache(model, b, n)
     prompt = windows[:, :p]
-    if isinstance(cache, PolicyCache):
-        logits, cache = model(prompt, cache=cache, n_new=jnp.full((b,), p, jnp.int32))
-    else:
-        logits, cache = model(prompt, cache=cache)
+    logits, cache = model(prompt, cache=cache, n_new=jnp.full((b,), p, jnp.int32))
     first = optax.softmax_cross_entropy_with_integer_labels(logits[:, -1], windows[:, p])
 
     def step(cache, t):

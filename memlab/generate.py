@@ -1,7 +1,8 @@
 """Batched generation: one jitted prefill, then one jitted decode-and-sample step per token.
 
-Shapes are static: the cache (dense ``KVCache`` or, after the ``kv_compress``
-pass, a :class:`memlab.kv.PolicyCache`) is allocated once for
+Shapes are static: the cache (a :class:`memlab.cache.PolicyCache` under the model's
+``kv_compress`` policy, the uncompressed ``Dense`` policy by default, built by
+:func:`make_cache`) is allocated once for
 ``max(prompt) + max_new_tokens`` positions; prompts of different lengths are
 right-padded and each row keeps its own length, so padding is never attended.
 
@@ -30,20 +31,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlab.kv.base import PolicyCache, make_cache
+from memlab.cache import Dense, PolicyCache, init_cache
 from memlab.model import Model
 
 if TYPE_CHECKING:
     from memlab.kv.paged import PageStats
 
 
+def make_cache(model, batch: int, max_len: int, lengths: int = 0) -> PolicyCache:
+    """The empty cache ``model`` generates with: its ``kv_policy`` extra (set by the
+    ``kv_compress`` pass), else :class:`memlab.cache.Dense`, for ``batch`` rows of
+    ``max_len`` positions.  ``lengths`` pre-fills the per-row lengths (to profile a
+    decode step at that cache length)."""
+    policy = model.extra("kv_policy") if hasattr(model, "extra") else None
+    cache = init_cache(policy or Dense(), model.spec, batch, max_len)
+    return cache._replace(lengths=jnp.full((batch,), lengths, jnp.int32), fresh=not lengths)
+
+
 @jax.jit
 def _prefill(model: Model, tokens, lengths, cache):
-    if isinstance(cache, PolicyCache):
-        logits, cache = model(tokens, cache=cache, n_new=lengths)
-    else:
-        logits, cache = model(tokens, cache=cache)
-        cache = cache._replace(lengths=lengths)
+    logits, cache = model(tokens, cache=cache, n_new=lengths)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return last, cache
 
@@ -265,7 +272,6 @@ def _paged_step(model: Model, logits, cache, tables, copies, key, temperature, t
 
 def _stream_paged(model, prompts, tokens, lengths, cache_len, max_new_tokens, *, temperature,
                   top_p, stop_tokens, seed, progress, share_prefix, log):
-    from memlab.kv.base import init_cache
     from memlab.kv.paged import with_block_tables
     policy = model.extra("kv_policy")
     batch = len(prompts)

@@ -502,15 +502,15 @@ class Sharded:
         return cache_specs(cache, self.mesh, self.strategy)
 
     def put_cache(self, cache):
-        """Place a KV cache (``ml.kv.make_cache(model, batch, max_len)``): rows over the
+        """Place a KV cache (``memlab.generate.make_cache(model, batch, max_len)``): rows over the
         batch axes, KV heads over the tensor axis (``ShapeDtypeStruct`` leaves get the
         sharding attached)."""
         return put(cache, self.cache_specs(cache), self.mesh)
 
     def make_cache(self, model, batch: int, max_len: int, lengths: int = 0):
-        """``ml.kv.make_cache(model, batch, max_len, lengths)`` allocated in its shards: each
+        """``memlab.generate.make_cache(model, batch, max_len, lengths)`` allocated in its shards: each
         device creates only its own part (no device ever holds the whole cache)."""
-        from memlab.kv.base import make_cache
+        from memlab.generate import make_cache
 
         def fn():
             return make_cache(model, batch, max_len, lengths)
@@ -625,24 +625,16 @@ def _probed_roles(policy, dims):
     return jax.tree_util.tree_map(roles, base, by_b, by_h)
 
 
-def _is_dense_cache(cache) -> bool:
-    from memlab.models.llama import KVCache
-    return isinstance(cache, KVCache)
-
-
 def cache_roles(cache):
     """The axis roles of every leaf of a KV cache (a tree like ``cache`` with a tuple of
-    ``"batch"`` / ``"heads"`` / None per leaf): the dense ``KVCache`` ``k, v [L, B, S, Hkv,
-    D]`` and ``lengths [B]``; a :class:`memlab.kv.PolicyCache` by its policy's layout."""
-    from memlab.kv.base import PolicyCache
-    if _is_dense_cache(cache):
-        kv = (None, BATCH, None, HEADS, None)
-        return type(cache)(kv, kv, (BATCH,))
+    ``"batch"`` / ``"heads"`` / None per leaf): a :class:`memlab.cache.PolicyCache` by its
+    policy's layout (the dense one: ``k, v [L, B, S, Hkv, D]``) and ``lengths [B]``."""
+    from memlab.cache import PolicyCache
     if isinstance(cache, PolicyCache):
         state = _policy_roles(cache.policy, cache.dims)
         return cache._replace(state=state, lengths=(BATCH,))
-    raise TypeError(f"shard: cache must be a dense memlab.models.llama.KVCache or a "
-                    f"memlab.kv.PolicyCache (ml.kv.make_cache(model, batch, max_len)), got "
+    raise TypeError(f"shard: cache must be a memlab.cache.PolicyCache "
+                    f"(memlab.generate.make_cache(model, batch, max_len)), got "
                     f"{type(cache).__name__}")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import memlab as ml
+from memlab.generate import make_cache
 from memlab.kv import Dims, StepCtx
 from memlab.kv.compose import Compose, compose
 from memlab.kv.dense import Dense
@@ -190,7 +191,7 @@ def _run(model, policy, steps=5, max_len=32):
     tokens = jax.random.randint(jax.random.key(3), (2, 14 + steps), 0, model.spec.vocab_size)
     n_new = jnp.array([14, 9], jnp.int32)
     m = ml.passes.kv_compress(policy)(model)
-    cache = ml.kv.make_cache(m, 2, max_len)
+    cache = make_cache(m, 2, max_len)
     return _run_jit(m, tokens, cache, n_new, steps), n_new
 
 

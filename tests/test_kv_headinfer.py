@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import memlab as ml
+from memlab.generate import make_cache
 from memlab.generate import _prefill as gen_prefill
 from memlab.generate import _step as gen_step
 from memlab.generate import generate_ids
@@ -81,7 +82,7 @@ def tiny_model():
 
 def _run(model, tokens, lengths, max_len, n_steps):
     """Prefill, then greedy decode steps through memlab.generate's jitted step; the logits."""
-    cache = ml.kv.make_cache(model, tokens.shape[0], max_len)
+    cache = make_cache(model, tokens.shape[0], max_len)
     logits, cache = gen_prefill(model, tokens, lengths, cache)
     out = [logits]
     for _ in range(n_steps):
@@ -106,9 +107,9 @@ def test_tiny_model_equals_dense_and_cache_stays_on_host(tiny_model):
     assert {a.sharding.memory_kind for a in cache.state.values()} == {HOST}
     for i, n in enumerate([9 + 6, 3 + 6, 6 + 6]):      # every written position: the dense K, V
         np.testing.assert_allclose(np.asarray(cache.state["k"])[:, i, :n],
-                                   np.asarray(dense_cache.k)[:, i, :n], atol=1e-6)
+                                   np.asarray(dense_cache.state["k"])[:, i, :n], atol=1e-6)
         np.testing.assert_allclose(np.asarray(cache.state["v"])[:, i, :n],
-                                   np.asarray(dense_cache.v)[:, i, :n], atol=1e-6)
+                                   np.asarray(dense_cache.state["v"])[:, i, :n], atol=1e-6)
     assert generate_ids(model, prompts, 6) == generate_ids(tiny_model, prompts, 6)
 
 
@@ -127,7 +128,7 @@ def test_compiled_decode_step_keeps_the_cache_in_host_memory_space(tiny_model):
     logits = jax.random.normal(jax.random.key(4), (2, 256))
     for policy, host in (("headinfer:heads=1", True), ("headinfer:memory_kind=device", False)):
         model = ml.passes.kv_compress(policy)(tiny_model)
-        cache = ml.kv.make_cache(model, 2, 11, lengths=3)
+        cache = make_cache(model, 2, 11, lengths=3)
         compiled = gen_step.lower(model, logits, cache, jax.random.key(0), jnp.float32(0),
                                   jnp.float32(1)).compile()
         params, outs = _entry_layout(compiled.as_text())
@@ -153,7 +154,7 @@ def test_cuda_lowering_moves_one_head_group_to_device(tiny_model, heads):
     the new token's K and V to host: the bytes of device_bytes()."""
     model = ml.passes.kv_compress(f"headinfer:heads={heads}")(tiny_model)
     b, max_len = 3, 13
-    cache = ml.kv.make_cache(model, b, max_len, lengths=4)
+    cache = make_cache(model, b, max_len, lengths=4)
     logits = jax.random.normal(jax.random.key(1), (b, 256))
     text = gen_step.trace(model, logits, cache, jax.random.key(0), jnp.float32(0),
                           jnp.float32(1)).lower(lowering_platforms=("cuda",)).as_text()
@@ -170,7 +171,7 @@ def test_cuda_lowering_moves_one_head_group_to_device(tiny_model, heads):
     assert pol.groups(dims) == spec.n_kv_heads // heads
     # the dense policy moves nothing
     dense = ml.passes.kv_compress("dense")(tiny_model)
-    dcache = ml.kv.make_cache(dense, b, max_len, lengths=4)
+    dcache = make_cache(dense, b, max_len, lengths=4)
     dtext = gen_step.trace(dense, logits, dcache, jax.random.key(0), jnp.float32(0),
                            jnp.float32(1)).lower(lowering_platforms=("cuda",)).as_text()
     assert _placements(dtext) == []

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import memlab as ml
+from memlab.generate import make_cache
 from memlab.kv import MAX_POS, Dims, KVPolicy, StepCtx
 from memlab.kv.minicache import MiniCache
 from memlab.memory import tree_bytes
@@ -290,7 +291,7 @@ def _run(model, policy):
     decode logits [STEPS, B, V], cache)."""
     tokens = jax.random.randint(jax.random.key(5), (2, P_LEN + STEPS), 0, model.spec.vocab_size)
     m = ml.passes.kv_compress(policy)(model)
-    cache = ml.kv.make_cache(m, tokens.shape[0], MAX_LEN)
+    cache = make_cache(m, tokens.shape[0], MAX_LEN)
     return _run_jit(m, tokens, cache, N_NEW, STEPS)
 
 

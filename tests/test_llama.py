@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 import memlab as ml
+from memlab.generate import make_cache
 from memlab.generate import generate_ids
-from memlab.models.llama import KVCache, LlamaConfig, rope
+from memlab.models.llama import LlamaConfig, rope
 
 
 def _np_attention(q, k, v, qpos, valid):
@@ -62,7 +63,7 @@ def test_cache_prefill_in_chunks_equals_full_forward(tiny):
     rng = np.random.default_rng(11)
     tokens = jnp.asarray(rng.integers(0, 256, (3, 13)), jnp.int32)
     full = tiny(tokens)
-    cache = KVCache.zeros(tiny.spec, 3, 20)
+    cache = make_cache(tiny, 3, 20)
     pieces = []
     for lo, hi in ((0, 6), (6, 7), (7, 13)):
         logits, cache = tiny(tokens[:, lo:hi], cache=cache)
@@ -112,9 +113,9 @@ def test_bad_inputs_are_clear(tiny):
     with pytest.raises(ValueError, match="tokens must be an integer array"):
         tiny(jnp.zeros((5,), jnp.int32))
     with pytest.raises(ValueError, match="do not fit a cache of max_len 4"):
-        tiny(jnp.zeros((1, 6), jnp.int32), cache=KVCache.zeros(tiny.spec, 1, 4))
+        tiny(jnp.zeros((1, 6), jnp.int32), cache=make_cache(tiny, 1, 4))
     with pytest.raises(ValueError, match="cache is for"):
-        tiny(jnp.zeros((2, 1), jnp.int32), cache=KVCache.zeros(tiny.spec, 3, 4))
+        tiny(jnp.zeros((2, 1), jnp.int32), cache=make_cache(tiny, 3, 4))
     with pytest.raises(ValueError, match="multiple of n_kv_heads=3"):
         LlamaConfig("x", 10, 8, 1, 4, 3, 2, 8)
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 import memlab as ml
+from memlab.generate import make_cache
 import memlab.offload as off
 from memlab.memory import tree_bytes
 from memlab.memory.bytes import abstractify
@@ -181,7 +182,7 @@ def test_remat_activation_offload_composes(model):
 
 @jax.jit
 def _prefill_then_decode(m, prompt, nxt):
-    cache = ml.models.KVCache.zeros(m.spec, prompt.shape[0], 11)
+    cache = make_cache(m, prompt.shape[0], 11)
     first, cache = m(prompt, cache=cache, last_only=True)
     second, cache = m(nxt, cache=cache, last_only=True)
     return first, second, cache

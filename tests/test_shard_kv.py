@@ -14,7 +14,7 @@ import pytest
 
 import memlab as ml
 from memlab.generate import generate_ids
-from memlab.kv import make_cache
+from memlab.generate import make_cache
 from memlab.kv.base import Dims
 from memlab.memory.bytes import tree_bytes
 
@@ -238,7 +238,7 @@ def test_bad_caches_raise_clear_errors(base):
     with pytest.raises(ValueError, match=r"n_kv_heads=2 is not divisible .*'model' of size 4.*"
                                          r"nearest feasible 'model' size is 2"):
         ml.passes.shard(mesh, ml.shard.tp("model"))(ml.models.abstract(two))
-    cache = jax.eval_shape(lambda: ml.models.llama.KVCache.zeros(two, 4, S))
+    cache = jax.eval_shape(lambda: ml.cache.init_cache(ml.cache.Dense(), two, 4, S))
     with pytest.raises(ValueError, match=r"2 KV heads .*'model' of size 4 \(Megatron splits "
                                          r"whole heads.*nearest feasible 'model' size is 2"):
         ml.shard.cache_specs(cache, mesh, ml.shard.tp("model"))
@@ -250,5 +250,5 @@ def test_bad_caches_raise_clear_errors(base):
     with pytest.raises(ValueError, match=r"headinfer KV policy keeps the cache in host memory"
                                          r".*memory_kind='device'"):
         ml.passes.shard(mesh, ml.shard.tp("model"))(ml.passes.kv_compress("headinfer")(base))
-    with pytest.raises(TypeError, match=r"cache must be a dense .*KVCache or a .*PolicyCache"):
+    with pytest.raises(TypeError, match=r"cache must be a memlab.cache.PolicyCache"):
         shard.cache_specs({"k": jnp.ones((2, 8))})

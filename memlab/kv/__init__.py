@@ -5,18 +5,15 @@
 
 See :mod:`memlab.kv.base` for the protocol a policy implements.
 """
-from memlab.registry import Registry, discover
-
-POLICIES = Registry("kv policy")
-
-from memlab.kv.base import (  # noqa: E402
-    MAX_POS, Dims, KVPolicy, PolicyCache, StepCtx, attend, cache_bytes, init_cache, make_cache, parse,
-    write_tokens,
+from memlab.kv.base import (
+    MAX_POS, POLICIES, Dense, Dims, KVPolicy, PolicyCache, StepCtx, attend, cache_bytes, init_cache,
+    make_cache, write_tokens,
 )
+from memlab.registry import discover
 
 discover(__name__, __path__)
 
-from memlab.kv.compose import compose  # noqa: E402  (ml.kv.compose(eviction, storage): the function)
+from memlab.kv.compose import compose, parse  # noqa: E402  (ml.kv.compose: the function)
 
 
 def get(name: str):
@@ -28,5 +25,5 @@ def names() -> list[str]:
     return POLICIES.names()
 
 
-__all__ = ["MAX_POS", "Dims", "KVPolicy", "POLICIES", "PolicyCache", "StepCtx", "attend",
+__all__ = ["MAX_POS", "Dense", "Dims", "KVPolicy", "POLICIES", "PolicyCache", "StepCtx", "attend",
            "cache_bytes", "compose", "get", "init_cache", "make_cache", "names", "parse", "write_tokens"]

@@ -56,9 +56,8 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
 from memlab.kv._budget import BudgetPolicy, SnapKVBase, gather_tokens, select_top
-from memlab.kv.base import Dims, KVPolicy, StepCtx, attend, prompt_positions
+from memlab.kv.base import POLICIES, Dims, KVPolicy, StepCtx, attend, prompt_positions
 from memlab.kv.dense import Dense
 from memlab.kv.gear import GEAR
 from memlab.kv.kivi import KIVI
@@ -185,7 +184,6 @@ class Compose(KVPolicy):
 
 def compose(eviction: KVPolicy | str, storage: KVPolicy | str, room: Optional[int] = None) -> Compose:
     """``Compose(eviction, storage, room)``; either policy may be a string for ``ml.kv.parse``."""
-    from memlab.kv.base import parse
     if isinstance(eviction, str):
         eviction = parse(eviction)
     if isinstance(storage, str):
@@ -207,3 +205,43 @@ def parse_composition(text: str, parse) -> Compose:
         raise ValueError(f"kv policy {text!r}: a composition is 'eviction+storage[+room=N]', e.g. "
                          "'snapkv:budget=64+kivi:bits=2+room=256'.")
     return compose(parse(parts[0]), parse(parts[1]), room)
+
+
+def parse(text: str) -> KVPolicy:
+    """A policy from a short string: ``dense``, ``kivi2``, ``kivi4``, ``snapkv:budget=512,window=32``.
+
+    ``name<digits>`` sets ``bits`` (``kivi2`` = ``kivi:bits=2``); values parse as
+    int, float, bool or string.  ``eviction+storage`` composes two policies
+    (:func:`memlab.kv.compose.compose`), e.g. ``snapkv:budget=64+kivi:bits=2``;
+    a last part ``+room=N`` sets the composition's decode room.
+    """
+    import re
+    text = text.strip()
+    if "+" in text:
+        return parse_composition(text, parse)
+    name, _, args = text.partition(":")
+    kwargs = {}
+    m = re.fullmatch(r"([a-z_]+?)(\d+)", name)
+    if m and m.group(1) in POLICIES and name not in POLICIES:
+        name, kwargs["bits"] = m.group(1), int(m.group(2))
+    for item in filter(None, args.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq:
+            raise ValueError(f"kv policy {text!r}: argument {item!r} must be key=value")
+        kwargs[key.strip()] = _parse_value(val.strip())
+    cls = POLICIES.get(name)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"kv policy {text!r}: {e}") from None
+
+
+def _parse_value(v: str):
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v

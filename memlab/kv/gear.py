@@ -84,7 +84,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._quant_utils import (QUANT_BITS, channel_onehot, dequantize, index_dtype,
                                     minmax_quantize, pack, top_subspace, unpack)
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions, write_tokens

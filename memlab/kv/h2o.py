@@ -42,7 +42,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._budget import (
     BudgetPolicy, accumulated_scores, check_dtype, check_int, last_tokens, valid_prompt,
 )

@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions
 
 __all__ = ["HeadInfer", "host_memory_kinds", "to_memory_space"]

@@ -93,7 +93,7 @@ import numpy as np
 from jax import lax
 
 from memlab.kv._quant_utils import minmax_quantize
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions
 from memlab_kernels import quantized_kv_decode as qkv
 

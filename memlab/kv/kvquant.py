@@ -123,7 +123,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions, write_tokens
 from memlab.kv.kivi import pack_bits, unpack_bits
 

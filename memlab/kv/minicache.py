@@ -82,7 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._budget import check_dtype, gather_tokens
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions, write_tokens
 

@@ -87,7 +87,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv.base import Dims, KVPolicy, PolicyCache, attend, prompt_positions
 
 __all__ = ["BlockAllocator", "PageStats", "Paged", "copy_pages", "with_block_tables"]

@@ -53,7 +53,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._quant_utils import top_subspace
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions, write_tokens
 

@@ -47,7 +47,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._budget import SnapKVBase
 from memlab.kv.base import Dims
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._budget import SnapKVBase
 
 

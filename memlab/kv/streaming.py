@@ -32,7 +32,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv._budget import BudgetPolicy, check_dtype, check_int, valid_prompt
 from memlab.kv.base import MAX_POS
 

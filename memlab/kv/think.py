@@ -42,7 +42,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from memlab.kv import POLICIES
+from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions, write_tokens
 
 

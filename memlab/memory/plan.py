@@ -536,7 +536,7 @@ def _kivi_slots(pol, cfg, batch: int, seq: int, n_layers: int) -> int:
 
 
 def _policy(c: Candidate):
-    from memlab.kv.base import parse
+    from memlab.kv.compose import parse
     return parse(c.kv) if c.kv else None
 
 

@@ -159,7 +159,7 @@ def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
 def _kv_cache(model: Model, batch: int, max_len: int, lengths: int):
     """The cache's shapes, with the host placement a policy gives its state (HeadInfer)
     kept: ``eval_shape`` drops memory spaces, the traced program's output avals keep them."""
-    from memlab.kv import make_cache
+    from memlab.generate import make_cache
     from memlab.offload import _sharding
     traced = jax.jit(lambda: make_cache(model, batch, max_len, lengths)).trace()
     shapes = jax.eval_shape(lambda: make_cache(model, batch, max_len, lengths))

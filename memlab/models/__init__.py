@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from memlab.model import Model
-from memlab.models.llama import KVCache, Llama, LlamaConfig  # noqa: F401
+from memlab.models.llama import Llama, LlamaConfig  # noqa: F401
 
 CONFIGS: dict[str, LlamaConfig] = {
     "smollm2-135m": LlamaConfig(
@@ -170,3 +170,10 @@ def _quantize_pass(quantize):
 
 def names() -> list[str]:
     return sorted(CONFIGS)
+
+
+def __getattr__(name):
+    if name == "KVCache":  # deprecated: the dense cache is memlab.cache.Dense (warns on use)
+        from memlab.models import llama
+        return llama.KVCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple, Optional
+import warnings
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from memlab.kv.base import PolicyCache, StepCtx
+from memlab.cache import Dense, PolicyCache, StepCtx, init_cache
 from memlab.nn.attention import attention as nn_attention
 
 
@@ -109,23 +110,24 @@ def _param_shapes(config: "LlamaConfig"):
                           jax.random.key(0))["params"]
 
 
-class KVCache(NamedTuple):
-    """Dense KV cache: ``k, v: [layers, batch, max_len, kv_heads, head_dim]``;
-    ``lengths: [batch]`` tokens already written per row."""
+class _DenseCacheFactory:
+    """Deprecated spelling of the dense cache: ``KVCache.zeros(config, batch, max_len)``
+    now builds the :class:`memlab.cache.Dense` policy's ``PolicyCache``."""
 
-    k: jax.Array
-    v: jax.Array
-    lengths: jax.Array
+    @staticmethod
+    def zeros(config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> PolicyCache:
+        warnings.warn("memlab.models.llama.KVCache is deprecated: the dense cache is the "
+                      "Dense policy; use memlab.generate.make_cache(model, batch, max_len) or "
+                      "memlab.cache.init_cache(memlab.cache.Dense(), config, batch, max_len)",
+                      DeprecationWarning, stacklevel=2)
+        policy = Dense(None if dtype is None else jnp.dtype(dtype).name)
+        return init_cache(policy, config, batch, max_len)
 
-    @classmethod
-    def zeros(cls, config: LlamaConfig, batch: int, max_len: int, dtype: Any = None) -> "KVCache":
-        shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
-        dt = jnp.dtype(dtype or config.dtype)
-        return cls(jnp.zeros(shape, dt), jnp.zeros(shape, dt), jnp.zeros((batch,), jnp.int32))
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
+def __getattr__(name):
+    if name == "KVCache":
+        return _DenseCacheFactory
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------
@@ -155,17 +157,6 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def write_layer(cache_all, layer, new, positions):
-    """Scatter new [B, T, Hkv, D] into cache_all [L, B, S, Hkv, D] at (layer, b, positions[b, t]).
-
-    A scatter into the scan carry, so XLA updates the cache in place instead of
-    copying it per layer.
-    """
-    b, t = positions.shape
-    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-    return cache_all.at[layer, rows, positions].set(new.astype(cache_all.dtype), mode="drop")
-
-
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -181,30 +172,21 @@ class Attention(nn.Module):
         k_pre = k
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
         q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
-        if isinstance(kv, PolicyCache):
-            out, kv = _policy_step(kv, layer, q, k, v, positions, lengths, n_new, k_pre, c.rope_theta)
-            out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
-            return dense(c.d_model, "o_proj")(out), kv
-        if kv is None:
-            keys, values, kv_positions = k, v, positions
-        else:
-            kv = (write_layer(kv[0], layer, k, positions), write_layer(kv[1], layer, v, positions))
-            keys, values = kv[0][layer], kv[1][layer]
-            slots = jnp.arange(keys.shape[1], dtype=jnp.int32)[None, :]
-            # empty cache slots sit at position INT32_MAX: the causal mask hides them
-            kv_positions = jnp.where(slots < (lengths + t)[:, None], slots, jnp.iinfo(jnp.int32).max)
-        out = nn_attention(q, keys.astype(q.dtype), values.astype(q.dtype), causal=True,
-                           q_positions=positions, kv_positions=kv_positions,
-                           impl=None if c.attention == "auto" else c.attention)
+        impl = None if c.attention == "auto" else c.attention
+        if kv is None:  # training / scoring: causal over the sequence itself, default positions
+            out = nn_attention(q, k, v, causal=True, impl=impl)
+        else:  # the cache's policy stores the new keys and attends (memlab.cache)
+            out, kv = _policy_step(kv, layer, q, k, v, positions, lengths, n_new, k_pre,
+                                   c.rope_theta, impl)
         out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
         return dense(c.d_model, "o_proj")(out), kv
 
 
-def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta):
+def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta, impl=None):
     """One layer through a KV policy: slice its state, prefill or decode, write it back.
     A ``cross_layer`` policy (MiniCache) gets the whole state and indexes it by ``ctx.layer``."""
     ctx = StepCtx(positions=positions, n_new=n_new, lengths=lengths, layer=layer, k_pre=k_pre,
-                  rope=functools.partial(rope, theta=theta))
+                  rope=functools.partial(rope, theta=theta), impl=impl, fresh=cache.fresh)
     step = cache.policy.prefill if q.shape[1] > 1 else cache.policy.decode
     if getattr(cache.policy, "cross_layer", False):
         out, state = step(cache.state, q, k, v, ctx)
@@ -256,7 +238,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, positions, lengths, n_new):
-        """carry = (hidden [B, T, D], (k, v) full caches, a PolicyCache or None, layer index)."""
+        """carry = (hidden [B, T, D], the PolicyCache or None, layer index)."""
         x, kv, layer = carry
         c = self.config
         norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
@@ -367,7 +349,7 @@ class Llama(nn.Module):
         return dict(variables, params=params)
 
     @nn.compact
-    def __call__(self, tokens, cache: Optional[KVCache] = None, last_only: bool = False,
+    def __call__(self, tokens, cache: Optional[PolicyCache] = None, last_only: bool = False,
                  n_new: Optional[jax.Array] = None, hidden_only: bool = False,
                  embed_only: bool = False, hidden_in: Optional[jax.Array] = None):
         c = self.config
@@ -381,15 +363,12 @@ class Llama(nn.Module):
             if cache.dims.batch != b or cache.dims.n_layers != c.n_layers:
                 raise ValueError(f"cache is for batch {cache.dims.batch}, {cache.dims.n_layers} layers; "
                                  f"tokens have batch {b} and the model {c.n_layers} layers")
+            if isinstance(cache.policy, Dense) and t > cache.max_len:
+                raise ValueError(f"{t} tokens do not fit a cache of max_len {cache.max_len}")
             lengths, kv = cache.lengths, cache
         elif cache is not None:
-            if cache.k.shape[:2] != (c.n_layers, b):
-                raise ValueError(f"cache is for {cache.k.shape[:2]} (layers, batch) but the "
-                                 f"model has {c.n_layers} layers and tokens batch {b}")
-            if t > cache.max_len:
-                raise ValueError(f"{t} tokens do not fit a cache of max_len {cache.max_len}")
-            lengths = cache.lengths
-            kv = (cache.k, cache.v)
+            raise TypeError(f"cache must be a memlab.cache.PolicyCache (memlab.generate.make_cache"
+                            f"(model, batch, max_len)), got {type(cache).__name__}")
         else:
             lengths = jnp.zeros((b,), jnp.int32)
             kv = None
@@ -444,6 +423,4 @@ class Llama(nn.Module):
         logits = logits.astype(jnp.float32)
         if cache is None:
             return logits
-        if isinstance(cache, PolicyCache):
-            return logits, kv._replace(lengths=lengths + n_new)
-        return logits, KVCache(kv[0], kv[1], lengths + t)
+        return logits, kv._replace(lengths=lengths + n_new, fresh=False)

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from memlab.kv.base import Dims, KVPolicy, parse
+from memlab.kv.base import Dims, KVPolicy
+from memlab.kv.compose import parse
 from memlab.model import Model, Pass
 from memlab.passes import PASSES
 

@@ -114,11 +114,8 @@ def _scaled(value: int, exact_global: int, exact_device: int) -> int:
 
 def _abstract_cache(spec, policy, batch: int, max_len: int):
     """The cache a profile of ``batch`` rows and ``max_len`` positions builds, as shapes."""
-    from memlab.kv.base import init_cache
-    if policy is None:
-        from memlab.models.llama import KVCache
-        return jax.eval_shape(lambda: KVCache.zeros(spec, batch, max_len))
-    return jax.eval_shape(lambda: init_cache(policy, spec, batch, max_len))
+    from memlab.cache import Dense, init_cache
+    return jax.eval_shape(lambda: init_cache(policy or Dense(), spec, batch, max_len))
 
 
 @PASSES.register("shard")

@@ -1,0 +1,253 @@
+"""The KV-cache protocol: what a compressed cache stores and how a layer attends through it.
+
+A policy is a frozen dataclass (hashable, so static under ``jit``) with four
+methods, all about **one layer**; the model stacks ``n_layers`` copies of the
+state on a leading axis and its ``nn.scan`` hands each layer its slice:
+
+``init(dims) -> state``
+    An empty state pytree for one layer (arrays only; shapes fixed by ``dims``).
+``prefill(state, q, k, v, ctx) -> (out, state)``
+    The prompt: ``q [B, T, H, D]``, ``k, v [B, T, Hkv, D]`` (keys after RoPE;
+    ``ctx.k_pre`` holds them before RoPE), ``ctx.n_new [B]`` valid tokens per
+    row (prompts are right-padded).  The cache is empty.  Returns the prompt's
+    attention output (policies attend to the uncompressed prompt, as the
+    papers do, unless they say otherwise) and the compressed state.
+``decode(state, q, k, v, ctx) -> (out, state)``
+    One token per row (``T == 1``) at ``ctx.positions``; ``ctx.lengths`` tokens
+    came before it.  Stores the token, then attends over what the state keeps.
+``nbytes(dims) -> int``
+    The exact bytes of one layer's state (data + scales + metadata), checked
+    against the real pytree in the tests.
+
+Cross-layer policies (an additive extension, for caches shared between layers
+such as MiniCache's merged layer pairs): a policy with ``cross_layer = True``
+is *not* stacked per layer.  ``init_stacked(dims)`` builds the whole model's
+state (``dims.n_layers`` says how many layers), and ``prefill`` / ``decode``
+receive that whole state plus the traced ``ctx.layer`` and return it whole
+(the model does no slicing; the policy indexes its own pieces, e.g. with
+``lax.switch`` / dynamic indexing on ``ctx.layer``).  ``stacked_nbytes(dims)``
+is the exact bytes of the whole state; for ordinary policies it is
+``dims.n_layers * nbytes(dims)``.
+
+:class:`PolicyCache` is the pytree that crosses ``jit``: the stacked state,
+``lengths [B]`` (tokens seen per row, i.e. the next position) and the policy
+as static metadata.  ``init_cache(policy, spec, batch, max_len)`` builds one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from memlab.memory.bytes import tree_bytes
+from memlab.nn.attention import DECODE_IMPLS, attention, decode_attention
+
+__all__ = ["Dims", "Dense", "KVPolicy", "MAX_POS", "PolicyCache", "StepCtx", "attend",
+           "attend_decode", "attend_prompt", "cache_bytes", "decode_impl", "init_cache",
+           "prompt_positions", "write_tokens"]
+
+MAX_POS = np.iinfo(np.int32).max   # position of an empty slot: causality hides it
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """Shapes of one layer's cache."""
+    batch: int
+    max_len: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+    n_layers: int = 1
+    layer_budget: Optional[tuple] = None   # per-layer token budgets, for policies that vary them
+
+
+class StepCtx(NamedTuple):
+    """What a layer knows about the step (built inside the model; never crosses jit)."""
+    positions: jax.Array          # [B, T] absolute positions of the new tokens
+    n_new: jax.Array              # [B] valid new tokens per row
+    lengths: jax.Array            # [B] tokens in the cache before this step
+    layer: jax.Array              # scalar int32 layer index (traced under scan)
+    k_pre: jax.Array              # [B, T, Hkv, D] keys before RoPE
+    rope: Callable                # rope(x [B, T, h, D], positions [B, T]) -> rotated x
+    impl: Optional[str] = None    # the model's attention implementation (None: auto)
+    fresh: bool = True            # static: the cache holds nothing yet (PolicyCache.fresh)
+
+
+class KVPolicy:
+    """Base class; subclasses are ``@dataclasses.dataclass(frozen=True)``."""
+
+    name = "policy"
+
+    def init(self, dims: Dims):
+        raise NotImplementedError
+
+    def prefill(self, state, q, k, v, ctx: StepCtx):
+        raise NotImplementedError
+
+    def decode(self, state, q, k, v, ctx: StepCtx):
+        raise NotImplementedError
+
+    def nbytes(self, dims: Dims) -> int:
+        raise NotImplementedError
+
+    def validate(self, dims: Dims) -> None:
+        """Raise a clear error if this policy cannot serve ``dims`` (override as needed).
+
+        A short cache is never an error: when ``dims.max_len`` is below a policy's
+        window, buffer or budget, ``init`` / ``nbytes`` lay the state out so that it
+        holds every token (e.g. an eviction budget is capped at ``max_len``, KIVI keeps
+        its float residual), as :mod:`tests.test_kv_short` checks for every policy."""
+
+    cross_layer = False   # True: one state for all layers, built by init_stacked (module doc)
+
+    def init_stacked(self, dims: Dims):
+        """The whole model's empty state; only cross-layer policies define it."""
+        raise NotImplementedError
+
+    def stacked_nbytes(self, dims: Dims) -> int:
+        """Exact bytes of the whole model's state (``dims.n_layers`` layers)."""
+        return dims.n_layers * self.nbytes(dims)
+
+    def __call__(self, *a, **k):  # pragma: no cover - guard against a common slip
+        raise TypeError(f"{type(self).__name__} is a KV policy, not a pass: use "
+                        "ml.passes.kv_compress(policy).")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PolicyCache:
+    """A model's whole cache under a policy: state stacked over layers.
+
+    ``fresh`` (static) is True for a cache that nothing has been written to yet
+    (:func:`init_cache`); the model returns every cache with ``fresh=False``.  It
+    lets a prefill on an empty cache run plain causal attention at trace time.
+    """
+    state: Any
+    lengths: jax.Array
+    policy: KVPolicy = dataclasses.field(metadata=dict(static=True))
+    dims: Dims = dataclasses.field(metadata=dict(static=True))
+    fresh: bool = dataclasses.field(default=True, metadata=dict(static=True))
+
+    @property
+    def max_len(self) -> int:
+        return self.dims.max_len
+
+    def _replace(self, **kw) -> "PolicyCache":
+        return dataclasses.replace(self, **kw)
+
+
+def init_cache(policy: KVPolicy, spec, batch: int, max_len: int, dtype: Any = None) -> PolicyCache:
+    """An empty cache for a Llama-family ``spec`` (LlamaConfig)."""
+    dims = Dims(batch=int(batch), max_len=int(max_len), n_heads=spec.n_heads,
+                n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim,
+                dtype=jnp.dtype(dtype or spec.dtype).name, n_layers=spec.n_layers)
+    policy.validate(dims)
+    if policy.cross_layer:      # the policy lays out all layers itself
+        return PolicyCache(policy.init_stacked(dims), jnp.zeros((batch,), jnp.int32), policy, dims)
+    one = policy.init(dims)
+    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.n_layers,) + a.shape).copy(), one)
+    return PolicyCache(stacked, jnp.zeros((batch,), jnp.int32), policy, dims)
+
+
+def cache_bytes(cache: PolicyCache) -> int:
+    """Exact bytes of a cache pytree (sub-byte types counted packed)."""
+    return tree_bytes(cache)
+
+
+def attend(q, k, v, q_positions, kv_positions, *, impl: Optional[str] = None):
+    """Causal attention of new queries over stored keys at explicit positions (MAX_POS = empty)."""
+    return attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True,
+                     q_positions=q_positions, kv_positions=kv_positions, impl=impl)
+
+
+def attend_prompt(q, k, v, *, impl: Optional[str] = None):
+    """A prompt over its own keys on an empty cache: plain causal attention, no positions.
+
+    Query ``i`` sees keys ``0..i``.  A right-padded row's padding keys sit after
+    every valid query, so the causal mask already hides them.  With default
+    positions the flash kernels skip the blocks above the diagonal and cuDNN
+    can run the call.
+    """
+    return attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, impl=impl)
+
+
+def attend_decode(q, k, v, lengths, *, impl: Optional[str] = None):
+    """One new query per row, ``q [B, 1, H, D]``, over cache slots ``0 .. lengths[b]-1``.
+
+    Runs :func:`memlab.nn.decode_attention`: the split-K (flash-decoding) kernel on
+    GPU/TPU, a masked softmax elsewhere.  ``impl`` is the model's attention choice,
+    mapped onto the decode implementations.
+    """
+    out = decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), lengths,
+                           impl=decode_impl(impl))
+    return out[:, None]
+
+
+def decode_impl(impl: Optional[str]) -> str:
+    """The decode kernel for a model's attention ``impl``: the Pallas backends and ``auto``
+    carry over; the plain-JAX choices (``naive``, ``chunked``, ``xla``, ``cudnn``) decode
+    with the masked softmax (``xla``)."""
+    if impl in (None, "auto", "cudnn"):
+        return "auto"
+    if impl in DECODE_IMPLS:
+        return impl
+    return "xla"
+
+
+def write_tokens(buf, new, slots):
+    """Scatter ``new [B, T, ...]`` into ``buf [B, S, ...]`` at ``slots [B, T]`` (out of range: dropped)."""
+    b, t = slots.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+    return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
+
+
+def prompt_positions(ctx: StepCtx):
+    """Key positions of a right-padded prompt: padding at MAX_POS."""
+    t = ctx.positions.shape[1]
+    valid = jnp.arange(t)[None, :] < ctx.n_new[:, None]
+    return jnp.where(valid, ctx.positions, MAX_POS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense(KVPolicy):
+    """The uncompressed cache, the default policy and the baseline every other policy is
+    measured against: every token's K and V in the cache dtype; slot index = position.
+
+    Prefill on a fresh cache is plain causal attention over the prompt's own keys (no
+    positions: the kernels' causal block skipping and cuDNN apply); a prefill that
+    continues a written cache (chunked prefill) attends over the cache at explicit
+    positions.  Decode writes the token and runs the split-K decode kernel over the
+    row's ``lengths + 1`` slots.
+    """
+
+    name = "dense"
+    dtype: Optional[str] = None      # storage dtype; None = the model's compute dtype
+
+    def _dtype(self, dims):
+        return jnp.dtype(self.dtype or dims.dtype)
+
+    def init(self, dims: Dims):
+        shape = (dims.batch, dims.max_len, dims.n_kv_heads, dims.head_dim)
+        return {"k": jnp.zeros(shape, self._dtype(dims)), "v": jnp.zeros(shape, self._dtype(dims))}
+
+    def nbytes(self, dims: Dims) -> int:
+        return 2 * dims.batch * dims.max_len * dims.n_kv_heads * dims.head_dim * self._dtype(dims).itemsize
+
+    def prefill(self, state, q, k, v, ctx):
+        slots = prompt_positions(ctx)                  # padding -> MAX_POS -> dropped
+        state = {"k": write_tokens(state["k"], k, slots), "v": write_tokens(state["v"], v, slots)}
+        if ctx.fresh:
+            return attend_prompt(q, k, v, impl=ctx.impl), state
+        s = state["k"].shape[1]                        # a chunk after earlier ones
+        slot = jnp.arange(s, dtype=jnp.int32)[None, :]
+        kv_pos = jnp.where(slot < (ctx.lengths + ctx.n_new)[:, None], slot, MAX_POS)
+        return attend(q, state["k"], state["v"], ctx.positions, kv_pos, impl=ctx.impl), state
+
+    def decode(self, state, q, k, v, ctx):
+        state = {"k": write_tokens(state["k"], k, ctx.positions),
+                 "v": write_tokens(state["v"], v, ctx.positions)}
+        return attend_decode(q, state["k"], state["v"], ctx.lengths + 1, impl=ctx.impl), state
