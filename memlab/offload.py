@@ -41,7 +41,7 @@ layers' per-layer vectors)::
     device = (k + p) * layer + resident               (the weights on the device at once)
     host   = L * layer                                (all streamed layers stay in host memory)
 
-Limits (jax 0.10.2):
+Limits:
 
 * XLA:CPU has one memory: the host placement is real at the program boundary
   (the layer arguments carry memory space ``S(5)`` in ``compiled.as_text()``)

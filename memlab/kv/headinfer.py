@@ -31,7 +31,7 @@ decoding)::
     device_bytes = 2 * B * max_len * heads * D * itemsize               (one group's K, V of one layer)
                  + 2 * B * T * Hkv * D * itemsize                       (the new K, V before the move to host)
 
-Limits (measured on jax 0.10.2, see the tests):
+Limits (see the tests):
 
 * On CPU ``jax.device_put`` to a memory space *inside* ``jit`` lowers to
   nothing (JAX registers the transfer only for GPU and TPU) and XLA:CPU has
@@ -41,13 +41,12 @@ Limits (measured on jax 0.10.2, see the tests):
   are checked by lowering for ``cuda``
   (``lower(lowering_platforms=("cuda",))``): each group's slices are
   ``annotate_device_placement`` ``device`` and the new token's K/V are
-  ``pinned_host``.  Whether XLA:GPU's host offloader compiles this program (a
-  host buffer sliced and updated inside the layer scan) was not tested: no
-  GPU was available.
+  ``pinned_host``.  XLA:TPU compiles the step for a compile-only TPU
+  (:mod:`memlab.targets`); compile-only CUDA devices expose no host memory
+  space, so XLA:GPU's host offloader is exercised only on a real GPU.
 * XLA:CPU's ``memory_analysis()`` reports ``host_*`` bytes of 0 and counts the
-  host cache in ``argument_size_in_bytes``: the CPU numbers of a HeadInfer
-  decode step equal the dense cache's (tiny model, B=4, 4,096 slots: argument
-  8.82 MB either way, temp 6.31 MB vs 6.57 MB).
+  host cache in ``argument_size_in_bytes``: on CPU a HeadInfer decode step's
+  argument bytes equal the dense cache's.
 * Positions past ``max_len`` are not dropped as in the dense cache: the
   row's ``dynamic_update_slice`` clamps into the last slots (the generation
   engine never writes past ``max_len``).  Prefill requires an empty cache
