@@ -14,56 +14,10 @@ A new optimizer is one module in this folder plus its test; nothing else is edit
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
-
-import optax
-
-from memlab.registry import Registry, discover
-
-OPTIMIZERS = Registry("optimizer")
-_STATE_BYTES: dict[str, Callable[..., int]] = {}
-
-
-def register(name: str, state_bytes: Optional[Callable[..., int]] = None):
-    """Register an optimizer factory by name, with its exact ``state_bytes(params, **kw)``."""
-    def deco(fn):
-        OPTIMIZERS.register(name)(fn)
-        if state_bytes is not None:
-            _STATE_BYTES[name] = state_bytes
-        return fn
-    return deco
-
-
-def get(name: str, **kwargs) -> optax.GradientTransformation:
-    """The optimizer registered as ``name``, built with ``kwargs``."""
-    return OPTIMIZERS.get(name)(**kwargs)
-
-
-def names() -> list[str]:
-    return OPTIMIZERS.names()
-
-
-def state_bytes(name: str, params: Any, *args, **kwargs) -> int:
-    """Exact optimizer-state bytes of ``get(name, **kwargs)`` for ``params``.
-
-    ``params`` is a pytree of arrays / ``jax.ShapeDtypeStruct`` (or, for
-    element-wise optimizers, an int parameter count).
-    """
-    OPTIMIZERS.get(name)  # unknown names raise the registry's error
-    if name not in _STATE_BYTES:
-        raise ValueError(f"no state-bytes formula for optimizer {name!r}")
-    return _STATE_BYTES[name](params, *args, **kwargs)
-
-
-def param_count(params: Any) -> int:
-    """Number of parameters in a pytree (or ``params`` itself when it is an int)."""
-    if isinstance(params, int):
-        return params
-    import math
-
-    import jax
-    return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-
+from memlab.optim.base import (  # noqa: F401
+    _STATE_BYTES, OPTIMIZERS, get, names, param_count, register, state_bytes,
+)
+from memlab.registry import discover
 
 discover(__name__, __path__)
 from memlab.optim.adamw import adamw, sgd, with_state_dtype  # noqa: E402,F401

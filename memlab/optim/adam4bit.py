@@ -25,7 +25,7 @@ from typing import Any, Sequence
 import optax
 
 from memlab.optim import _blockwise as bw
-from memlab.optim import register
+from memlab.optim.base import register
 
 SIGNED_MAP = bw.dynamic_map(4, signed=True)
 LINEAR_MAP = bw.linear_map(4)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import optax
 
 from memlab.optim import _blockwise as bw
-from memlab.optim import register
+from memlab.optim.base import register
 
 SIGNED_MAP = bw.dynamic_map(8, signed=True)
 UNSIGNED_MAP = bw.dynamic_map(8, signed=False)

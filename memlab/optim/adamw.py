@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memlab.optim import param_count, register
+from memlab.optim.base import param_count, register
 
 
 class _StateDtypeState(NamedTuple):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from memlab.optim import register
+from memlab.optim.base import register
 from memlab.optim.adamw import with_state_dtype
 from memlab.optim.galore import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MatrixLeaf, _check_common,
                                  _compile, _increment, check_rank, matrix_plan, skip_nonfinite,

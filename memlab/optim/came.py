@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from memlab.model import path_str
-from memlab.optim import register
+from memlab.optim.base import register
 from memlab.optim.adamw import with_state_dtype
 from memlab.optim.galore import _compile, skip_nonfinite
 

@@ -37,7 +37,7 @@ import optax
 from jax import lax
 
 from memlab.model import path_str
-from memlab.optim import register
+from memlab.optim.base import register
 from memlab.optim.adamw import with_state_dtype
 
 DEFAULT_INCLUDE = r"kernel"
