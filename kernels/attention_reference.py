@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._common import acc_dtype
+
 __all__ = ["AttentionMask", "attention_reference", "check_attention_args", "make_mask"]
 
 SegmentIds = Union[jax.Array, Sequence[jax.Array], None]
@@ -153,7 +155,7 @@ def attention_reference(q, k, v, *, causal: bool = False, window: Optional[int] 
     m = make_mask(b, t, s, causal=causal, window=window, segment_ids=segment_ids,
                   q_positions=q_positions, kv_positions=kv_positions)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    acc = acc_dtype(q.dtype)
     g = h // hkv
     qg = q.astype(acc).reshape(b, t, hkv, g, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(acc), precision=precision) * scale

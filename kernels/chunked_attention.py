@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ._common import cdiv
+from ._common import acc_dtype, cdiv
 from .attention_reference import check_attention_args, make_mask
 
 __all__ = ["chunked_attention", "chunked_attention_with_lse"]
@@ -107,22 +107,17 @@ def _opaque(step):
     return jax.checkpoint(step, policy=jax.checkpoint_policies.nothing_saveable, prevent_cse=False)
 
 
-def _acc(x):
-    """Accumulation dtype: float32, or float64 for float64 inputs."""
-    return jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-
-
 def _scores(qb, kb, scale, precision):
     # qb [B, qc, Hkv, G, D], kb [B, kc, Hkv, D] -> [B, Hkv, G, qc, kc] float32
     return jnp.einsum("bqkgd,bskd->bkgqs", qb, kb, precision=precision,
-                      preferred_element_type=_acc(qb)) * scale
+                      preferred_element_type=acc_dtype(qb.dtype)) * scale
 
 
 def _forward(q, k, v, mask, scale, q_chunk, kv_chunk, precision):
     L = _layout(q, k, v, mask, q_chunk, kv_chunk)
     b, t, h, d, s, hkv, dv, g, qc, kc, nq, nk = L["dims"]
     has_seg = L["qseg"] is not None
-    adt = _acc(q)
+    adt = acc_dtype(q.dtype)
 
     def q_step(_, qi):
         qb, qpos = qi[0], qi[1]
@@ -170,7 +165,7 @@ def _backward(q, k, v, mask, scale, q_chunk, kv_chunk, precision, out, lse, dout
     L = _layout(q, k, v, mask, q_chunk, kv_chunk)
     b, t, h, d, s, hkv, dv, g, qc, kc, nq, nk = L["dims"]
     has_seg = L["qseg"] is not None
-    adt = _acc(q)
+    adt = acc_dtype(q.dtype)
     tp = nq * qc
     pad_t = lambda a: jnp.pad(a, [(0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     # delta = rowsum(dO * O) in float32, chunked like q: [nq, B, Hkv, G, qc]

@@ -100,15 +100,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import (MOSAIC_DEFAULT_VMEM_BYTES, MOSAIC_MAX_VMEM_BYTES, cdiv, check_on_chip,
-                      is_power_of_2, mosaic_compiler_params, next_power_of_2,
-                      resolve_backend)
+from ._common import (KERNEL_FLOAT_DTYPES, LANES, MOSAIC_DEFAULT_VMEM_BYTES, MOSAIC_MAX_VMEM_BYTES,
+                      acc_dtype, cdiv, check_on_chip, col_vec, dot, is_power_of_2, load,
+                      mosaic_compiler_params, nbytes, next_power_of_2, pallas_lowering,
+                      precision_for, resolve_backend, store)
 
 __all__ = ["BlockSizes", "check_args", "chunked_cross_entropy", "cross_entropy_reference",
            "cut_cross_entropy"]
 
 _NEG_INF = float("-inf")
-_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 # --------------------------------------------------------------------------
@@ -191,14 +191,6 @@ def _compute_dtype(h, w):
     return jnp.promote_types(h.dtype, w.dtype)
 
 
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) in (jnp.float32, jnp.float64) else None
-
-
-def _acc(dtype):
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
-
-
 # --------------------------------------------------------------------------
 # Reference (materializes the logits)
 # --------------------------------------------------------------------------
@@ -214,8 +206,8 @@ def cross_entropy_reference(hidden, classifier, targets, *, tied: bool = False,
     ignore_index = _check_ignore(name, ignore_index)
     softcap = _check_softcap(name, softcap)
     cdt = _compute_dtype(hidden, classifier)
-    acc = _acc(cdt)
-    precision = _precision(cdt) if precision is None else precision
+    acc = acc_dtype(cdt)
+    precision = precision_for(cdt) if precision is None else precision
     w = classifier.astype(cdt)
     dims = (((1,), (1 if tied else 0,)), ((), ()))
     z = lax.dot_general(hidden.astype(cdt), w, dims, precision=precision,
@@ -280,14 +272,14 @@ def _block_logits(cfg: _ChunkCfg, hb, wb, precision):
     """``[bn, bv]`` float32 logits (before the cap) of a token chunk and a W block."""
     dims = (((1,), (1 if cfg.spec.tied else 0,)), ((), ()))
     return lax.dot_general(hb, wb, dims, precision=precision,
-                           preferred_element_type=_acc(hb.dtype))
+                           preferred_element_type=acc_dtype(hb.dtype))
 
 
 def _chunked_forward(cfg: _ChunkCfg, h, w, t):
     sp, bn, bv = cfg.spec, cfg.bn, cfg.bv
     cdt = _compute_dtype(h, w)
     h_bits, w_bits = _as_bits(h), _as_bits(w)
-    acc, precision = _acc(cdt), _precision(cdt)
+    acc, precision = acc_dtype(cdt), precision_for(cdt)
     t = t.astype(jnp.int32)
 
     def row_block(i, carry):
@@ -331,7 +323,7 @@ def _chunked_backward(cfg: _ChunkCfg, h, w, t, lse, g):
     sp, bn, bv = cfg.spec, cfg.bn, cfg.bv
     cdt = _compute_dtype(h, w)
     h_bits, w_bits = _as_bits(h), _as_bits(w)
-    acc, precision = _acc(cdt), _precision(cdt)
+    acc, precision = acc_dtype(cdt), precision_for(cdt)
     t = t.astype(jnp.int32)
     g = jnp.where(t != sp.ignore_index, g.astype(acc), 0.0)
     ax = 0 if sp.tied else 1                     # W's vocabulary axis
@@ -486,30 +478,12 @@ def _fit(b: int, n: int) -> int:
     return min(b, max(16, next_power_of_2(n)))
 
 
-def _tload(ref, mask=None, other=0):
-    if mask is None:
-        return ref[...]
-    return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=other)
-
-
-def _tstore(ref, val, mask=None):
-    if mask is None:
-        ref[...] = val
-    else:
-        plgpu.store(ref, val, mask=jnp.broadcast_to(mask, val.shape))
-
-
 def _and(a, b):
     if a is None:
         return b
     if b is None:
         return a
     return jnp.logical_and(a, b)
-
-
-def _kdot(a, b, precision, *, trans_a=False, trans_b=False):
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)
 
 
 def _d_loop(k: _KCfg, body, carry):
@@ -539,14 +513,14 @@ def _load_w(k: _KCfg, w_ref, d0, dmask, c0, cmask):
     """A ``[bd, bv]`` slice of W (``[D, V]``), or ``[bv, bd]`` when tied (``[V, D]``)."""
     if k.spec.tied:
         m = _and(None if cmask is None else cmask[:, None], None if dmask is None else dmask[None, :])
-        return _tload(w_ref.at[pl.ds(c0, k.bv), pl.ds(d0, k.bd)], m).astype(k.cdt)
+        return load(w_ref.at[pl.ds(c0, k.bv), pl.ds(d0, k.bd)], m).astype(k.cdt)
     m = _and(None if dmask is None else dmask[:, None], None if cmask is None else cmask[None, :])
-    return _tload(w_ref.at[pl.ds(d0, k.bd), pl.ds(c0, k.bv)], m).astype(k.cdt)
+    return load(w_ref.at[pl.ds(d0, k.bd), pl.ds(c0, k.bv)], m).astype(k.cdt)
 
 
 def _load_h(k: _KCfg, h_ref, r0, rmask, d0, dmask):
     m = _and(None if rmask is None else rmask[:, None], None if dmask is None else dmask[None, :])
-    return _tload(h_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)], m).astype(k.cdt)
+    return load(h_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)], m).astype(k.cdt)
 
 
 def _tile(k: _KCfg, h_ref, w_ref, r0, rmask, c0, cmask, precision):
@@ -554,7 +528,7 @@ def _tile(k: _KCfg, h_ref, w_ref, r0, rmask, c0, cmask, precision):
     def body(d0, dmask, acc):
         hb = _load_h(k, h_ref, r0, rmask, d0, dmask)
         wb = _load_w(k, w_ref, d0, dmask, c0, cmask)
-        return acc + _kdot(hb, wb, precision, trans_b=k.spec.tied)
+        return acc + dot(hb, wb, precision, trans_b=k.spec.tied)
 
     z = _d_loop(k, body, jnp.zeros((k.bn, k.bv), jnp.float32))
     return _cap(z, k.spec.softcap)
@@ -575,7 +549,7 @@ def _fwd_kernel(h_ref, w_ref, t_ref, loss_ref, lse_ref, *, k: _KCfg, precision):
     sp = k.spec
     r0 = pl.program_id(0) * k.bn
     _, rmask = _row_setup(k, r0)
-    t = _tload(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
+    t = load(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
 
     def vstep(j, masked, carry):
         m, l, zt = carry
@@ -595,8 +569,8 @@ def _fwd_kernel(h_ref, w_ref, t_ref, loss_ref, lse_ref, *, k: _KCfg, precision):
     m, l, zt = _v_loop(k, 0, sp.v // k.bv, vstep, init)
     lse = m + jnp.log(l)
     loss = jnp.where(t != sp.ignore_index, lse - zt, 0.0)
-    _tstore(loss_ref.at[pl.ds(r0, k.bn)], loss, rmask)
-    _tstore(lse_ref.at[pl.ds(r0, k.bn)], lse, rmask)
+    store(loss_ref.at[pl.ds(r0, k.bn)], loss, rmask)
+    store(lse_ref.at[pl.ds(r0, k.bn)], lse, rmask)
 
 
 def _dz_tile(k: _KCfg, z, lse, t, g, cols, cmask):
@@ -622,7 +596,7 @@ def _zero_rows(k: _KCfg, out_ref, r0, rmask):
     """Zero a ``[bn, D]`` float32 output tile (it is accumulated into)."""
     def body(d0, dmask, c):
         m = _and(None if rmask is None else rmask[:, None], None if dmask is None else dmask[None, :])
-        _tstore(out_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)],
+        store(out_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)],
                 jnp.zeros((k.bn, k.bd), jnp.float32), m)
         return c
     _d_loop(k, body, 0)
@@ -632,9 +606,9 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dh_ref, *, k: _KCfg, precisi
     sp = k.spec
     r0 = pl.program_id(0) * k.bn
     _, rmask = _row_setup(k, r0)
-    t = _tload(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
-    lse = _tload(lse_ref.at[pl.ds(r0, k.bn)], rmask)
-    g = _tload(g_ref.at[pl.ds(r0, k.bn)], rmask)        # already 0 on ignored rows
+    t = load(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
+    lse = load(lse_ref.at[pl.ds(r0, k.bn)], rmask)
+    g = load(g_ref.at[pl.ds(r0, k.bn)], rmask)        # already 0 on ignored rows
     _zero_rows(k, dh_ref, r0, rmask)
 
     def vstep(j, masked, carry):
@@ -648,8 +622,8 @@ def _dh_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dh_ref, *, k: _KCfg, precisi
                 m = _and(None if rmask is None else rmask[:, None],
                          None if dmask is None else dmask[None, :])
                 ref = dh_ref.at[pl.ds(r0, k.bn), pl.ds(d0, k.bd)]
-                upd = _kdot(dz, wb, precision, trans_b=not sp.tied)
-                _tstore(ref, _tload(ref, m) + upd, m)
+                upd = dot(dz, wb, precision, trans_b=not sp.tied)
+                store(ref, load(ref, m) + upd, m)
                 return c
             _d_loop(k, body, 0)
 
@@ -681,16 +655,16 @@ def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dw_ref, *, k: _KCfg, precisi
 
     def zero(d0, dmask, c):
         shape = (k.bv, k.bd) if sp.tied else (k.bd, k.bv)
-        _tstore(dw_ref_at(d0), jnp.zeros(shape, jnp.float32), dw_mask(dmask))
+        store(dw_ref_at(d0), jnp.zeros(shape, jnp.float32), dw_mask(dmask))
         return c
     _d_loop(k, zero, 0)
 
     def rstep(i, carry):
         r0 = i * k.bn
         _, rmask = _row_setup(k, r0)
-        t = _tload(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
-        lse = _tload(lse_ref.at[pl.ds(r0, k.bn)], rmask)
-        g = _tload(g_ref.at[pl.ds(r0, k.bn)], rmask)
+        t = load(t_ref.at[pl.ds(r0, k.bn)], rmask, other=sp.ignore_index)
+        lse = load(lse_ref.at[pl.ds(r0, k.bn)], rmask)
+        g = load(g_ref.at[pl.ds(r0, k.bn)], rmask)
         z = _tile(k, h_ref, w_ref, r0, rmask, c0, cmask, precision)
         s, dz = _dz_tile(k, z, lse, t, g, cols, cmask)
         if rmask is not None:
@@ -702,10 +676,10 @@ def _dw_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dw_ref, *, k: _KCfg, precisi
                 m = dw_mask(dmask)
                 ref = dw_ref_at(d0)
                 if sp.tied:
-                    upd = _kdot(dz, hb, precision, trans_a=True)      # [bv, bd]
+                    upd = dot(dz, hb, precision, trans_a=True)      # [bv, bd]
                 else:
-                    upd = _kdot(hb, dz, precision, trans_a=True)      # [bd, bv]
-                _tstore(ref, _tload(ref, m) + upd, m)
+                    upd = dot(hb, dz, precision, trans_a=True)      # [bd, bv]
+                store(ref, load(ref, m) + upd, m)
                 return c
             _d_loop(k, body, 0)
 
@@ -719,32 +693,25 @@ def _full_spec(shape):
     return pl.BlockSpec(tuple(shape), lambda i: (0,) * len(shape))
 
 
-def _cost(k: _KCfg, n_matmuls: int, nbytes: int):
+def _cost(k: _KCfg, n_matmuls: int, bytes_accessed: int):
     sp = k.spec
     return pl.CostEstimate(flops=2 * n_matmuls * sp.n * sp.v * sp.d,
-                           transcendentals=sp.n * sp.v, bytes_accessed=int(nbytes))
-
-
-def _nbytes(*arrays):
-    return sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays)
+                           transcendentals=sp.n * sp.v, bytes_accessed=int(bytes_accessed))
 
 
 # --------------------------------------------------------------------------
 # Mosaic (TPU) kernels
 # --------------------------------------------------------------------------
-_LANES = 128
-
-
 def _plan_mosaic(bs: BlockSizes, n: int, v: int) -> tuple[int, int]:
     out = []
     for name, b, dim, arg in (("block_n", bs.block_n, n, "N"), ("block_v", bs.block_v, v, "V")):
         if dim <= b:
             out.append(dim)
-        elif b % _LANES:
+        elif b % LANES:
             raise ValueError(
-                f"block_sizes.{name}={b} must be a multiple of {_LANES} on mosaic_tpu when it "
+                f"block_sizes.{name}={b} must be a multiple of {LANES} on mosaic_tpu when it "
                 f"is smaller than {arg}={dim} (a lane dimension); use {name}="
-                f"{-(-b // _LANES) * _LANES} (or >= {dim}).")
+                f"{-(-b // LANES) * LANES} (or >= {dim}).")
         else:
             out.append(b)
     return out[0], out[1]
@@ -777,13 +744,8 @@ def _plan_mosaic_vmem(bs: Optional[BlockSizes], n: int, v: int, d: int, itemsize
     return bn, bv, need
 
 
-def _col_vec(ref, shape):
-    """A lane-dense ``(1, n)`` per-row block as an ``(n, 1)`` column, broadcast to ``shape``."""
-    return jnp.broadcast_to(jnp.expand_dims(ref[0], -1), shape)
-
-
 def _m_tile(k: _KCfg, h, w, precision):
-    z = _kdot(h.astype(k.cdt), w.astype(k.cdt), precision, trans_b=k.spec.tied)
+    z = dot(h.astype(k.cdt), w.astype(k.cdt), precision, trans_b=k.spec.tied)
     return _cap(z, k.spec.softcap)
 
 
@@ -820,7 +782,7 @@ def _mosaic_fwd_kernel(h_ref, w_ref, t_ref, loss_ref, lse_ref, m_sc, l_sc, zt_sc
 
     z = _m_tile(k, h_ref[...], w_ref[...], precision)
     cols = _m_cols(k, j)
-    hit = cols == _col_vec(t_ref, z.shape)
+    hit = cols == col_vec(t_ref, z.shape)
     if sp.v % k.bv:
         z = jnp.where(cols < sp.v, z, _NEG_INF)
     zt_sc[...] += jnp.sum(jnp.where(hit, z, 0.0), axis=1, keepdims=True)
@@ -833,18 +795,18 @@ def _mosaic_fwd_kernel(h_ref, w_ref, t_ref, loss_ref, lse_ref, m_sc, l_sc, zt_sc
     @pl.when(j == nvb - 1)
     def _finish():
         lse = m_sc[...] + jnp.log(l_sc[...])
-        t = _col_vec(t_ref, lse.shape)
+        t = col_vec(t_ref, lse.shape)
         lse_ref[...] = lse
         loss_ref[...] = jnp.where(t != sp.ignore_index, lse - zt_sc[...], 0.0)
 
 
 def _m_dz(k: _KCfg, z, cols, t_ref, lse_ref, g_ref):
     sp = k.spec
-    s = jnp.exp(z - _col_vec(lse_ref, z.shape)) - (cols == _col_vec(t_ref, z.shape)).astype(
+    s = jnp.exp(z - col_vec(lse_ref, z.shape)) - (cols == col_vec(t_ref, z.shape)).astype(
         jnp.float32)
     if sp.v % k.bv:
         s = jnp.where(cols < sp.v, s, 0.0)
-    dz = s * _col_vec(g_ref, z.shape)
+    dz = s * col_vec(g_ref, z.shape)
     if sp.softcap is not None:
         dz = dz * (1.0 - jnp.square(z / sp.softcap))
     return s, dz
@@ -863,7 +825,7 @@ def _mosaic_dh_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dh_ref, dh_sc, *, k: 
     s, dz = _m_dz(k, z, _m_cols(k, j), t_ref, lse_ref, g_ref)
 
     def accumulate():
-        dh_sc[...] += _kdot(dz.astype(k.cdt), w.astype(k.cdt), precision, trans_b=not k.spec.tied)
+        dh_sc[...] += dot(dz.astype(k.cdt), w.astype(k.cdt), precision, trans_b=not k.spec.tied)
 
     _filtered(k, s, accumulate)
 
@@ -890,9 +852,9 @@ def _mosaic_dw_kernel(h_ref, w_ref, t_ref, lse_ref, g_ref, dw_ref, dw_sc, *, k: 
     def accumulate():
         hc = h.astype(k.cdt)
         if k.spec.tied:
-            dw_sc[...] += _kdot(dz, hc, precision, trans_a=True)       # [bv, D]
+            dw_sc[...] += dot(dz, hc, precision, trans_a=True)       # [bv, D]
         else:
-            dw_sc[...] += _kdot(hc, dz, precision, trans_a=True)       # [D, bv]
+            dw_sc[...] += dot(hc, dz, precision, trans_a=True)       # [D, bv]
 
     _filtered(k, s, accumulate)
 
@@ -918,18 +880,18 @@ def _m_specs(k: _KCfg, order: str):
 def _mosaic_forward(k: _KCfg, h, w, t):
     sp = k.spec
     nb, nvb = cdiv(sp.n, k.bn), cdiv(sp.v, k.bv)
-    precision = _precision(k.cdt)
+    precision = precision_for(k.cdt)
     h_spec, w_spec, row = _m_specs(k, "nv")
-    out_spec = pl.BlockSpec((k.bn, _LANES), lambda i, j: (i, 0))
-    out = jax.ShapeDtypeStruct((sp.n, _LANES), jnp.float32)
+    out_spec = pl.BlockSpec((k.bn, LANES), lambda i, j: (i, 0))
+    out = jax.ShapeDtypeStruct((sp.n, LANES), jnp.float32)
     loss, lse = pl.pallas_call(
         functools.partial(_mosaic_fwd_kernel, k=k, nvb=nvb, precision=precision),
         out_shape=[out, out], grid=(nb, nvb), in_specs=[h_spec, w_spec, row],
         out_specs=[out_spec, out_spec],
-        scratch_shapes=[pltpu.VMEM((k.bn, _LANES), jnp.float32)] * 3,
+        scratch_shapes=[pltpu.VMEM((k.bn, LANES), jnp.float32)] * 3,
         compiler_params=mosaic_compiler_params(("parallel", "arbitrary"), k.vmem),
         interpret=k.interpret, name="cut_cross_entropy_fwd",
-        cost_estimate=_cost(k, 1, _nbytes(h, w, t) + 8 * sp.n),
+        cost_estimate=_cost(k, 1, nbytes(h, w, t) + 8 * sp.n),
     )(h, w, t[None, :])
     return loss[:, 0], lse[:, 0]
 
@@ -937,7 +899,7 @@ def _mosaic_forward(k: _KCfg, h, w, t):
 def _mosaic_backward(k: _KCfg, h, w, t, lse, g):
     sp = k.spec
     nb, nvb = cdiv(sp.n, k.bn), cdiv(sp.v, k.bv)
-    precision = _precision(k.cdt)
+    precision = precision_for(k.cdt)
     rows = (t[None, :], lse[None, :], g[None, :])
     h_spec, w_spec, row = _m_specs(k, "nv")
     dh = pl.pallas_call(
@@ -947,7 +909,7 @@ def _mosaic_backward(k: _KCfg, h, w, t, lse, g):
         scratch_shapes=[pltpu.VMEM((k.bn, sp.d), jnp.float32)],
         compiler_params=mosaic_compiler_params(("parallel", "arbitrary"), k.vmem),
         interpret=k.interpret, name="cut_cross_entropy_bwd_dh",
-        cost_estimate=_cost(k, 2, _nbytes(h, w, *rows) + h.size * h.dtype.itemsize),
+        cost_estimate=_cost(k, 2, nbytes(h, w, *rows) + h.size * h.dtype.itemsize),
     )(h, w, *rows)
     h_spec, w_spec, row = _m_specs(k, "vn")
     dw = pl.pallas_call(
@@ -957,7 +919,7 @@ def _mosaic_backward(k: _KCfg, h, w, t, lse, g):
         scratch_shapes=[pltpu.VMEM((k.bv, sp.d) if sp.tied else (sp.d, k.bv), jnp.float32)],
         compiler_params=mosaic_compiler_params(("parallel", "arbitrary"), k.vmem),
         interpret=k.interpret, name="cut_cross_entropy_bwd_dw",
-        cost_estimate=_cost(k, 2, _nbytes(h, w, *rows) + w.size * w.dtype.itemsize),
+        cost_estimate=_cost(k, 2, nbytes(h, w, *rows) + w.size * w.dtype.itemsize),
     )(h, w, *rows)
     return dh, dw
 
@@ -967,7 +929,7 @@ def _kernel_forward(k: _KCfg, h, w, t):
     sp = k.spec
     if k.kernel == "mosaic":
         return _mosaic_forward(k, h, w, t)
-    precision = _precision(k.cdt)
+    precision = precision_for(k.cdt)
     out = jax.ShapeDtypeStruct((sp.n,), jnp.float32)
     return pl.pallas_call(
         functools.partial(_fwd_kernel, k=k, precision=precision),
@@ -976,14 +938,14 @@ def _kernel_forward(k: _KCfg, h, w, t):
         out_specs=[_full_spec((sp.n,)), _full_spec((sp.n,))],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
         interpret=k.interpret, name="cut_cross_entropy_fwd",
-        cost_estimate=_cost(k, 1, _nbytes(h, w, t) + 8 * sp.n),
+        cost_estimate=_cost(k, 1, nbytes(h, w, t) + 8 * sp.n),
     )(h, w, t)
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _kernel_backward(k: _KCfg, h, w, t, lse, g):
     sp = k.spec
-    precision = _precision(k.cdt)
+    precision = precision_for(k.cdt)
     g = jnp.where(t != sp.ignore_index, g.astype(jnp.float32), 0.0)
     if k.kernel == "mosaic":
         return _mosaic_backward(k, h, w, t, lse, g)
@@ -995,12 +957,12 @@ def _kernel_backward(k: _KCfg, h, w, t, lse, g):
         functools.partial(_dh_kernel, k=k, precision=precision),
         out_shape=jax.ShapeDtypeStruct(h.shape, jnp.float32), grid=(cdiv(sp.n, k.bn),),
         out_specs=_full_spec(h.shape), name="cut_cross_entropy_bwd_dh",
-        cost_estimate=_cost(k, 2, _nbytes(*ins) + 4 * h.size), **common)(*ins)
+        cost_estimate=_cost(k, 2, nbytes(*ins) + 4 * h.size), **common)(*ins)
     dw = pl.pallas_call(
         functools.partial(_dw_kernel, k=k, precision=precision),
         out_shape=jax.ShapeDtypeStruct(w.shape, jnp.float32), grid=(cdiv(sp.v, k.bv),),
         out_specs=_full_spec(w.shape), name="cut_cross_entropy_bwd_dw",
-        cost_estimate=_cost(k, 2, _nbytes(*ins) + 4 * w.size), **common)(*ins)
+        cost_estimate=_cost(k, 2, nbytes(*ins) + 4 * w.size), **common)(*ins)
     return dh.astype(h.dtype), dw.astype(w.dtype)
 
 
@@ -1057,20 +1019,20 @@ def cut_cross_entropy(hidden, classifier, targets, *, tied: bool = False,
         return cross_entropy_reference(hidden, classifier, targets, tied=tied,
                                        ignore_index=spec.ignore_index, softcap=spec.softcap)
     for arg, x in (("hidden", hidden), ("classifier", classifier)):
-        if jnp.dtype(x.dtype) not in _KERNEL_DTYPES:
+        if jnp.dtype(x.dtype) not in KERNEL_FLOAT_DTYPES:
             raise TypeError(f"{name}: {arg} dtype {x.dtype} is not supported by backend="
                             f"{backend!r}; use float32, bfloat16 or float16, or backend='xla'.")
     if n == 0:
         return _empty_vjp_safe(n, hidden, classifier)
     cdt = jnp.dtype(_compute_dtype(hidden, classifier)).name
-    if backend == "mosaic_tpu":
+    kernel, interp = pallas_lowering(backend, interpret)
+    if kernel == "mosaic":
         itemsize = max(jnp.dtype(hidden.dtype).itemsize, jnp.dtype(classifier.dtype).itemsize)
         bn, bv, vmem = _plan_mosaic_vmem(block_sizes, n, v, d, itemsize, name)
-        interp = pltpu.InterpretParams() if interpret is True else (interpret or False)
         k = _KCfg(spec, bn=bn, bv=bv, bd=d, interpret=interp, cdt=cdt, kernel="mosaic",
                   vmem=vmem)
     else:
         bs = block_sizes or BlockSizes()
         k = _KCfg(spec, bn=_fit(bs.block_n, n), bv=_fit(bs.block_v, v), bd=_fit(bs.block_d, d),
-                  interpret=True if backend == "interpret" else bool(interpret), cdt=cdt)
+                  interpret=interp, cdt=cdt)
     return _cce(k, hidden, classifier, targets.astype(jnp.int32))

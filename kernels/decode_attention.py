@@ -141,8 +141,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import (TRITON_SMEM_BYTES, cdiv, check_on_chip, is_power_of_2, next_power_of_2,
-                      resolve_backend, round_up)
+from ._common import (TRITON_SMEM_BYTES, cdiv, check_float, check_on_chip, check_positive_int,
+                      is_concrete, is_power_of_2, load, next_power_of_2, pallas_lowering,
+                      precision_for, round_up)
 from .attention_reference import attention_reference
 
 __all__ = [
@@ -157,7 +158,6 @@ __all__ = [
     "paged_decode_attention_with_lse",
 ]
 
-_FLOATS = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MIN_DOT = 16          # tl.dot needs every dimension >= 16.
 _TRITON_TARGET_PROGRAMS = 256   # ~2 waves of an H100's 132 SMs.
 
@@ -179,9 +179,9 @@ class BlockSizes:
     num_splits: Optional[int] = None
 
     def __post_init__(self):
-        _check_positive_int("BlockSizes.block_k", self.block_k, "BlockSizes(block_k=128)")
+        check_positive_int("BlockSizes.block_k", self.block_k, "BlockSizes(block_k=128)")
         if self.num_splits is not None:
-            _check_positive_int("BlockSizes.num_splits", self.num_splits,
+            check_positive_int("BlockSizes.num_splits", self.num_splits,
                                 "BlockSizes(num_splits=8), or None for the heuristic")
 
     @classmethod
@@ -202,11 +202,6 @@ def _default_num_splits(kernel: str, programs: int, num_blocks: int) -> int:
     if kernel == "mosaic":
         return 2 if programs == 1 else 1
     return max(1, min(cdiv(_TRITON_TARGET_PROGRAMS, programs), num_blocks // 2, 32))
-
-
-def _check_positive_int(name, v, fix):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-        raise ValueError(f"{name}={v!r} must be a positive int; pass e.g. {fix}.")
 
 
 # --------------------------------------------------------------------------
@@ -293,21 +288,8 @@ def merge_attention(outs: Sequence[jax.Array], lses: Sequence[jax.Array], *, out
 # --------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------
-_TRACER = getattr(jax.core, "Tracer", None) or jax._src.core.Tracer
-
-
-def _is_concrete(a) -> bool:
-    return not isinstance(a, _TRACER)
-
-
-def _check_float(name, a, fn):
-    if not hasattr(a, "dtype") or jnp.dtype(a.dtype) not in _FLOATS:
-        raise TypeError(f"{fn}: {name} has dtype {getattr(a, 'dtype', type(a))}; "
-                        f"use float32, bfloat16 or float16 (e.g. {name}.astype(jnp.bfloat16)).")
-
-
 def _check_q(q, fn):
-    _check_float("q", q, fn)
+    check_float("q", q, fn)
     if q.ndim != 3:
         raise ValueError(f"{fn}: q must be [batch, heads, head_dim] (one decode token per "
                          f"sequence), got shape {tuple(q.shape)}; for q of shape [B, 1, H, D] "
@@ -341,7 +323,7 @@ def _check_lengths(lengths, b, fn):
 
 
 def _check_lengths_values(lengths, limit, fn, what, fix):
-    if not _is_concrete(lengths) or lengths.size == 0:
+    if not is_concrete(lengths) or lengths.size == 0:
         return
     host = np.asarray(lengths)
     lo, hi = int(host.min()), int(host.max())
@@ -355,7 +337,7 @@ def _check_lengths_values(lengths, limit, fn, what, fix):
 def _check_decode_args(q, k, v, lengths, fn):
     _check_q(q, fn)
     for name, a in (("k", k), ("v", v)):
-        _check_float(name, a, fn)
+        check_float(name, a, fn)
         if a.ndim != 4:
             raise ValueError(f"{fn}: {name} must be [batch, seq, kv_heads, head_dim], "
                              f"got shape {tuple(a.shape)}.")
@@ -376,7 +358,7 @@ def _check_decode_args(q, k, v, lengths, fn):
 def _check_paged_args(q, k_pages, v_pages, lengths, block_tables, fn):
     _check_q(q, fn)
     for name, a in (("k_pages", k_pages), ("v_pages", v_pages)):
-        _check_float(name, a, fn)
+        check_float(name, a, fn)
         if a.ndim != 4:
             raise ValueError(f"{fn}: {name} must be [kv_heads, num_pages, page_size, head_dim], "
                              f"got shape {tuple(a.shape)}.")
@@ -399,7 +381,7 @@ def _check_paged_args(q, k_pages, v_pages, lengths, block_tables, fn):
 
 
 def _check_block_table_values(lengths, block_tables, num_pages, ps, fn):
-    if not (_is_concrete(lengths) and _is_concrete(block_tables)) or block_tables.size == 0:
+    if not (is_concrete(lengths) and is_concrete(block_tables)) or block_tables.size == 0:
         return
     bt = np.asarray(block_tables)
     used = np.arange(bt.shape[1])[None, :] < (-(-np.asarray(lengths) // ps))[:, None]
@@ -430,21 +412,6 @@ class _Cfg:
     ppb: int = 1         # pages per block (paged)
     page_size: int = 0   # (paged)
     head_major: bool = False   # mosaic contiguous: K/V transposed to [B, Hkv, S, D]
-
-
-def _kernel_and_interpret(backend, interpret):
-    backend = resolve_backend(backend)
-    if backend == "xla":
-        return None, None
-    if backend == "interpret":
-        return "triton", True
-    if backend == "triton":
-        return "triton", bool(interpret)
-    if interpret is True:
-        interpret = pltpu.InterpretParams()
-    elif not interpret:
-        interpret = False
-    return "mosaic", interpret
 
 
 def _splits(kernel, requested, programs, nb):
@@ -506,7 +473,7 @@ def _plan_contiguous(kernel, interpret, block_sizes, scale, b, h, d, s, hkv, dv,
 def _plan_paged(kernel, interpret, pages_per_block, num_splits, scale, b, h, d, hkv, ps,
                 max_pages, dv, fn, itemsize=4):
     if num_splits is not None:
-        _check_positive_int("num_splits", num_splits, "num_splits=8, or None for the heuristic")
+        check_positive_int("num_splits", num_splits, "num_splits=8, or None for the heuristic")
     if kernel == "triton":
         if not is_power_of_2(ps):
             raise ValueError(
@@ -516,7 +483,7 @@ def _plan_paged(kernel, interpret, pages_per_block, num_splits, scale, b, h, d, 
         if pages_per_block is None:
             ppb = max(1, 128 // ps)
         else:
-            _check_positive_int("pages_per_block", pages_per_block, "pages_per_block=8")
+            check_positive_int("pages_per_block", pages_per_block, "pages_per_block=8")
             ppb = int(pages_per_block)
             if not is_power_of_2(ppb) or ppb * ps < _MIN_DOT:
                 good = max(next_power_of_2(ppb), _MIN_DOT // ps if ps < _MIN_DOT else 1)
@@ -538,7 +505,7 @@ def _plan_paged(kernel, interpret, pages_per_block, num_splits, scale, b, h, d, 
         if pages_per_block is None:
             ppb = max(1, min(16, 512 // ps))
         else:
-            _check_positive_int("pages_per_block", pages_per_block, "pages_per_block=8")
+            check_positive_int("pages_per_block", pages_per_block, "pages_per_block=8")
             ppb = int(pages_per_block)
         ppb = min(ppb, max_pages)
     nb = cdiv(max_pages, ppb)
@@ -550,10 +517,6 @@ def _plan_paged(kernel, interpret, pages_per_block, num_splits, scale, b, h, d, 
 # --------------------------------------------------------------------------
 # Kernel bodies (shared tile math)
 # --------------------------------------------------------------------------
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _online_softmax_step(q, k, v, valid, carry, *, scale):
     """One block of the online softmax.
 
@@ -563,7 +526,7 @@ def _online_softmax_step(q, k, v, valid, carry, *, scale):
     valid, so ``m`` is finite afterwards and no ``-inf - -inf`` arises.
     """
     acc, m, l = carry
-    prec = _precision(q.dtype)
+    prec = precision_for(q.dtype)
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                         precision=prec) * scale
     s = jnp.where(valid, s, -jnp.inf)
@@ -585,12 +548,6 @@ def _and_masks(*masks):
     return out
 
 
-def _masked(ref, mask):
-    if mask is None:
-        return ref[...]
-    return plgpu.load(ref, mask=mask, other=0)
-
-
 # ---- Triton (also the "interpret" backend) -------------------------------
 def _triton_kernel(len_ref, *refs, cfg: _Cfg, gp: int, dp: int, dvp: int):
     if cfg.paged:
@@ -606,7 +563,7 @@ def _triton_kernel(len_ref, *refs, cfg: _Cfg, gp: int, dp: int, dvp: int):
     q_mask = _and_masks(g_ok, d_ok)
     if q_mask is not None:
         q_mask = jnp.broadcast_to(q_mask, (gp, dp))
-    q = _masked(q_ref, q_mask)
+    q = load(q_ref, q_mask)
     first = s_idx * cfg.bps
     n_live = jnp.clip(lax.div(length + (bk - 1), bk) - first, 0, cfg.bps)
 
@@ -615,14 +572,14 @@ def _triton_kernel(len_ref, *refs, cfg: _Cfg, gp: int, dp: int, dvp: int):
         if not cfg.paged:
             valid = (start + jnp.arange(bk) < length)[:, None]
             mask = jnp.broadcast_to(_and_masks(valid, col_ok), (bk, width))
-            return plgpu.load(ref.at[pl.ds(j * bk, bk), :], mask=mask, other=0)
+            return load(ref.at[pl.ds(j * bk, bk), :], mask)
         ppb, ps = cfg.ppb, cfg.page_size
         pages = bt_ref[pl.ds(j * ppb, ppb)]                       # [ppb] page ids
         # Rows of the [num_pages * page_size, D] pool holding this block's keys.
         rows = (pages[:, None] * ps + jnp.arange(ps)[None, :]).reshape(bk)
         mask = (start + jnp.arange(bk) < length)[:, None]
         mask = jnp.broadcast_to(_and_masks(mask, col_ok), (bk, width))
-        return plgpu.load(ref.at[rows[:, None], jnp.arange(width)[None, :]], mask=mask, other=0)
+        return load(ref.at[rows[:, None], jnp.arange(width)[None, :]], mask)
 
     def body(j, carry):
         k = load_block(k_ref, j, d_ok, dp)
@@ -881,12 +838,12 @@ def decode_attention_with_lse(q, k, v, lengths, *, scale: Optional[float] = None
     _check_lengths_values(lengths, s, fn, "the cache length S (k.shape[1])",
                           "lengths count valid keys, so they must not exceed the cache")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    kernel, interp = _kernel_and_interpret(backend, interpret)
+    kernel, interp = pallas_lowering(backend, interpret)
     if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
         raise TypeError(
             f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}; "
             "pass block_sizes=BlockSizes(block_k=..., num_splits=...).")
-    if kernel is None:
+    if kernel == "xla":
         return decode_attention_reference(q, k, v, lengths, scale=scale, return_lse=True)
     if b == 0 or s == 0 or h == 0:
         return jnp.zeros((b, h, dv), q.dtype), jnp.full((b, h), -jnp.inf, jnp.float32)
@@ -947,10 +904,10 @@ def paged_decode_attention_with_lse(q, k_pages, v_pages, lengths, block_tables, 
         "shorten the sequence")
     _check_block_table_values(lengths, block_tables, num_pages, ps, fn)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    kernel, interp = _kernel_and_interpret(backend, interpret)
+    kernel, interp = pallas_lowering(backend, interpret)
     if pages_per_block is not None:
-        _check_positive_int("pages_per_block", pages_per_block, "pages_per_block=8")
-    if kernel is None:
+        check_positive_int("pages_per_block", pages_per_block, "pages_per_block=8")
+    if kernel == "xla":
         return paged_decode_attention_reference(q, k_pages, v_pages, lengths, block_tables,
                                                 scale=scale, return_lse=True)
     if b == 0 or h == 0 or max_pages == 0:

@@ -96,15 +96,22 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from ._common import (
+    KERNEL_FLOAT_DTYPES,
     TRITON_SMEM_BYTES,
     cdiv,
     check_on_chip,
+    dot,
+    is_concrete,
     is_power_of_2,
+    load,
     lowest_power_of_2_factor,
     next_power_of_2,
-    resolve_backend,
+    pallas_lowering,
+    precision_for,
     round_up,
+    store,
 )
+from ._packing import code_planes, pack_bits, unpack_bits
 
 __all__ = [
     "NF4_TABLE",
@@ -130,8 +137,6 @@ NF4_TABLE: tuple[float, ...] = (
     0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
     0.7229568362236023, 1.0,
 )
-
-_X_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 # --------------------------------------------------------------------------
@@ -182,14 +187,11 @@ class BlockSizes:
 # --------------------------------------------------------------------------
 # Pure-JAX helpers and references
 # --------------------------------------------------------------------------
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
 def pack_int4(codes) -> jax.Array:
     """Pack unsigned 4-bit codes ``[K, N]`` (values 0..15) into uint8 ``[K//2, N]``.
 
-    Byte ``[i, n]`` = ``codes[2i, n] | codes[2i+1, n] << 4``.
+    Byte ``[i, n]`` = ``codes[2i, n] | codes[2i+1, n] << 4``: the shared layout of
+    :func:`memlab_kernels._packing.pack_bits` (4 bits along axis 0).
     """
     codes = jnp.asarray(codes)
     if codes.ndim != 2:
@@ -202,7 +204,7 @@ def pack_int4(codes) -> jax.Array:
         raise ValueError(
             f"codes has K={codes.shape[0]} rows; K must be even to pack two "
             "4-bit codes per byte (pad K by one zero row).")
-    if _is_concrete(codes) and codes.size:
+    if is_concrete(codes) and codes.size:
         host = np.asarray(codes)
         lo_v, hi_v = int(host.min()), int(host.max())
         if lo_v < 0 or hi_v > 15:
@@ -214,8 +216,7 @@ def pack_int4(codes) -> jax.Array:
 
 @jax.jit
 def _pack_int4(codes):
-    codes = codes.astype(jnp.uint8)
-    return codes[0::2] | (codes[1::2] << 4)
+    return pack_bits(codes, 4, axis=0)
 
 
 def unpack_int4(packed) -> jax.Array:
@@ -229,10 +230,7 @@ def unpack_int4(packed) -> jax.Array:
 
 @jax.jit
 def _unpack_int4(packed):
-    lo = packed & jnp.uint8(0xF)
-    hi = packed >> jnp.uint8(4)
-    k2, n = packed.shape
-    return jnp.stack([lo, hi], axis=1).reshape(2 * k2, n)
+    return unpack_bits(packed, 4, axis=0)
 
 
 def dequantize_int8(q, scale) -> jax.Array:
@@ -303,7 +301,7 @@ def _check_float(name, a):
 
 
 def _check_x(x, k, wname="q", per_row=1):
-    if not hasattr(x, "dtype") or jnp.dtype(x.dtype) not in _X_DTYPES:
+    if not hasattr(x, "dtype") or jnp.dtype(x.dtype) not in KERNEL_FLOAT_DTYPES:
         raise TypeError(
             f"x must be float32, bfloat16 or float16, got "
             f"{getattr(x, 'dtype', type(x))}; cast x with x.astype(jnp.float32).")
@@ -363,12 +361,6 @@ def _check_packed_weight(fmt, packed, aux: dict, g, gname):
 # --------------------------------------------------------------------------
 # Kernel bodies (shared tile math)
 # --------------------------------------------------------------------------
-def _unpack_nibbles(p):
-    """uint8 tile -> (low, high) nibble codes as int32."""
-    p = p.astype(jnp.int32)
-    return p & 0xF, (p >> 4) & 0xF
-
-
 def _expand_rows(s, reps):
     """``[G, bn]`` -> ``[G*reps, bn]``, each row repeated ``reps`` times."""
     g, bn = s.shape
@@ -401,7 +393,7 @@ def _dequant_half(fmt, code, aux, half_group):
 
 
 def _dequant_packed(fmt, p, aux, half_group, cdtype):
-    lo, hi = _unpack_nibbles(p)
+    lo, hi = code_planes(p, 4)       # codes of the even / odd rows of the tile
     w_even = _dequant_half(fmt, lo, aux, half_group).astype(cdtype)
     w_odd = _dequant_half(fmt, hi, aux, half_group).astype(cdtype)
     return w_even, w_odd
@@ -409,10 +401,6 @@ def _dequant_packed(fmt, p, aux, half_group, cdtype):
 
 def _int8_to(q, cdtype):
     return q.astype(jnp.int32).astype(jnp.float32).astype(cdtype)
-
-
-def _dot(a, b, precision):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
 
 
 # --------------------------------------------------------------------------
@@ -544,12 +532,6 @@ def _plan_mosaic(spec: _Spec, m: int, k: int, n: int, x_dtype) -> _Plan:
 # --------------------------------------------------------------------------
 # Triton kernel (also the "interpret" backend)
 # --------------------------------------------------------------------------
-def _masked_load(ref, mask):
-    if mask is None:
-        return ref[...]
-    return plgpu.load(ref, mask=mask, other=0)
-
-
 def _triton_kernel(x_ref, w_ref, *refs, fmt, plan: _Plan, group, precision):
     *aux_refs, o_ref = refs
     bm, bn, bk = plan.bm, plan.bn, plan.bk
@@ -565,21 +547,21 @@ def _triton_kernel(x_ref, w_ref, *refs, fmt, plan: _Plan, group, precision):
         return None if col_ok is None else jnp.broadcast_to(col_ok, (rows, bn))
 
     def body(kb, acc):
-        xt = _masked_load(x_ref.at[:, pl.ds(kb * bk, bk)], rows_mask(bk))
+        xt = load(x_ref.at[:, pl.ds(kb * bk, bk)], rows_mask(bk))
         if fmt == "int8":
-            q = _masked_load(w_ref.at[pl.ds(kb * bk, bk), :], cols_mask(bk))
-            return acc + _dot(xt, _int8_to(q, cdtype), precision)
+            q = load(w_ref.at[pl.ds(kb * bk, bk), :], cols_mask(bk))
+            return acc + dot(xt, _int8_to(q, cdtype), precision)
         hk, gpb = bk // 2, bk // group
         # Columns 2i / 2i+1 of the x tile meet the low / high nibbles of row i.
         x_even, x_odd = lax.unstack(xt.reshape(bm, hk, 2), axis=2)
-        p = _masked_load(w_ref.at[pl.ds(kb * hk, hk), :], cols_mask(hk))
-        aux = [_masked_load(r.at[pl.ds(kb * gpb, gpb), :], cols_mask(gpb)) for r in aux_refs]
+        p = load(w_ref.at[pl.ds(kb * hk, hk), :], cols_mask(hk))
+        aux = [load(r.at[pl.ds(kb * gpb, gpb), :], cols_mask(gpb)) for r in aux_refs]
         w_even, w_odd = _dequant_packed(fmt, p, aux, group // 2, cdtype)
-        return acc + _dot(x_even, w_even, precision) + _dot(x_odd, w_odd, precision)
+        return acc + dot(x_even, w_even, precision) + dot(x_odd, w_odd, precision)
 
     acc = lax.fori_loop(0, plan.k_pad // bk, body, jnp.zeros((bm, bn), jnp.float32))
     if fmt == "int8":   # per-output-channel scale factors out of the K sum.
-        acc = acc * _masked_load(aux_refs[0], cols_mask(1))
+        acc = acc * load(aux_refs[0], cols_mask(1))
     out = acc.astype(o_ref.dtype)
     if row_ok is None and col_ok is None:
         o_ref[...] = out
@@ -589,7 +571,7 @@ def _triton_kernel(x_ref, w_ref, *refs, fmt, plan: _Plan, group, precision):
             mask = mask & row_ok
         if col_ok is not None:
             mask = mask & col_ok
-        plgpu.store(o_ref, out, mask=mask)
+        store(o_ref, out, mask)
 
 
 def _triton_call(spec: _Spec, plan: _Plan, x, w, aux, precision):
@@ -637,13 +619,13 @@ def _mosaic_kernel(*refs, fmt, group, n_k, precision):
 
     if fmt == "int8":
         x_ref, q_ref, s_ref = in_refs
-        acc_ref[...] += _dot(x_ref[...], _int8_to(q_ref[...], x_ref.dtype), precision)
+        acc_ref[...] += dot(x_ref[...], _int8_to(q_ref[...], x_ref.dtype), precision)
     else:
         xe_ref, xo_ref, p_ref, *aux_refs = in_refs
         aux = [r[...] for r in aux_refs]
         w_even, w_odd = _dequant_packed(fmt, p_ref[...], aux, group // 2, xe_ref.dtype)
-        acc_ref[...] += (_dot(xe_ref[...], w_even, precision)
-                         + _dot(xo_ref[...], w_odd, precision))
+        acc_ref[...] += (dot(xe_ref[...], w_even, precision)
+                         + dot(xo_ref[...], w_odd, precision))
 
     @pl.when(kb == n_k - 1)
     def _finish():
@@ -719,7 +701,7 @@ def _pallas_forward(spec: _Spec, x, w, *aux):
     n = w.shape[1]
     if m == 0:
         return jnp.zeros((0, n), x.dtype)
-    precision = lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
+    precision = precision_for(x.dtype)
     if spec.fmt == "int8":
         aux = (aux[0].reshape(1, n),)
     if spec.kernel == "triton":
@@ -766,19 +748,10 @@ def _make_spec(fmt, group, block_sizes, backend, interpret) -> _Spec | None:
         raise TypeError(
             f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}; "
             "pass block_sizes=BlockSizes(block_m=..., block_n=..., block_k=...).")
-    backend = resolve_backend(backend)
-    if backend == "xla":
+    kernel, interp = pallas_lowering(backend, interpret)
+    if kernel == "xla":
         return None
-    if backend == "interpret":
-        return _Spec(fmt, group, block_sizes, "triton", True)
-    if backend == "triton":
-        return _Spec(fmt, group, block_sizes, "triton", bool(interpret))
-    # mosaic_tpu
-    if interpret is True:
-        interpret = pltpu.InterpretParams()
-    elif not interpret:
-        interpret = False
-    return _Spec(fmt, group, block_sizes, "mosaic", interpret)
+    return _Spec(fmt, group, block_sizes, kernel, interp)
 
 
 def _run(spec, x, w, aux, reference):

@@ -112,8 +112,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import (TRITON_SMEM_BYTES, cdiv, check_on_chip, is_power_of_2, next_power_of_2,
-                      resolve_backend, round_up)
+from ._common import (KERNEL_FLOAT_DTYPES, TRITON_SMEM_BYTES, acc_dtype, cdiv, check_on_chip,
+                      dot, is_concrete, is_power_of_2, next_power_of_2, pallas_lowering,
+                      precision_for, round_up)
 
 __all__ = [
     "BlockSizes",
@@ -124,7 +125,6 @@ __all__ = [
     "lightning_decay",
 ]
 
-_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _F32 = jnp.float32
 
 
@@ -226,11 +226,7 @@ def lightning_decay(num_heads: int, *, layer_idx: int | None = None,
 # --------------------------------------------------------------------------
 # Input validation
 # --------------------------------------------------------------------------
-def _is_concrete(a) -> bool:
-    return not isinstance(a, jax.core.Tracer)
-
-
-def _check_qkv(q, k, v, dtypes=_DTYPES):
+def _check_qkv(q, k, v, dtypes=KERNEL_FLOAT_DTYPES):
     for name, a in (("q", q), ("k", k), ("v", v)):
         if not hasattr(a, "dtype") or not hasattr(a, "shape"):
             raise TypeError(f"{name} must be an array, got {type(a).__name__}.")
@@ -270,7 +266,7 @@ def _check_decay(decay, num_heads):
             f"decay must have shape (H,) = ({num_heads},), one lambda per head, got "
             f"{tuple(decay.shape)}; for one lambda shared by all heads use "
             f"jnp.full(({num_heads},), lam).")
-    if _is_concrete(decay) and decay.size:
+    if is_concrete(decay) and decay.size:
         host = np.asarray(decay, np.float64)
         if not np.all(np.isfinite(host)) or host.min() <= 0 or host.max() > 1:
             raise ValueError(
@@ -311,9 +307,9 @@ def lightning_attention_reference(q, k, v, *, decay=None, scale=None) -> jax.Arr
     ``q.dtype``.  Plain JAX autodiff (``decay`` gets a true gradient here).
     Memory ``O(B H T^2)``: a correctness reference, not a kernel.
     """
-    _check_qkv(q, k, v, _DTYPES + (jnp.dtype(jnp.float64),))
+    _check_qkv(q, k, v, KERNEL_FLOAT_DTYPES + (jnp.dtype(jnp.float64),))
     scale = _check_scale(scale)
-    acc = jnp.float64 if q.dtype == jnp.float64 else _F32
+    acc = acc_dtype(q.dtype)
     if decay is None:
         ld = jnp.zeros((q.shape[2],), acc)
     else:
@@ -393,14 +389,6 @@ def _plan(kernel: str, bs: BlockSizes | None, t: int, d: int, dv: int, dtype) ->
 # --------------------------------------------------------------------------
 # Shared tile math
 # --------------------------------------------------------------------------
-def _dot(a, b, precision):
-    return jnp.dot(a, b, preferred_element_type=_F32, precision=precision)
-
-
-def _precision(dtype):
-    return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _decay_factors(ld, rows, cols, pos_a, pos_b, bt, reverse):
     """float32 factors of one block (``ld = log(lambda)``, None for no decay).
 
@@ -432,14 +420,14 @@ def _block_step(a, b, c, state, fac, *, b_transposed, has_decay, precision):
     product is a plain NN matmul, no in-kernel transpose).
     """
     causal, intra, a_dec, b_dec, blk = fac
-    s = _dot(a, b if b_transposed else b.T, precision)      # [bt, bt]
+    s = dot(a, b if b_transposed else b.T, precision)      # [bt, bt]
     s = s * intra if has_decay else jnp.where(causal, s, 0.0)
-    inter = _dot(a, state.astype(a.dtype), precision)        # [bt, F]
+    inter = dot(a, state.astype(a.dtype), precision)        # [bt, F]
     if has_decay:
         inter = inter * a_dec
         b = (b.astype(_F32) * b_dec).astype(b.dtype)
-    o = _dot(s.astype(c.dtype), c, precision) + inter
-    new = _dot(b if b_transposed else b.T, c, precision)     # [Dk, F]
+    o = dot(s.astype(c.dtype), c, precision) + inter
+    new = dot(b if b_transposed else b.T, c, precision)     # [Dk, F]
     state = state * blk + new if has_decay else state + new
     return o, state
 
@@ -474,7 +462,7 @@ def _triton_call(spec: _Spec, a, b, c, ld, reverse):
     n = tp // bt
     kernel = functools.partial(
         _triton_kernel, bt=bt, n=n, reverse=reverse, scale=spec.scale,
-        has_decay=spec.has_decay, precision=_precision(a.dtype))
+        has_decay=spec.has_decay, precision=precision_for(a.dtype))
     full = pl.BlockSpec((None, tp, None, dk), lambda i, j, m: (i, 0, j, 0))
     tile = pl.BlockSpec((None, tp, None, bf), lambda i, j, m: (i, 0, j, m))
     num_warps = 4 if bt * max(dk, bf) <= 64 * 64 else 8
@@ -531,7 +519,7 @@ def _mosaic_call(spec: _Spec, a, b, c, ld, reverse):
     c_spec = pl.BlockSpec((None, None, bt, bf), lambda i, j, m, t, ld: (i, j, blk(t), m))
     kernel = functools.partial(
         _mosaic_kernel, bt=bt, reverse=reverse, scale=spec.scale,
-        has_decay=spec.has_decay, precision=_precision(a.dtype))
+        has_decay=spec.has_decay, precision=precision_for(a.dtype))
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((bsz, h, tp, f), a.dtype),
@@ -558,7 +546,7 @@ def _xla_call(spec: _Spec, a, b, c, ld, reverse):
     f = c.shape[-1]
     bt = spec.bt
     n = tp // bt
-    precision = _precision(a.dtype)
+    precision = precision_for(a.dtype)
 
     def chunks(x):   # [B, Tp, H, F] -> [n, B, H, bt, F]
         return x.reshape(bsz, n, bt, h, x.shape[-1]).transpose(1, 0, 3, 2, 4)
@@ -668,21 +656,7 @@ def _make_spec(block_sizes, backend, interpret, t, d, dv, dtype, scale, has_deca
         raise TypeError(
             f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}; "
             "pass block_sizes=BlockSizes(block_t=..., block_dv=...).")
-    backend = resolve_backend(backend)
-    if backend == "xla":
-        kernel, interp = "xla", False
-    elif backend == "interpret":
-        kernel, interp = "triton", True
-    elif backend == "triton":
-        kernel, interp = "triton", bool(interpret)
-    else:   # mosaic_tpu
-        kernel = "mosaic"
-        if interpret is True:
-            interp = pltpu.InterpretParams()
-        elif not interpret:
-            interp = False
-        else:
-            interp = interpret
+    kernel, interp = pallas_lowering(backend, interpret)
     bt, bf = _plan(kernel, block_sizes, t, d, dv, dtype)
     return _Spec(kernel, interp, bt, bf, scale, has_decay)
 

@@ -134,8 +134,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import (TRITON_SMEM_BYTES, check_on_chip, is_power_of_2, lowest_power_of_2_factor,
-                      next_power_of_2, resolve_backend)
+from ._common import (KERNEL_FLOAT_DTYPES, TRITON_SMEM_BYTES, check_on_chip, check_positive_int,
+                      dot, host_value, is_concrete, is_power_of_2, lowest_power_of_2_factor,
+                      next_power_of_2, pallas_lowering, precision_for)
+from ._packing import code_plane, pack_bits, unpack_bits, unpack_tile
 
 __all__ = [
     "BlockSizes",
@@ -151,7 +153,6 @@ __all__ = [
 
 BITS = (8, 4, 2)
 _SCALE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-_FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _NEG = -1e30        # finite "minus infinity" for running maxima (exp(NEG - NEG) = 1, not NaN)
 
 
@@ -182,7 +183,7 @@ class KiviCache:
         # Only the static fields are checked here: pytree utilities rebuild the
         # node with arbitrary leaves (tracers, None, batching specs).
         _check_bits(self.bits)
-        _check_positive_int("group_size", self.group_size)
+        check_positive_int("group_size", self.group_size)
 
     @property
     def codes_per_byte(self) -> int:
@@ -266,29 +267,16 @@ class BlockSizes:
 # --------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------
-def _check_positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-        raise ValueError(f"{name}={v!r} must be a positive int (e.g. {name}=32).")
-
-
 def _check_bits(bits):
     if isinstance(bits, bool) or bits not in BITS:
         raise ValueError(f"bits={bits!r} is not supported; use one of {BITS} "
                          "(8, 4 or 2 bits per code, 1, 2 or 4 codes per byte).")
 
 
-def _host_value(a):
-    """``a`` as a numpy array, or None while tracing."""
-    try:
-        return np.asarray(a)
-    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-        return None
-
-
 def _check_layout(s, d, r, bits, g, what="capacity"):
     """Shape rules shared by every entry point; ``s`` is the quantized capacity."""
     _check_bits(bits)
-    _check_positive_int("group_size", g)
+    check_positive_int("group_size", g)
     p = 8 // bits
     if g % p:
         raise ValueError(
@@ -352,7 +340,7 @@ def _check_cache(cache, name="cache") -> _Dims:
         if jnp.dtype(getattr(cache, f).dtype) != sd:
             raise TypeError(f"{name}.{f} has dtype {getattr(cache, f).dtype} but k_scale is "
                             f"{sd}; all scales and zeros must share one dtype.")
-    if jnp.dtype(cache.k_res.dtype) not in _FLOAT_DTYPES:
+    if jnp.dtype(cache.k_res.dtype) not in KERNEL_FLOAT_DTYPES:
         raise TypeError(f"{name}.k_res has dtype {cache.k_res.dtype}; use float32, bfloat16 "
                         "or float16.")
     if cache.v_res.dtype != cache.k_res.dtype:
@@ -369,7 +357,7 @@ def _check_kv(k, v, name="k/v"):
         if not hasattr(a, "ndim") or a.ndim != 4:
             raise ValueError(f"{arg} must be [batch, seq, kv_heads, head_dim], got shape "
                              f"{tuple(getattr(a, 'shape', ()))}.")
-        if jnp.dtype(a.dtype) not in _FLOAT_DTYPES:
+        if jnp.dtype(a.dtype) not in KERNEL_FLOAT_DTYPES:
             raise TypeError(f"{arg} has dtype {a.dtype}; use float32, bfloat16 or float16.")
     if k.shape != v.shape:
         raise ValueError(f"k shape {tuple(k.shape)} != v shape {tuple(v.shape)}; KIVI needs "
@@ -379,34 +367,8 @@ def _check_kv(k, v, name="k/v"):
 
 
 # --------------------------------------------------------------------------
-# Packing and (de)quantization (pure JAX)
+# (De)quantization (pure JAX); packing: memlab_kernels._packing
 # --------------------------------------------------------------------------
-def _pack(codes, axis, bits):
-    """Pack uint8 codes (< 2**bits) along ``axis``: P consecutive codes per byte, first in the low bits."""
-    p = 8 // bits
-    if p == 1:
-        return codes.astype(jnp.uint8)
-    axis = axis % codes.ndim
-    n = codes.shape[axis]
-    c = codes.astype(jnp.uint8).reshape(*codes.shape[:axis], n // p, p, *codes.shape[axis + 1:])
-    out = jnp.zeros(c.shape[:axis + 1] + c.shape[axis + 2:], jnp.uint8)
-    for j in range(p):
-        out = out | (lax.index_in_dim(c, j, axis + 1, keepdims=False) << jnp.uint8(j * bits))
-    return out
-
-
-def _unpack(packed, axis, bits):
-    """Inverse of :func:`_pack`: uint8 ``[..., n, ...]`` -> codes ``[..., n*P, ...]``."""
-    p = 8 // bits
-    if p == 1:
-        return packed
-    axis = axis % packed.ndim
-    mask = jnp.uint8(2 ** bits - 1)
-    parts = [(packed >> jnp.uint8(j * bits)) & mask for j in range(p)]
-    st = jnp.stack(parts, axis=axis + 1)
-    return st.reshape(*packed.shape[:axis], packed.shape[axis] * p, *packed.shape[axis + 1:])
-
-
 def _minmax_quantize(x, axis, bits, scale_dtype):
     """Asymmetric min/max quantization of float32 ``x`` with statistics over ``axis``."""
     levels = 2 ** bits - 1
@@ -434,7 +396,7 @@ def _quantize_keys(k, bits, g, scale_dtype):
     b, t, hkv, d = k.shape
     kg = k.astype(jnp.float32).reshape(b, t // g, g, hkv, d)
     code, scale, zero = _minmax_quantize(kg, 2, bits, scale_dtype)
-    return _pack(code.reshape(b, t, hkv, d), 1, bits), scale, zero
+    return pack_bits(code.reshape(b, t, hkv, d), bits, 1), scale, zero
 
 
 def _quantize_values(v, bits, g, scale_dtype):
@@ -442,16 +404,16 @@ def _quantize_values(v, bits, g, scale_dtype):
     b, t, hkv, d = v.shape
     vg = v.astype(jnp.float32).reshape(b, t, hkv, d // g, g)
     code, scale, zero = _minmax_quantize(vg, 4, bits, scale_dtype)
-    return _pack(code.reshape(b, t, hkv, d), 3, bits), scale, zero
+    return pack_bits(code.reshape(b, t, hkv, d), bits, 3), scale, zero
 
 
 def _dequantize_quantized(cache: KiviCache, dims: _Dims):
     """Float32 keys and values of the quantized part, ``[B, S, Hkv, D]`` each."""
     b, s, _, hkv, d, bits, g, _ = dims
-    kc = _unpack(cache.k_codes, 1, bits).astype(jnp.float32)
+    kc = unpack_bits(cache.k_codes, bits, 1).astype(jnp.float32)
     ks = jnp.repeat(cache.k_scale.astype(jnp.float32), g, axis=1)
     kz = jnp.repeat(cache.k_zero.astype(jnp.float32), g, axis=1)
-    vc = _unpack(cache.v_codes, 3, bits).astype(jnp.float32)
+    vc = unpack_bits(cache.v_codes, bits, 3).astype(jnp.float32)
     vs = jnp.repeat(cache.v_scale.astype(jnp.float32), g, axis=3)
     vz = jnp.repeat(cache.v_zero.astype(jnp.float32), g, axis=3)
     return kc * ks + kz, vc * vs + vz
@@ -489,9 +451,9 @@ def kivi_quantize(k, v, lengths, *, bits: int, group_size: int, residual: int,
     _check_kv(k, v)
     b, t, hkv, d = (int(x) for x in k.shape)
     s = t if capacity is None else capacity
-    _check_positive_int("residual", residual)
+    check_positive_int("residual", residual)
     if capacity is not None:
-        _check_positive_int("capacity", capacity)
+        check_positive_int("capacity", capacity)
     if jnp.dtype(scale_dtype) not in _SCALE_DTYPES:
         raise TypeError(f"scale_dtype={jnp.dtype(scale_dtype).name} is not supported; use "
                         "jnp.float32 or jnp.bfloat16.")
@@ -501,7 +463,7 @@ def kivi_quantize(k, v, lengths, *, bits: int, group_size: int, residual: int,
         raise ValueError(f"capacity={s} is smaller than floor(T/G)*G={(t // group_size) * group_size} "
                          f"for T={t}, group_size={group_size}.")
     lengths = _as_lengths(lengths, b)
-    host = _host_value(lengths)
+    host = host_value(lengths)
     if host is not None and b:
         if host.min() < 0 or host.max() > t:
             raise ValueError(f"lengths must lie in [0, T={t}], got values in "
@@ -548,12 +510,12 @@ def kivi_empty(batch: int, capacity: int, kv_heads: int, head_dim: int, *, bits:
     """An empty cache (all zeros, lengths 0) to fill with :func:`kivi_append`."""
     for name, val in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim),
                       ("residual", residual), ("capacity", capacity)):
-        _check_positive_int(name, val)
+        check_positive_int(name, val)
     _check_layout(capacity, head_dim, residual, bits, group_size)
     if jnp.dtype(scale_dtype) not in _SCALE_DTYPES:
         raise TypeError(f"scale_dtype={jnp.dtype(scale_dtype).name} is not supported; use "
                         "jnp.float32 or jnp.bfloat16.")
-    if jnp.dtype(dtype) not in _FLOAT_DTYPES:
+    if jnp.dtype(dtype) not in KERNEL_FLOAT_DTYPES:
         raise TypeError(f"dtype={jnp.dtype(dtype).name}; use float32, bfloat16 or float16.")
     p, g = 8 // bits, group_size
     b, s, h, d, r = batch, capacity, kv_heads, head_dim, residual
@@ -584,10 +546,10 @@ def kivi_append(cache: KiviCache, k_new, v_new) -> KiviCache:
         if tuple(a.shape) != want:
             raise ValueError(f"{name} must be [B, Hkv, D] = {want} (one token per row), got "
                              f"{tuple(a.shape)}.")
-        if jnp.dtype(a.dtype) not in _FLOAT_DTYPES:
+        if jnp.dtype(a.dtype) not in KERNEL_FLOAT_DTYPES:
             raise TypeError(f"{name} has dtype {a.dtype}; use a float dtype.")
     qlen, rlen = cache.quantized_lengths, cache.residual_lengths
-    if not isinstance(qlen, jax.core.Tracer) and not isinstance(rlen, jax.core.Tracer):
+    if is_concrete(qlen) and is_concrete(rlen):
         full = (np.asarray(rlen) >= dims_res(cache)) & (np.asarray(qlen) >= cache.capacity)
         if full.any():
             raise ValueError(
@@ -699,7 +661,7 @@ def _check_q(q, dims: _Dims, cache: KiviCache):
     if not hasattr(q, "ndim") or q.ndim != 3:
         raise ValueError(f"q must be [batch, heads, head_dim] (one decode token per row), got "
                          f"shape {tuple(getattr(q, 'shape', ()))}.")
-    if jnp.dtype(q.dtype) not in _FLOAT_DTYPES:
+    if jnp.dtype(q.dtype) not in KERNEL_FLOAT_DTYPES:
         raise TypeError(f"q has dtype {q.dtype}; use float32, bfloat16 or float16.")
     b, h, d = q.shape
     if b != dims.b:
@@ -836,34 +798,6 @@ def _plan(spec: _Spec, dims: _Dims, h: int, itemsize: int = 4) -> _Plan:
 # --------------------------------------------------------------------------
 # Triton kernel (also the "interpret" backend)
 # --------------------------------------------------------------------------
-def _dot(a, b, precision):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
-
-
-def _unpack_tile_rows(c, bits):
-    """uint8 ``[n, D]`` (P tokens per byte) -> int32 ``[n*P, D]`` in token order."""
-    p = 8 // bits
-    c = c.astype(jnp.int32)
-    if p == 1:
-        return c
-    n, d = c.shape
-    shifts = jnp.arange(p, dtype=jnp.int32)[None, :, None] * bits
-    codes = (jnp.broadcast_to(c[:, None, :], (n, p, d)) >> shifts) & (2 ** bits - 1)
-    return codes.reshape(n * p, d)
-
-
-def _unpack_tile_cols(c, bits):
-    """uint8 ``[n, D/P]`` (P channels per byte) -> int32 ``[n, D]`` in channel order."""
-    p = 8 // bits
-    c = c.astype(jnp.int32)
-    if p == 1:
-        return c
-    n, dp = c.shape
-    shifts = jnp.arange(p, dtype=jnp.int32)[None, None, :] * bits
-    codes = (jnp.broadcast_to(c[:, :, None], (n, dp, p)) >> shifts) & (2 ** bits - 1)
-    return codes.reshape(n, dp * p)
-
-
 def _repeat_rows(x, reps):
     """``[n, D]`` -> ``[n*reps, D]``, each row repeated ``reps`` times."""
     n, d = x.shape
@@ -897,10 +831,10 @@ def _triton_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_r
         kc = kc_ref[pl.ds(i * (bk // p), bk // p), :]                # uint8 [bk/P, D]
         ks = ks_ref[pl.ds(i * (bk // g), bk // g), :]                # [bk/G, D]
         kz = kz_ref[pl.ds(i * (bk // g), bk // g), :]
-        k = (_unpack_tile_rows(kc, bits).astype(jnp.float32)
+        k = (unpack_tile(kc, bits, 0).astype(jnp.float32)
              * _repeat_rows(ks.astype(jnp.float32), g)
              + _repeat_rows(kz.astype(jnp.float32), g))              # [bk, D]
-        s = _dot(q, k.astype(cdtype).T, precision) * sm_scale         # [gp, bk]
+        s = dot(q, k.astype(cdtype).T, precision) * sm_scale         # [gp, bk]
         tok = start + i * bk + jnp.arange(bk, dtype=jnp.int32)
         valid = tok < qlen
         s = jnp.where(valid[None, :], s, -jnp.inf)
@@ -911,11 +845,11 @@ def _triton_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_r
         vc = vc_ref[pl.ds(i * bk, bk), :]                             # uint8 [bk, D/P]
         vs = vs_ref[pl.ds(i * bk, bk), :]                             # [bk, D/G]
         vz = vz_ref[pl.ds(i * bk, bk), :]
-        v = (_unpack_tile_cols(vc, bits).astype(jnp.float32)
+        v = (unpack_tile(vc, bits, 1).astype(jnp.float32)
              * _repeat_cols(vs.astype(jnp.float32), g)
              + _repeat_cols(vz.astype(jnp.float32), g))              # [bk, D]
         v = jnp.where(valid[:, None], v, 0.0)
-        acc = acc * corr[:, None] + _dot(pr.astype(cdtype), v.astype(cdtype), precision)
+        acc = acc * corr[:, None] + dot(pr.astype(cdtype), v.astype(cdtype), precision)
         return acc, m_new, l
 
     init = (jnp.zeros((gp, dims.d), jnp.float32), jnp.full((gp,), _NEG, jnp.float32),
@@ -987,7 +921,7 @@ def _mosaic_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_r
                    dims: _Dims, plan: _Plan, sm_scale, precision):
     bits, g, p, d, hkv = dims.bits, dims.g, dims.p, dims.d, dims.hkv
     bk, nkb, gq = plan.bk, plan.nkb, plan.gq
-    n, dp, mask = bk // p, d // p, 2 ** bits - 1
+    n, dp = bk // p, d // p
     bi, si, kb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cdtype = q_ref.dtype
 
@@ -1011,7 +945,7 @@ def _mosaic_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_r
             kz = _repeat_rows(kz_ref[:, h, :].astype(jnp.float32), g // p)
             scores = []
             for j in range(p):                                         # token plane j
-                kj = (((kc >> (j * bits)) & mask).astype(jnp.float32) * ks + kz).astype(cdtype)
+                kj = (code_plane(kc, bits, j).astype(jnp.float32) * ks + kz).astype(cdtype)
                 sj = lax.dot_general(q, kj, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32,
                                      precision=precision) * sm_scale   # [Gq, bk/P]
@@ -1041,9 +975,9 @@ def _mosaic_kernel(qlen_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_r
                 ok = start + col_tok * p + j < qlen                    # [bk/P, 1]
                 pj = probs[j].astype(cdtype)
                 for t in range(p):                                     # channel plane t
-                    vt = ((vc >> (t * bits)) & mask).astype(jnp.float32) * vs + vz
+                    vt = code_plane(vc, bits, t).astype(jnp.float32) * vs + vz
                     vt = jnp.where(ok, vt, 0.0).astype(cdtype)
-                    accs[t] = accs[t] + _dot(pj, vt, precision)
+                    accs[t] = accs[t] + dot(pj, vt, precision)
             for t in range(p):
                 acc_sc[h, t] = accs[t]
 
@@ -1147,7 +1081,7 @@ def _pallas_forward(spec: _Spec, q, cache: KiviCache):
     dims = _check_cache(cache)
     b, h, d = q.shape
     plan = _plan(spec, dims, h, jnp.dtype(q.dtype).itemsize)
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = precision_for(q.dtype)
     q4 = q.reshape(b, dims.hkv, plan.gq, d)
     if spec.kernel == "triton":
         if plan.gp > plan.gq:
@@ -1168,18 +1102,10 @@ def _make_spec(block_sizes, backend, interpret, sm_scale) -> _Spec | None:
         raise TypeError(
             f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}; "
             "pass block_sizes=BlockSizes(block_k=..., num_splits=...).")
-    backend = resolve_backend(backend)
-    if backend == "xla":
+    kernel, interp = pallas_lowering(backend, interpret)
+    if kernel == "xla":
         return None
-    if backend == "interpret":
-        return _Spec("triton", True, block_sizes, sm_scale)
-    if backend == "triton":
-        return _Spec("triton", bool(interpret), block_sizes, sm_scale)
-    if interpret is True:
-        interpret = pltpu.InterpretParams()
-    elif not interpret:
-        interpret = False
-    return _Spec("mosaic", interpret, block_sizes, sm_scale)
+    return _Spec(kernel, interp, block_sizes, sm_scale)
 
 
 def quantized_decode_attention(q, cache: KiviCache, *, scale: float | None = None,

@@ -1,9 +1,9 @@
 """Private helpers shared by the low-rank / quantized KV policies (GEAR, Palu).
 
 * :func:`pack` / :func:`unpack`: ``bits``-bit codes packed ``8 // bits`` to a
-  uint8 along one axis, first code in the least significant bits -- the KIVI
-  kernel's packing (:mod:`memlab_kernels.quantized_kv_decode`), imported, not
-  rewritten.
+  uint8 along one axis, first code in the least significant bits -- memlab's one
+  packing (:func:`memlab_kernels._packing.pack_bits`, which the KIVI kernel
+  reads), with the axis before the width.
 * :func:`minmax_quantize`: asymmetric uniform min/max quantization with an
   optional mask of entries that neither set the range nor matter (outliers held
   elsewhere, padding).  The scale and zero are rounded to their storage dtype
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from memlab_kernels.quantized_kv_decode import _pack, _unpack
+from memlab_kernels._packing import pack_bits, unpack_bits
 
 __all__ = ["pack", "unpack", "minmax_quantize", "dequantize", "top_subspace", "channel_onehot",
            "index_dtype", "QUANT_BITS"]
@@ -35,12 +35,12 @@ _HI = jax.lax.Precision.HIGHEST
 
 def pack(codes, axis: int, bits: int):
     """uint8 codes ``< 2**bits`` -> bytes, ``8 // bits`` consecutive codes along ``axis`` per byte."""
-    return _pack(codes, axis, bits)
+    return pack_bits(codes, bits, axis)
 
 
 def unpack(packed, axis: int, bits: int):
     """Inverse of :func:`pack`."""
-    return _unpack(packed, axis, bits)
+    return unpack_bits(packed, bits, axis)
 
 
 def index_dtype(d: int):

@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from memlab.model import path_str
+from memlab_kernels._packing import fill_byte, pack_bits, unpack_bits
 
 # ---------------------------------------------------------------------------
 # Code maps (sorted float32 numpy arrays with 2**bits entries)
@@ -99,18 +100,14 @@ def nearest_code(x: jax.Array, code: np.ndarray) -> jax.Array:
 
 def pack_nibbles(idx: jax.Array) -> jax.Array:
     """4-bit codes (uint8 < 16) two per byte along the last axis, low nibble first;
-    an odd last axis is padded by one code."""
-    idx = idx.astype(jnp.uint8)
-    if idx.shape[-1] % 2:
-        idx = jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, 1)])
-    pairs = idx.reshape(idx.shape[:-1] + (idx.shape[-1] // 2, 2))
-    return pairs[..., 0] | (pairs[..., 1] << 4)
+    an odd last axis is padded by one code (memlab's one packing layout,
+    :func:`memlab_kernels._packing.pack_bits`)."""
+    return pack_bits(idx, 4, axis=-1, pad=True)
 
 
 def unpack_nibbles(packed: jax.Array, n: int) -> jax.Array:
     """Inverse of :func:`pack_nibbles`: the first ``n`` codes of the last axis."""
-    both = jnp.stack([packed & 0xF, packed >> 4], axis=-1)
-    return both.reshape(packed.shape[:-1] + (2 * packed.shape[-1],))[..., :n]
+    return unpack_bits(packed, 4, axis=-1, n=n)
 
 
 def check_block_size(block_size: Any, argname: str = "block_size", even: bool = False) -> int:
@@ -187,7 +184,7 @@ class BlockwiseCodec:
     def init(self, shape):
         nb = self.n_units(shape)
         zero = int(np.argmin(np.abs(self.code)))
-        fill = zero | (zero << 4) if self.bits == 4 else zero
+        fill = fill_byte(zero, self.bits)
         return QBlocks(jnp.full((nb, self._row_bytes()), fill, jnp.uint8),
                        jnp.zeros((nb,), jnp.float32))
 
@@ -232,7 +229,7 @@ class Rank1Codec:
     def init(self, shape):
         L, R, C = self.n_units(shape), self.rows, self.cols
         top = len(self.code) - 1  # any code: the maxima start at 0, so all decode to 0
-        fill = top | (top << 4) if self.bits == 4 else top
+        fill = fill_byte(top, self.bits)
         return QRank1(jnp.full((L, -(-R * C * self.bits // 8)), fill, jnp.uint8),
                       jnp.zeros((L, R), jnp.float32), jnp.zeros((L, C), jnp.float32))
 

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 
 from memlab.quant.qarray import QArray
+from memlab_kernels._packing import check_bits, pack_bits, unpack_bits
 
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
               -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -40,47 +41,26 @@ FP4_E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 
 
 # ---------------------------------------------------------------------------
-# packing along axis 0 of a [K, N] code array
+# packing along axis 0 of a [K, N] code array: memlab's one layout
+# (memlab_kernels._packing), which the dequant-matmul kernels read
 # ---------------------------------------------------------------------------
+PACK_BITS = (2, 3, 4, 8)
+
+
 def pack(codes: jax.Array, bits: int) -> jax.Array:
-    """Pack unsigned ``bits``-bit codes [K, N] into uint8 along K."""
-    codes = codes.astype(jnp.uint8)
-    k, n = codes.shape
-    if bits == 8:
-        return codes
-    if bits in (4, 2):
-        per = 8 // bits
-        c = codes.reshape(k // per, per, n)
-        out = jnp.zeros((k // per, n), jnp.uint8)
-        for i in range(per):
-            out = out | (c[:, i] << (bits * i))
-        return out
-    if bits == 3:  # 8 codes -> 24 bits -> 3 bytes
-        c = codes.reshape(k // 8, 8, n).astype(jnp.uint32)
-        word = jnp.zeros((k // 8, n), jnp.uint32)
-        for i in range(8):
-            word = word | (c[:, i] << (3 * i))
-        b = jnp.stack([(word >> (8 * j)) & 0xFF for j in range(3)], axis=1)
-        return b.reshape(k // 8 * 3, n).astype(jnp.uint8)
-    raise ValueError(f"pack: bits={bits} is not one of 2, 3, 4, 8")
+    """Pack unsigned ``bits``-bit codes [K, N] into uint8 along K.
+
+    A little-endian bit stream along K (:func:`memlab_kernels._packing.pack_bits`):
+    2 int4 or 4 int2 per byte (the first code in the low bits), 8 int3 in 3 bytes.
+    """
+    check_bits(bits, PACK_BITS, "pack: bits")
+    return pack_bits(codes, bits, axis=0)
 
 
 def unpack(packed: jax.Array, bits: int) -> jax.Array:
     """Inverse of :func:`pack`: uint8 codes [K, N]."""
-    if bits == 8:
-        return packed
-    rows, n = packed.shape
-    if bits in (4, 2):
-        per = 8 // bits
-        mask = (1 << bits) - 1
-        c = jnp.stack([(packed >> (bits * i)) & mask for i in range(per)], axis=1)
-        return c.reshape(rows * per, n)
-    if bits == 3:
-        b = packed.reshape(rows // 3, 3, n).astype(jnp.uint32)
-        word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
-        c = jnp.stack([(word >> (3 * i)) & 7 for i in range(8)], axis=1)
-        return c.reshape(rows // 3 * 8, n).astype(jnp.uint8)
-    raise ValueError(f"unpack: bits={bits} is not one of 2, 3, 4, 8")
+    check_bits(bits, PACK_BITS, "unpack: bits")
+    return unpack_bits(packed, bits, axis=0)
 
 
 def _nearest_level(x: jax.Array, levels) -> jax.Array:

@@ -6,8 +6,11 @@ dequant_matmul``: int8, packed int4, NF4) use it on GPU (Triton) and TPU
 without a kernel, the XLA path dequantizes one layer's weight inside the jitted
 step (the scan body), so only that layer's float copy is ever live.
 
+``kernel_mode`` speaks the kernels' backend vocabulary
+(:data:`memlab_kernels._common.BACKENDS` and its aliases such as ``"pallas_triton"``):
 ``kernel_mode("interpret")`` forces the Pallas kernels in interpret mode on any
-backend (tests); ``kernel_mode("xla")`` disables them.
+backend (tests); ``kernel_mode("xla")`` disables them; ``"triton"`` / ``"mosaic_tpu"``
+pick a Pallas backend explicitly; ``"auto"`` picks the dispatch platform's.
 """
 from __future__ import annotations
 
@@ -19,17 +22,20 @@ import jax.numpy as jnp
 
 from memlab import dispatch
 from memlab.quant.qarray import QArray
+from memlab_kernels._common import BACKEND_ALIASES, BACKENDS, canonical_backend, resolve_backend
 
-_MODES = ("auto", "xla", "interpret")
+_MODES = BACKENDS
 _mode = contextvars.ContextVar("memlab_kernel_mode", default="auto")
 
 
 @contextlib.contextmanager
 def kernel_mode(mode: str):
-    """Choose how quantized matmuls run inside this context: auto | xla | interpret."""
-    if mode not in _MODES:
-        raise ValueError(f"kernel_mode: {mode!r} is not one of {_MODES}")
-    token = _mode.set(mode)
+    """Choose how quantized matmuls run inside this context: a kernel backend
+    (auto | xla | interpret | triton | mosaic_tpu, or an alias such as "pallas_triton")."""
+    if mode not in _MODES and mode not in BACKEND_ALIASES:
+        raise ValueError(f"kernel_mode: {mode!r} is not one of {_MODES} (or an alias: "
+                         f"{sorted(BACKEND_ALIASES)}); use 'xla' to disable the Pallas kernels.")
+    token = _mode.set(canonical_backend(mode, "kernel_mode"))
     try:
         yield
     finally:
@@ -38,12 +44,8 @@ def kernel_mode(mode: str):
 
 def kernel_backend() -> str | None:
     """The Pallas backend quantized matmuls use now, or None for the XLA path."""
-    mode = _mode.get()
-    if mode == "xla":
-        return None
-    if mode == "interpret":
-        return "interpret"
-    return {"gpu": "triton", "tpu": "mosaic_tpu"}.get(dispatch.platform())
+    backend = resolve_backend(_mode.get(), platform=dispatch.platform())
+    return None if backend == "xla" else backend
 
 
 def qmatmul(x: jax.Array, w, dtype=None) -> jax.Array:
