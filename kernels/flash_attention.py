@@ -115,8 +115,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
-from ._common import (TRITON_SMEM_BYTES, cdiv, check_on_chip, is_power_of_2, next_power_of_2,
-                      resolve_backend, round_up)
+from ._common import (KERNEL_FLOAT_DTYPES, LANES, TRITON_SMEM_BYTES, cdiv, check_on_chip, col_vec,
+                      dot, is_power_of_2, load, nbytes, next_power_of_2, pallas_lowering,
+                      precision_for, resolve_backend, round_up, store)
 from .attention_reference import attention_reference, check_attention_args
 
 __all__ = ["BlockSizes", "flash_attention", "flash_attention_with_lse"]
@@ -124,9 +125,7 @@ __all__ = ["BlockSizes", "flash_attention", "flash_attention_with_lse"]
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
 _NEG_INF = float("-inf")
-_LANES = 128
 _SQ = pl.squeezed        # a size-1 block dim squeezed out of the kernel ref
-_KERNEL_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 # --------------------------------------------------------------------------
@@ -310,12 +309,12 @@ def _plan_mosaic(bs: BlockSizes, t: int, s: int, d: int, dv: int) -> _Plan:
         n = t if _FIELD_SEQ[name] == "T" else s
         if n <= v:
             out[name] = n
-        elif v % _LANES:
+        elif v % LANES:
             raise ValueError(
-                f"block_sizes.{name}={v} must be a multiple of {_LANES} on mosaic_tpu "
+                f"block_sizes.{name}={v} must be a multiple of {LANES} on mosaic_tpu "
                 f"when it is smaller than the sequence ({_FIELD_SEQ[name]}={n}): it is "
                 f"the lane dimension of the per-token vectors; use "
-                f"{name}={round_up(v, _LANES)} (or >= {n}).")
+                f"{name}={round_up(v, LANES)} (or >= {n}).")
         else:
             out[name] = v
     return _Plan(bq=out["block_q"], bk=out["block_kv"], bq_dkv=out["block_q_dkv"],
@@ -356,17 +355,11 @@ def _prepare(name, q, k, v, causal, window, segment_ids, q_positions, kv_positio
                 f"{name}: scale={scale!r} must be a Python float on the Pallas backends "
                 "(it is baked into the kernel); multiply q by a traced scale instead, "
                 "or use backend='xla'.") from None
-    if jnp.dtype(q.dtype) not in _KERNEL_DTYPES:
+    if jnp.dtype(q.dtype) not in KERNEL_FLOAT_DTYPES:
         raise TypeError(
             f"{name}: {q.dtype} inputs are not supported by backend={backend!r}; "
             "use float32, bfloat16 or float16, or backend='xla'.")
-    if backend == "interpret":
-        kernel, interp = "triton", True
-    elif backend == "triton":
-        kernel, interp = "triton", bool(interpret)
-    else:
-        kernel = "mosaic"
-        interp = pltpu.InterpretParams() if interpret is True else (interpret or False)
+    kernel, interp = pallas_lowering(backend, interpret)
     bs = block_sizes or BlockSizes.get_default(
         backend="mosaic_tpu" if kernel == "mosaic" else "triton", head_dim=max(d, dv))
     plan = (_plan_triton if kernel == "triton" else _plan_mosaic)(bs, t, s, d, dv)
@@ -508,13 +501,6 @@ def _visible(ms: _MaskSpec, q_pos, kv_pos, q_seg, kv_seg, extra=()):
     return vis
 
 
-def _dot(a, b, precision, *, trans_a=False, trans_b=False):
-    """``a @ b`` (optionally transposed operands) with float32 accumulation."""
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    return lax.dot_general(a, b, dims, precision=precision,
-                           preferred_element_type=jnp.float32)
-
-
 def _three_loops(lo, a, b, hi, step, carry, any_full: bool = True):
     """Masked blocks ``[lo, a)``, unmasked ``[a, b)``, masked ``[b, hi)``.
 
@@ -532,22 +518,6 @@ def _three_loops(lo, a, b, hi, step, carry, any_full: bool = True):
 # --------------------------------------------------------------------------
 # Triton kernels (also the "interpret" backend)
 # --------------------------------------------------------------------------
-def _tload(ref, mask=None, other=0):
-    """Load a (possibly partial) tile: masked lanes read ``other``."""
-    if mask is None:
-        return ref[...]
-    if mask.shape != ref.shape:
-        mask = jnp.broadcast_to(mask, ref.shape)
-    return plgpu.load(ref, mask=mask, other=other)
-
-
-def _tstore(ref, val, mask=None):
-    if mask is None:
-        ref[...] = val
-    else:
-        plgpu.store(ref, val, mask=jnp.broadcast_to(mask, val.shape))
-
-
 def _split_refs(refs, ms: _MaskSpec, n_main: int):
     """``(main refs, qp, kp, qs, ks, outputs)`` from a flat kernel ref list."""
     refs = list(refs)
@@ -566,12 +536,12 @@ def _triton_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
     i0 = pl.program_id(0) * bq
     rows = i0 + jnp.arange(bq, dtype=jnp.int32)
     row_ok = rows < t if t % bq else None
-    q = _tload(q_ref.at[pl.ds(i0, bq), :], None if row_ok is None else row_ok[:, None])
+    q = load(q_ref.at[pl.ds(i0, bq), :], None if row_ok is None else row_ok[:, None])
     q_pos = q_seg = None
     if ms.use_pos:
-        q_pos = (_tload(qp_ref.at[pl.ds(i0, bq)], row_ok) if ms.q_pos else rows + ms.off)[:, None]
+        q_pos = (load(qp_ref.at[pl.ds(i0, bq)], row_ok) if ms.q_pos else rows + ms.off)[:, None]
     if ms.segments:
-        q_seg = _tload(qs_ref.at[pl.ds(i0, bq)], row_ok)[:, None]
+        q_seg = load(qs_ref.at[pl.ds(i0, bq)], row_ok)[:, None]
     qk_scale = scale * _LOG2E
 
     def step(j, carry, masked):
@@ -580,15 +550,15 @@ def _triton_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
         cols = j0 + jnp.arange(bk, dtype=jnp.int32)
         col_ok = cols < s if (masked and s % bk) else None
         kv_mask = None if col_ok is None else col_ok[:, None]
-        k = _tload(k_ref.at[pl.ds(j0, bk), :], kv_mask)
-        v = _tload(v_ref.at[pl.ds(j0, bk), :], kv_mask)
-        sc = _dot(q, k, precision, trans_b=True) * qk_scale
+        k = load(k_ref.at[pl.ds(j0, bk), :], kv_mask)
+        v = load(v_ref.at[pl.ds(j0, bk), :], kv_mask)
+        sc = dot(q, k, precision, trans_b=True) * qk_scale
         if masked:
             kv_pos = kv_seg = None
             if ms.use_pos:
-                kv_pos = (_tload(kp_ref.at[pl.ds(j0, bk)], col_ok) if ms.kv_pos else cols)[None, :]
+                kv_pos = (load(kp_ref.at[pl.ds(j0, bk)], col_ok) if ms.kv_pos else cols)[None, :]
             if ms.segments:
-                kv_seg = _tload(ks_ref.at[pl.ds(j0, bk)], col_ok)[None, :]
+                kv_seg = load(ks_ref.at[pl.ds(j0, bk)], col_ok)[None, :]
             vis = _visible(ms, q_pos, kv_pos, q_seg, kv_seg,
                            (None if col_ok is None else col_ok[None, :],))
             if vis is not None:
@@ -598,7 +568,7 @@ def _triton_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
         p = jnp.exp2(sc - m_use[:, None])
         alpha = jnp.exp2(m_i - m_use)
         l_new = alpha * l_i + jnp.sum(p, axis=1)
-        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, precision)
+        acc = acc * alpha[:, None] + dot(p.astype(v.dtype), v, precision)
         return acc, m_new, l_new
 
     carry = (jnp.zeros((bq, v_ref.shape[-1]), jnp.float32),
@@ -609,9 +579,9 @@ def _triton_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
     l_safe = jnp.where(seen, l_i, 1.0)
     out = acc * (1.0 / l_safe)[:, None]
     lse = jnp.where(seen, (m_i + jnp.log2(l_safe)) * _LN2, _NEG_INF)
-    _tstore(o_ref.at[pl.ds(i0, bq), :], out.astype(o_ref.dtype),
+    store(o_ref.at[pl.ds(i0, bq), :], out.astype(o_ref.dtype),
             None if row_ok is None else row_ok[:, None])
-    _tstore(lse_ref.at[pl.ds(i0, bq)], lse, row_ok)
+    store(lse_ref.at[pl.ds(i0, bq)], lse, row_ok)
 
 
 def _triton_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, precision):
@@ -623,13 +593,13 @@ def _triton_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, precision):
     cols = j0 + jnp.arange(bk, dtype=jnp.int32)
     col_ok = cols < s if s % bk else None
     kv_mask = None if col_ok is None else col_ok[:, None]
-    k = _tload(k_ref.at[pl.ds(j0, bk), :], kv_mask)
-    v = _tload(v_ref.at[pl.ds(j0, bk), :], kv_mask)
+    k = load(k_ref.at[pl.ds(j0, bk), :], kv_mask)
+    v = load(v_ref.at[pl.ds(j0, bk), :], kv_mask)
     kv_pos = kv_seg = None
     if ms.use_pos:
-        kv_pos = (_tload(kp_ref.at[pl.ds(j0, bk)], col_ok) if ms.kv_pos else cols)[None, :]
+        kv_pos = (load(kp_ref.at[pl.ds(j0, bk)], col_ok) if ms.kv_pos else cols)[None, :]
     if ms.segments:
-        kv_seg = _tload(ks_ref.at[pl.ds(j0, bk)], col_ok)[None, :]
+        kv_seg = load(ks_ref.at[pl.ds(j0, bk)], col_ok)[None, :]
     qk_scale = scale * _LOG2E
     lo, a, b, hi = _q_blocks(ms, j0, bk, bq, nq)
 
@@ -640,27 +610,27 @@ def _triton_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, precision):
             rows = i0 + jnp.arange(bq, dtype=jnp.int32)
             row_ok = rows < t if (masked and t % bq) else None
             q_mask = None if row_ok is None else row_ok[:, None]
-            q = _tload(q_ref.at[pl.ds(i0, bq), gi, :], q_mask)
-            do = _tload(do_ref.at[pl.ds(i0, bq), gi, :], q_mask)
-            lse = _tload(lse_ref.at[gi, pl.ds(i0, bq)], row_ok)
-            delta = _tload(delta_ref.at[gi, pl.ds(i0, bq)], row_ok)
-            sc = _dot(q, k, precision, trans_b=True) * qk_scale
+            q = load(q_ref.at[pl.ds(i0, bq), gi, :], q_mask)
+            do = load(do_ref.at[pl.ds(i0, bq), gi, :], q_mask)
+            lse = load(lse_ref.at[gi, pl.ds(i0, bq)], row_ok)
+            delta = load(delta_ref.at[gi, pl.ds(i0, bq)], row_ok)
+            sc = dot(q, k, precision, trans_b=True) * qk_scale
             p = jnp.exp2(sc - (lse * _LOG2E)[:, None])
             if masked:
                 q_pos = q_seg = None
                 if ms.use_pos:
-                    q_pos = (_tload(qp_ref.at[pl.ds(i0, bq)], row_ok)
+                    q_pos = (load(qp_ref.at[pl.ds(i0, bq)], row_ok)
                              if ms.q_pos else rows + ms.off)[:, None]
                 if ms.segments:
-                    q_seg = _tload(qs_ref.at[pl.ds(i0, bq)], row_ok)[:, None]
+                    q_seg = load(qs_ref.at[pl.ds(i0, bq)], row_ok)[:, None]
                 vis = _visible(ms, q_pos, kv_pos, q_seg, kv_seg,
                                (q_mask, None if col_ok is None else col_ok[None, :]))
                 if vis is not None:
                     p = jnp.where(vis, p, 0.0)
-            dv = dv + _dot(p.astype(do.dtype), do, precision, trans_a=True)
-            dp = _dot(do, v, precision, trans_b=True)
+            dv = dv + dot(p.astype(do.dtype), do, precision, trans_a=True)
+            dp = dot(do, v, precision, trans_b=True)
             ds = p * (dp - delta[:, None])
-            dk = dk + _dot(ds.astype(q.dtype), q, precision, trans_a=True)
+            dk = dk + dot(ds.astype(q.dtype), q, precision, trans_a=True)
             return dk, dv
 
         return _three_loops(lo, a, b, hi, step, carry, any_full=t >= bq and not ms.by_value)
@@ -668,8 +638,8 @@ def _triton_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, precision):
     carry = (jnp.zeros((bk, k_ref.shape[-1]), jnp.float32),
              jnp.zeros((bk, v_ref.shape[-1]), jnp.float32))
     dk, dv = lax.fori_loop(0, g, head, carry)
-    _tstore(dk_ref.at[pl.ds(j0, bk), :], (dk * scale).astype(dk_ref.dtype), kv_mask)
-    _tstore(dv_ref.at[pl.ds(j0, bk), :], dv.astype(dv_ref.dtype), kv_mask)
+    store(dk_ref.at[pl.ds(j0, bk), :], (dk * scale).astype(dk_ref.dtype), kv_mask)
+    store(dv_ref.at[pl.ds(j0, bk), :], dv.astype(dv_ref.dtype), kv_mask)
 
 
 def _triton_dq_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
@@ -681,15 +651,15 @@ def _triton_dq_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
     rows = i0 + jnp.arange(bq, dtype=jnp.int32)
     row_ok = rows < t if t % bq else None
     q_mask = None if row_ok is None else row_ok[:, None]
-    q = _tload(q_ref.at[pl.ds(i0, bq), :], q_mask)
-    do = _tload(do_ref.at[pl.ds(i0, bq), :], q_mask)
-    lse2 = _tload(lse_ref.at[pl.ds(i0, bq)], row_ok) * _LOG2E
-    delta = _tload(delta_ref.at[pl.ds(i0, bq)], row_ok)
+    q = load(q_ref.at[pl.ds(i0, bq), :], q_mask)
+    do = load(do_ref.at[pl.ds(i0, bq), :], q_mask)
+    lse2 = load(lse_ref.at[pl.ds(i0, bq)], row_ok) * _LOG2E
+    delta = load(delta_ref.at[pl.ds(i0, bq)], row_ok)
     q_pos = q_seg = None
     if ms.use_pos:
-        q_pos = (_tload(qp_ref.at[pl.ds(i0, bq)], row_ok) if ms.q_pos else rows + ms.off)[:, None]
+        q_pos = (load(qp_ref.at[pl.ds(i0, bq)], row_ok) if ms.q_pos else rows + ms.off)[:, None]
     if ms.segments:
-        q_seg = _tload(qs_ref.at[pl.ds(i0, bq)], row_ok)[:, None]
+        q_seg = load(qs_ref.at[pl.ds(i0, bq)], row_ok)[:, None]
     qk_scale = scale * _LOG2E
 
     def step(j, dq, masked):
@@ -697,28 +667,28 @@ def _triton_dq_kernel(*refs, ms: _MaskSpec, scale, bq, bk, precision):
         cols = j0 + jnp.arange(bk, dtype=jnp.int32)
         col_ok = cols < s if (masked and s % bk) else None
         kv_mask = None if col_ok is None else col_ok[:, None]
-        k = _tload(k_ref.at[pl.ds(j0, bk), :], kv_mask)
-        v = _tload(v_ref.at[pl.ds(j0, bk), :], kv_mask)
-        sc = _dot(q, k, precision, trans_b=True) * qk_scale
+        k = load(k_ref.at[pl.ds(j0, bk), :], kv_mask)
+        v = load(v_ref.at[pl.ds(j0, bk), :], kv_mask)
+        sc = dot(q, k, precision, trans_b=True) * qk_scale
         p = jnp.exp2(sc - lse2[:, None])
         if masked:
             kv_pos = kv_seg = None
             if ms.use_pos:
-                kv_pos = (_tload(kp_ref.at[pl.ds(j0, bk)], col_ok) if ms.kv_pos else cols)[None, :]
+                kv_pos = (load(kp_ref.at[pl.ds(j0, bk)], col_ok) if ms.kv_pos else cols)[None, :]
             if ms.segments:
-                kv_seg = _tload(ks_ref.at[pl.ds(j0, bk)], col_ok)[None, :]
+                kv_seg = load(ks_ref.at[pl.ds(j0, bk)], col_ok)[None, :]
             vis = _visible(ms, q_pos, kv_pos, q_seg, kv_seg,
                            (None if col_ok is None else col_ok[None, :],))
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
-        dp = _dot(do, v, precision, trans_b=True)
+        dp = dot(do, v, precision, trans_b=True)
         ds = p * (dp - delta[:, None])
-        return dq + _dot(ds.astype(k.dtype), k, precision)
+        return dq + dot(ds.astype(k.dtype), k, precision)
 
     lo, a, b, hi = _kv_blocks(ms, i0, bq, bk, nkv)
     dq = _three_loops(lo, a, b, hi, step, jnp.zeros((bq, q_ref.shape[-1]), jnp.float32),
                       any_full=s >= bk and not ms.by_value)
-    _tstore(dq_ref.at[pl.ds(i0, bq), :], (dq * scale).astype(dq_ref.dtype), q_mask)
+    store(dq_ref.at[pl.ds(i0, bq), :], (dq * scale).astype(dq_ref.dtype), q_mask)
 
 
 def _vec_specs(ms: _MaskSpec, q_map, kv_map, t: int, s: int):
@@ -737,14 +707,10 @@ def _vec_args(qp, kp, qs, ks):
     return [a for a in (qp, kp, qs, ks) if a is not None]
 
 
-def _cost(b, h, t, s, d, dv, nbytes):
+def _cost(b, h, t, s, d, dv, bytes_accessed):
     """Dense-equivalent cost: ``d`` / ``dv`` are the summed contraction widths."""
     return pl.CostEstimate(flops=2 * b * h * t * s * (d + dv),
-                           transcendentals=b * h * t * s, bytes_accessed=int(nbytes))
-
-
-def _nbytes(*arrays):
-    return sum(int(a.size) * a.dtype.itemsize for a in arrays if a is not None)
+                           transcendentals=b * h * t * s, bytes_accessed=int(bytes_accessed))
 
 
 def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
@@ -753,7 +719,7 @@ def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
     s, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hkv
     bq, bk = plan.bq, plan.bk
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = precision_for(q.dtype)
     kernel = functools.partial(_triton_fwd_kernel, ms=ms, scale=cfg.scale, bq=bq, bk=bk,
                                precision=precision)
     in_specs = [
@@ -773,7 +739,7 @@ def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
         in_specs=in_specs, out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=cfg.interpret, name="flash_attention_fwd",
-        cost_estimate=_cost(b, h, t, s, dp, dvp, _nbytes(q, k, v) + b * t * h * dvp * 2),
+        cost_estimate=_cost(b, h, t, s, dp, dvp, nbytes(q, k, v) + b * t * h * dvp * 2),
     )(q, k, v, *_vec_args(qp, kp, qs, ks))
 
 
@@ -782,7 +748,7 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
     b, t, h, dp = q.shape
     s, hkv, dvp = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hkv
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = precision_for(q.dtype)
     vec = _vec_args(qp, kp, qs, ks)
     # a program accumulates [b_own, dp + dvp] float32 gradients in registers: 8 warps once
     # that is 128 x 128 floats keep them under 128 registers a thread (4 warps spill there)
@@ -809,7 +775,7 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
                    pl.BlockSpec((_SQ, s, _SQ, dvp), lambda j, bi, hk: (bi, 0, hk, 0))],
         compiler_params=plgpu.CompilerParams(num_warps=warps(bk, bq), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dkv",
-        cost_estimate=_cost(b, h, t, s, 2 * dp, 2 * dvp, _nbytes(q, k, v, do, k, v)),
+        cost_estimate=_cost(b, h, t, s, 2 * dp, 2 * dvp, nbytes(q, k, v, do, k, v)),
     )(q, k, v, do, lse, delta, *vec)
 
     bq, bk = plan.bq_dq, plan.bk_dq
@@ -831,7 +797,7 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         out_specs=pl.BlockSpec((_SQ, t, _SQ, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=warps(bq, bk), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dq",
-        cost_estimate=_cost(b, h, t, s, dp, 2 * dvp, _nbytes(q, k, v, do, q)),
+        cost_estimate=_cost(b, h, t, s, dp, 2 * dvp, nbytes(q, k, v, do, q)),
     )(q, k, v, do, lse, delta, *vec)
     return dq, dk, dv
 
@@ -845,11 +811,6 @@ def _zero_rows(x, start, n_valid: int):
     return jnp.where(rows < n_valid, x.astype(jnp.float32), 0.0).astype(x.dtype)
 
 
-def _col_vec(ref, shape):
-    """A lane-dense ``(1, n)`` per-token block as a ``(n, 1)`` column, broadcast to ``shape``."""
-    return jnp.broadcast_to(jnp.expand_dims(ref[0], -1), shape)
-
-
 def _mosaic_vis(ms: _MaskSpec, i0, j0, bq, bk, qp_ref, kp_ref, qs_ref, ks_ref,
                 check_rows: bool, check_cols: bool):
     shape = (bq, bk)
@@ -858,10 +819,10 @@ def _mosaic_vis(ms: _MaskSpec, i0, j0, bq, bk, qp_ref, kp_ref, qs_ref, ks_ref,
     extra = (r < ms.t if check_rows else None, c < ms.s if check_cols else None)
     q_pos = kv_pos = q_seg = kv_seg = None
     if ms.use_pos:
-        q_pos = _col_vec(qp_ref, shape) if ms.q_pos else r + ms.off
+        q_pos = col_vec(qp_ref, shape) if ms.q_pos else r + ms.off
         kv_pos = jnp.broadcast_to(kp_ref[...], shape) if ms.kv_pos else c
     if ms.segments:
-        q_seg = _col_vec(qs_ref, shape)
+        q_seg = col_vec(qs_ref, shape)
         kv_seg = jnp.broadcast_to(ks_ref[...], shape)
     return _visible(ms, q_pos, kv_pos, q_seg, kv_seg, extra)
 
@@ -897,7 +858,7 @@ def _mosaic_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, nkv, precision):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         if masked and ms.s % bk:
             v = _zero_rows(v, j0, ms.s)
-        sc = _dot(q, k, precision, trans_b=True) * scale
+        sc = dot(q, k, precision, trans_b=True) * scale
         if masked:
             vis = _mosaic_vis(ms, i0, j0, bq, bk, qp_ref, kp_ref, qs_ref, ks_ref,
                               False, bool(ms.s % bk))
@@ -910,7 +871,7 @@ def _mosaic_fwd_kernel(*refs, ms: _MaskSpec, scale, bq, bk, nkv, precision):
         alpha = jnp.exp(m_prev - m_use)
         m_sc[...] = m_next
         l_sc[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = acc_sc[...] * alpha[:, :1] + _dot(p.astype(v.dtype), v, precision)
+        acc_sc[...] = acc_sc[...] * alpha[:, :1] + dot(p.astype(v.dtype), v, precision)
 
     lo, a, b, hi = _kv_blocks(ms, i0, bq, bk, nkv)
     _run_steps(_in_range(j, lo, hi), _in_range(j, a, b), step)
@@ -941,15 +902,15 @@ def _mosaic_dq_kernel(*refs, ms: _MaskSpec, scale, bq, bk, nkv, precision):
             k, v = _zero_rows(k, j0, ms.s), _zero_rows(v, j0, ms.s)
         lse = jnp.expand_dims(lse_ref[0], -1)                      # [bq, 1]
         delta = jnp.expand_dims(delta_ref[0], -1)
-        sc = _dot(q, k, precision, trans_b=True) * scale
+        sc = dot(q, k, precision, trans_b=True) * scale
         p = jnp.exp(sc - lse)
         if masked:
             vis = _mosaic_vis(ms, i0, j0, bq, bk, qp_ref, kp_ref, qs_ref, ks_ref,
                               False, bool(ms.s % bk))
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
-        ds = p * (_dot(do, v, precision, trans_b=True) - delta)
-        dq_sc[...] += _dot(ds.astype(k.dtype), k, precision)
+        ds = p * (dot(do, v, precision, trans_b=True) - delta)
+        dq_sc[...] += dot(ds.astype(k.dtype), k, precision)
 
     lo, a, b, hi = _kv_blocks(ms, i0, bq, bk, nkv)
     _run_steps(_in_range(j, lo, hi), _in_range(j, a, b), step)
@@ -977,7 +938,7 @@ def _mosaic_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, nq, precision):
             q, do = _zero_rows(q, i0, ms.t), _zero_rows(do, i0, ms.t)
         lse = jnp.expand_dims(lse_ref[0], -1)                      # [bq, 1]
         delta = jnp.expand_dims(delta_ref[0], -1)
-        sc = _dot(q, k, precision, trans_b=True) * scale
+        sc = dot(q, k, precision, trans_b=True) * scale
         p = jnp.exp(sc - lse)
         vis = None
         if masked:
@@ -985,11 +946,11 @@ def _mosaic_dkv_kernel(*refs, ms: _MaskSpec, scale, g, bq, bk, nq, precision):
                               bool(ms.t % bq), bool(ms.s % bk))
             if vis is not None:
                 p = jnp.where(vis, p, 0.0)
-        dv_sc[...] += _dot(p.astype(do.dtype).T, do, precision)
-        ds = p * (_dot(do, v, precision, trans_b=True) - delta)
+        dv_sc[...] += dot(p.astype(do.dtype).T, do, precision)
+        ds = p * (dot(do, v, precision, trans_b=True) - delta)
         if vis is not None:
             ds = jnp.where(vis, ds, 0.0)
-        dk_sc[...] += _dot(ds.astype(q.dtype).T, q, precision)
+        dk_sc[...] += dot(ds.astype(q.dtype).T, q, precision)
 
     lo, a, b, hi = _q_blocks(ms, j0, bk, bq, nq)
     _run_steps(_in_range(qi, lo, hi), _in_range(qi, a, b), step)
@@ -1024,7 +985,7 @@ def _mosaic_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
     g = h // hkv
     bq, bk = plan.bq, plan.bk
     nq, nkv = cdiv(t, bq), cdiv(s, bk)
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = precision_for(q.dtype)
     qt, kt, vt = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
 
     def kv_block(i, j):
@@ -1041,21 +1002,21 @@ def _mosaic_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
         *vec_specs,
     ]
     out_specs = [pl.BlockSpec((_SQ, _SQ, bq, dv), lambda bi, hi, i, j: (bi, hi, i, 0)),
-                 pl.BlockSpec((_SQ, _SQ, bq, _LANES), lambda bi, hi, i, j: (bi, hi, i, 0))]
+                 pl.BlockSpec((_SQ, _SQ, bq, LANES), lambda bi, hi, i, j: (bi, hi, i, 0))]
     out_shape = [jax.ShapeDtypeStruct((b, h, t, dv), q.dtype),
-                 jax.ShapeDtypeStruct((b, h, t, _LANES), jnp.float32)]
+                 jax.ShapeDtypeStruct((b, h, t, LANES), jnp.float32)]
     kernel = functools.partial(_mosaic_fwd_kernel, ms=ms, scale=cfg.scale, bq=bq, bk=bk,
                                nkv=nkv, precision=precision)
     o, lse = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(b, h, nq, nkv),
         in_specs=in_specs, out_specs=out_specs,
-        scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
-                        pltpu.VMEM((bq, _LANES), jnp.float32),
+        scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32),
+                        pltpu.VMEM((bq, LANES), jnp.float32),
                         pltpu.VMEM((bq, dv), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret, name="flash_attention_fwd",
-        cost_estimate=_cost(b, h, t, s, d, dv, _nbytes(q, k, v) + b * t * h * dv * 2),
+        cost_estimate=_cost(b, h, t, s, d, dv, nbytes(q, k, v) + b * t * h * dv * 2),
     )(qt, kt, vt, *vec_args)
     return o.transpose(0, 2, 1, 3), lse[..., 0]
 
@@ -1065,7 +1026,7 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
     b, t, h, d = q.shape
     s, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hkv
-    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+    precision = precision_for(q.dtype)
     qt, kt, vt, dot_ = (x.transpose(0, 2, 1, 3) for x in (q, k, v, do))
     lse4, delta4 = lse[:, :, None, :], delta[:, :, None, :]          # [B, H, 1, T]
 
@@ -1098,7 +1059,7 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         compiler_params=pltpu.CompilerParams(dimension_semantics=(
             "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=cfg.interpret, name="flash_attention_bwd_dkv",
-        cost_estimate=_cost(b, h, t, s, 2 * d, 2 * dv, _nbytes(q, k, v, do, k, v)),
+        cost_estimate=_cost(b, h, t, s, 2 * d, 2 * dv, nbytes(q, k, v, do, k, v)),
     )(qt, kt, vt, dot_, lse4, delta4, *vec_args)
 
     # dQ: grid (B, H, q blocks, kv blocks).
@@ -1128,7 +1089,7 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret, name="flash_attention_bwd_dq",
-        cost_estimate=_cost(b, h, t, s, d, 2 * dv, _nbytes(q, k, v, do, q)),
+        cost_estimate=_cost(b, h, t, s, d, 2 * dv, nbytes(q, k, v, do, q)),
     )(qt, kt, vt, dot_, lse4, delta4, *vec_args)
     return (dq.transpose(0, 2, 1, 3), dk.transpose(0, 2, 1, 3), dv_.transpose(0, 2, 1, 3))
 
