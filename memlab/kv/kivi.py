@@ -85,7 +85,6 @@ with float32 scales, 0.213 with bfloat16 scales (the paper's fp16 scales).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -96,6 +95,8 @@ from memlab.kv._quant_utils import minmax_quantize
 from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions
 from memlab_kernels import quantized_kv_decode as qkv
+# Bit packing (a little-endian bit stream along the last axis), shared with kvquant.
+from memlab_kernels._packing import pack_bits, unpack_bits
 
 __all__ = ["KIVI", "pack_bits", "unpack_bits", "kivi_capacity"]
 
@@ -104,51 +105,6 @@ _KEY_MODES = ("channel", "token")
 _SCALE_DTYPES = ("float32", "bfloat16")
 _FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "xla", "interpret", "triton", "mosaic_tpu")
-
-
-# --------------------------------------------------------------------------
-# Bit packing shared with memlab.kv.kvquant: a little-endian bit stream along
-# the last axis.
-# --------------------------------------------------------------------------
-def _chunk(bits: int):
-    """(codes, bytes) per packing chunk: 8 // gcd(8, bits) codes fill bits // gcd bytes."""
-    g = math.gcd(8, bits)
-    return 8 // g, bits // g
-
-
-def pack_bits(codes, bits: int):
-    """Pack uint8 ``codes [..., n]`` (each ``< 2**bits``) into uint8 ``[..., n * bits / 8]``.
-
-    A little-endian bit stream along the last axis: code ``i`` occupies stream
-    bits ``[i*bits, (i+1)*bits)`` and stream bit ``8*j + t`` is bit ``t`` of byte
-    ``j``.  For bits in {2, 4, 8} byte ``j`` holds codes ``j*P .. j*P+P-1`` (the
-    first in the low bits), the layout of KIVI's value codes; for 3 bits every 8
-    codes fill 3 bytes.  ``n`` must be a multiple of ``8 // gcd(8, bits)``.
-    """
-    per, nb = _chunk(bits)
-    *lead, n = codes.shape
-    if n % per:
-        raise ValueError(f"pack_bits: {n} codes of {bits} bits do not fill whole bytes; "
-                         f"the last axis must be a multiple of {per}.")
-    c = codes.astype(jnp.uint32).reshape(*lead, n // per, per)
-    word = c[..., 0]
-    for j in range(1, per):
-        word = word | (c[..., j] << np.uint32(j * bits))
-    out = jnp.stack([(word >> np.uint32(8 * i)) & np.uint32(0xFF) for i in range(nb)], axis=-1)
-    return out.astype(jnp.uint8).reshape(*lead, n // per * nb)
-
-
-def unpack_bits(packed, bits: int):
-    """Inverse of :func:`pack_bits`: uint8 ``[..., m]`` -> uint8 codes ``[..., m * 8 / bits]``."""
-    per, nb = _chunk(bits)
-    *lead, m = packed.shape
-    p = packed.astype(jnp.uint32).reshape(*lead, m // nb, nb)
-    word = p[..., 0]
-    for i in range(1, nb):
-        word = word | (p[..., i] << np.uint32(8 * i))
-    mask = np.uint32(2 ** bits - 1)
-    out = jnp.stack([(word >> np.uint32(j * bits)) & mask for j in range(per)], axis=-1)
-    return out.astype(jnp.uint8).reshape(*lead, m // nb * per)
 
 
 # --------------------------------------------------------------------------

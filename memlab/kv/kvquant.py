@@ -125,7 +125,7 @@ import numpy as np
 
 from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions, write_tokens
-from memlab.kv.kivi import pack_bits, unpack_bits
+from memlab_kernels._packing import pack_bits, unpack_bits
 
 __all__ = ["KVQuant", "levels"]
 
