@@ -707,10 +707,32 @@ def _vec_args(qp, kp, qs, ks):
     return [a for a in (qp, kp, qs, ks) if a is not None]
 
 
-def _cost(b, h, t, s, d, dv, bytes_accessed):
-    """Dense-equivalent cost: ``d`` / ``dv`` are the summed contraction widths."""
-    return pl.CostEstimate(flops=2 * b * h * t * s * (d + dv),
-                           transcendentals=b * h * t * s, bytes_accessed=int(bytes_accessed))
+def _visited(ms: _MaskSpec, bq: int, bk: int) -> float:
+    """The fraction of (query block, key block) tiles a kernel computes.
+
+    With default positions the kernels skip tiles that the causal or window mask
+    hides entirely (:func:`_kv_blocks`); with explicit positions or segment ids
+    every tile is visited (visibility is only known from the loaded values).
+    """
+    nq, nkv = -(-ms.t // bq), -(-ms.s // bk)
+    if not ms.use_pos or not ms.default_pos:
+        return 1.0
+    i0 = np.arange(nq) * bq
+    qmin, qmax = i0 + ms.off, i0 + (bq - 1) + ms.off
+    w = ms.window
+    jlo = qmin - w + 1 if w is not None else np.zeros_like(qmin)
+    jhi = qmax + 1 if ms.causal else (qmax + w if w is not None else np.full_like(qmax, ms.s))
+    hi = np.minimum(-(-np.maximum(jhi, 0) // bk), nkv)
+    lo = np.minimum(np.maximum(jlo, 0) // bk, hi)
+    return float((hi - lo).sum()) / (nq * nkv)
+
+
+def _cost(b, h, t, s, d, dv, bytes_accessed, frac: float = 1.0):
+    """The visited tiles' cost: ``d`` / ``dv`` are the summed contraction widths and
+    ``frac`` the fraction of tiles computed (:func:`_visited`)."""
+    return pl.CostEstimate(flops=int(2 * b * h * t * s * (d + dv) * frac),
+                           transcendentals=int(b * h * t * s * frac),
+                           bytes_accessed=int(bytes_accessed))
 
 
 def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
@@ -739,7 +761,8 @@ def _triton_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
         in_specs=in_specs, out_specs=out_specs,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
         interpret=cfg.interpret, name="flash_attention_fwd",
-        cost_estimate=_cost(b, h, t, s, dp, dvp, nbytes(q, k, v) + b * t * h * dvp * 2),
+        cost_estimate=_cost(b, h, t, s, dp, dvp, nbytes(q, k, v) + b * t * h * dvp * 2,
+                      _visited(cfg.mask, bq, bk)),
     )(q, k, v, *_vec_args(qp, kp, qs, ks))
 
 
@@ -775,7 +798,8 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
                    pl.BlockSpec((_SQ, s, _SQ, dvp), lambda j, bi, hk: (bi, 0, hk, 0))],
         compiler_params=plgpu.CompilerParams(num_warps=warps(bk, bq), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dkv",
-        cost_estimate=_cost(b, h, t, s, 2 * dp, 2 * dvp, nbytes(q, k, v, do, k, v)),
+        cost_estimate=_cost(b, h, t, s, 2 * dp, 2 * dvp, nbytes(q, k, v, do, k, v),
+                      _visited(cfg.mask, bq, bk)),
     )(q, k, v, do, lse, delta, *vec)
 
     bq, bk = plan.bq_dq, plan.bk_dq
@@ -797,7 +821,8 @@ def _triton_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         out_specs=pl.BlockSpec((_SQ, t, _SQ, dp), lambda i, bi, hi: (bi, 0, hi, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=warps(bq, bk), num_stages=2),
         interpret=cfg.interpret, name="flash_attention_bwd_dq",
-        cost_estimate=_cost(b, h, t, s, dp, 2 * dvp, nbytes(q, k, v, do, q)),
+        cost_estimate=_cost(b, h, t, s, dp, 2 * dvp, nbytes(q, k, v, do, q),
+                      _visited(cfg.mask, bq, bk)),
     )(q, k, v, do, lse, delta, *vec)
     return dq, dk, dv
 
@@ -1016,7 +1041,8 @@ def _mosaic_forward(cfg: _Config, q, k, v, qp, kp, qs, ks):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret, name="flash_attention_fwd",
-        cost_estimate=_cost(b, h, t, s, d, dv, nbytes(q, k, v) + b * t * h * dv * 2),
+        cost_estimate=_cost(b, h, t, s, d, dv, nbytes(q, k, v) + b * t * h * dv * 2,
+                      _visited(cfg.mask, bq, bk)),
     )(qt, kt, vt, *vec_args)
     return o.transpose(0, 2, 1, 3), lse[..., 0]
 
@@ -1059,7 +1085,8 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         compiler_params=pltpu.CompilerParams(dimension_semantics=(
             "parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=cfg.interpret, name="flash_attention_bwd_dkv",
-        cost_estimate=_cost(b, h, t, s, 2 * d, 2 * dv, nbytes(q, k, v, do, k, v)),
+        cost_estimate=_cost(b, h, t, s, 2 * d, 2 * dv, nbytes(q, k, v, do, k, v),
+                      _visited(cfg.mask, bq, bk)),
     )(qt, kt, vt, dot_, lse4, delta4, *vec_args)
 
     # dQ: grid (B, H, q blocks, kv blocks).
@@ -1089,7 +1116,8 @@ def _mosaic_backward(cfg: _Config, q, k, v, qp, kp, qs, ks, do, lse, delta):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret, name="flash_attention_bwd_dq",
-        cost_estimate=_cost(b, h, t, s, d, 2 * dv, nbytes(q, k, v, do, q)),
+        cost_estimate=_cost(b, h, t, s, d, 2 * dv, nbytes(q, k, v, do, q),
+                      _visited(cfg.mask, bq, bk)),
     )(qt, kt, vt, dot_, lse4, delta4, *vec_args)
     return (dq.transpose(0, 2, 1, 3), dk.transpose(0, 2, 1, 3), dv_.transpose(0, 2, 1, 3))
 
