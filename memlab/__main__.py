@@ -9,6 +9,8 @@
     python -m memlab profile --target=h100 --model=llama2-7b --task=train --seq=2048
     python -m memlab train --model=smollm2-135m --optimizer=adamw --steps=200 --batch=4 \
         --seq=256 --ckpt_dir=runs/a --resume
+    python -m memlab train --model=llama2-7b --lora_rank=16 --quantize=nf4 --batch=4 \
+        --accum=2 --precision=bf16 --dry_run      # the step train runs, compiled: its memory
 """
 from __future__ import annotations
 
@@ -61,6 +63,9 @@ flags.DEFINE_integer("stop_at", None, "train: stop after this step (the schedule
 flags.DEFINE_integer("seed", 0, "train: data-order seed.")
 flags.DEFINE_bool("fused", False, "train: fused backward-update (LOMO, memlab.fused): each layer "
                   "updated inside the backward, no whole-model gradient; full training only.")
+flags.DEFINE_bool("dry_run", False, "train: compile the step train would run (on abstract "
+                  "shapes, nothing allocated) and print its memory table, the same as profile "
+                  "--task=train with these flags; no training.")
 flags.DEFINE_integer("lora_rank", 0, "train: LoRA adapters of this rank (0 = full fine-tune).")
 flags.DEFINE_string("quantize", None, "train: QLoRA base format (nf4, int4, int8); needs "
                     "--lora_rank.")
@@ -88,6 +93,8 @@ def _with_kv(model):
 
 def cmd_profile() -> dict:
     import memlab as ml
+    if FLAGS.task == "train":  # the step train runs with these flags (as train --dry_run)
+        return _profile_train(_with_kv(_train_model(abstract=True)))
     model = _with_kv(_load(FLAGS.model, FLAGS.dtype))
     report = ml.memory.profile(model, FLAGS.task, batch=FLAGS.batch, seq=FLAGS.seq,
                                optimizer=FLAGS.optimizer, target=FLAGS.target)
@@ -194,11 +201,16 @@ def _train_tokens(model, corpus: str):
     return np.frombuffer(c.text("train").encode("utf-8"), np.uint8).astype(np.int32)
 
 
-def _train_model():
+def _train_model(abstract: bool = False):
+    """The model train runs for the flags (``abstract``: its shapes, nothing allocated or
+    read: what train --dry_run and profile --task=train compile)."""
     import importlib
 
     import memlab as ml
-    if FLAGS.model in ml.models.REAL_WEIGHTS:
+    if abstract:  # the shapes of what load / init give below
+        dt = FLAGS.dtype or "float32"
+        model = ml.models.abstract(FLAGS.model, param_dtype=dt, dtype=dt)
+    elif FLAGS.model in ml.models.REAL_WEIGHTS:
         model = ml.models.load(FLAGS.model, dtype=FLAGS.dtype or "float32")
     else:  # shapes-only names train from a random init
         import jax
@@ -224,17 +236,53 @@ def _train_model():
     return model
 
 
+def _train_config():
+    from memlab.train import TrainConfig
+    return TrainConfig(steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq, accum=FLAGS.accum,
+                       optimizer=FLAGS.optimizer, lr=FLAGS.lr, warmup=FLAGS.warmup,
+                       precision=FLAGS.precision, clip_norm=FLAGS.clip_norm or None,
+                       nan_policy=FLAGS.nan_policy, log_every=FLAGS.log_every,
+                       ckpt_every=FLAGS.ckpt_every, ckpt_dir=FLAGS.ckpt_dir, keep=FLAGS.keep,
+                       seed=FLAGS.seed, fused=FLAGS.fused)
+
+
+def _profile_train(model) -> dict:
+    """Compile the step train runs for the flags (memlab.train_step) and print its table."""
+    import memlab as ml
+    cfg = _train_config()
+    report = ml.memory.profile(model, "train", batch=cfg.batch, seq=cfg.seq, config=cfg,
+                               target=FLAGS.target)
+    print(report.table())
+    return {"profile": report.to_dict()}
+
+
+# train flags a dry run cannot honour: (flag, why)
+_NOT_IN_DRY_RUN = (("resume", "a dry run compiles the step and resumes nothing"),
+                   ("stop_at", "a dry run runs no steps"),
+                   ("kv", "train has no KV cache (the policy applies to prefill/decode)"))
+
+
+def _dry_run() -> dict:
+    for flag, why in _NOT_IN_DRY_RUN:
+        if FLAGS[flag].present:
+            raise ValueError(f"--{flag} with --dry_run: {why}; drop --{flag}")
+    if FLAGS.task != "train":
+        raise ValueError(f"--task={FLAGS.task} with train --dry_run, which compiles the train "
+                         f"step; use profile --task={FLAGS.task} for that step")
+    return _profile_train(_train_model(abstract=True))
+
+
 def cmd_train() -> dict:
     from absl import logging
 
-    from memlab.train import TrainConfig, train
+    from memlab.train import train
+    if FLAGS.dry_run:
+        return _dry_run()
+    if FLAGS.target:
+        raise ValueError(f"--target={FLAGS.target} compiles for a device this machine does not "
+                         "have, so train cannot run there; add --dry_run to compile the step")
     logging.set_verbosity(logging.WARNING)  # orbax logs every save step at INFO
-    cfg = TrainConfig(steps=FLAGS.steps, batch=FLAGS.batch, seq=FLAGS.seq, accum=FLAGS.accum,
-                      optimizer=FLAGS.optimizer, lr=FLAGS.lr, warmup=FLAGS.warmup,
-                      precision=FLAGS.precision, clip_norm=FLAGS.clip_norm or None,
-                      nan_policy=FLAGS.nan_policy, log_every=FLAGS.log_every,
-                      ckpt_every=FLAGS.ckpt_every, ckpt_dir=FLAGS.ckpt_dir, keep=FLAGS.keep,
-                      seed=FLAGS.seed, fused=FLAGS.fused)
+    cfg = _train_config()
     model = _train_model()
     tokens = _train_tokens(model, FLAGS.corpus)
     res = train(model, cfg, tokens, resume=FLAGS.resume, stop_at=FLAGS.stop_at)

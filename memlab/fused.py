@@ -180,9 +180,8 @@ def _set(tree, value, i):
 
 
 def _resolve_impl(model: Model, impl: Optional[str], n_tokens: int) -> str:
-    from memlab.nn.loss import _DEFAULT, _check_impl, choose_cross_entropy
-    chosen = _DEFAULT.get() if impl is None else impl
-    _check_impl(chosen)
+    from memlab.nn.loss import choose_cross_entropy, loss_impl
+    chosen = loss_impl(model, impl)  # impl, else the model's static choice, else the context
     if chosen == "auto":
         chosen = choose_cross_entropy(n_tokens, model.module.config.vocab_size)[0]
     return chosen
@@ -190,6 +189,12 @@ def _resolve_impl(model: Model, impl: Optional[str], n_tokens: int) -> str:
 
 def _sumsq(tree) -> jax.Array:
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _check_clip(clip_norm) -> None:
+    if clip_norm is not None and (isinstance(clip_norm, bool) or
+                                  not isinstance(clip_norm, (int, float)) or not clip_norm > 0):
+        raise ValueError(f"fused: clip_norm must be a positive number or None, got {clip_norm!r}")
 
 
 def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Optional[float] = None,
@@ -203,11 +208,34 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
     ``donate_argnums=(0, 1)`` so the params and state are updated in place.
     ``return_metrics=True`` returns ``{"loss", "grad_norm", "ok"}`` in place of the loss
     (``grad_norm``: the global norm before clipping, NaN without ``clip_norm``, which is
-    when it is computed; ``ok``: the step was applied -- always, without ``clip_norm``)."""
+    when it is computed; ``ok``: the step was applied -- always, without ``clip_norm``).
+
+    An adapter of the one train step (:func:`memlab.train_step.step_fn` with
+    ``StepOptions(fused=True, clip_norm=clip_norm, loss_impl=impl)``) to whole params."""
     check_model(model)
-    if clip_norm is not None and (isinstance(clip_norm, bool) or
-                                  not isinstance(clip_norm, (int, float)) or not clip_norm > 0):
-        raise ValueError(f"fused: clip_norm must be a positive number or None, got {clip_norm!r}")
+    _check_clip(clip_norm)
+    from memlab import train_step
+    from memlab.model import merge_trainable, split_trainable
+    inner = train_step.step_fn(model, tx, train_step.StepOptions(
+        fused=True, clip_norm=None if clip_norm is None else float(clip_norm), loss_impl=impl))
+
+    def step(params, state: FusedState, tokens):
+        trainable, frozen = split_trainable(model, params)
+        rng = jnp.zeros((2,), jnp.uint32)  # the adapter has no RNG to carry
+        trainable, state, _, metrics = inner(trainable, state, frozen, rng, tokens)
+        return (merge_trainable(trainable, frozen), state,
+                metrics if return_metrics else metrics["loss"])
+
+    return step
+
+
+def _fused_update(model: Model, tx: optax.GradientTransformation, *,
+                  clip_norm: Optional[float] = None, impl: Optional[str] = None) -> Callable:
+    """``step(params, state, tokens) -> (params, state, {"loss", "grad_norm", "ok"})``: the
+    fused backward-update itself (the module docstring's five parts); the one train step
+    (:mod:`memlab.train_step`) runs it for ``StepOptions(fused=True)``."""
+    check_model(model)
+    _check_clip(clip_norm)
     from memlab.models.llama import layer_apply
     from memlab.nn.loss import cross_entropy, head_weight
     apply = model.apply
@@ -324,10 +352,8 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
         other, other_state = keep((optax.apply_updates(other, updates), other_state),
                                   (other, state.other))
         new_params = dict(other, **{LAYERS: layers})
-        if return_metrics:
-            return new_params, FusedState(layer_state, other_state), {
-                "loss": loss, "grad_norm": norm, "ok": jnp.bool_(True) if ok is None else ok}
-        return new_params, FusedState(layer_state, other_state), loss
+        return new_params, FusedState(layer_state, other_state), {
+            "loss": loss, "grad_norm": norm, "ok": jnp.bool_(True) if ok is None else ok}
 
     return step
 

@@ -9,11 +9,19 @@ policies, tensorboard/JSONL logs and bit-exact checkpoint/resume.
     result = train(model, cfg, tokens, resume=True)                  # continues from the latest
 
 What one step does (all inside one ``jax.jit``, params and optimizer state donated):
+the one train step of :mod:`memlab.train_step`, the program ``memlab.memory.profile(
+model, "train", config=cfg)`` and ``python -m memlab train --dry_run`` compile:
 
-* the batch ``[batch, seq+1]`` is reshaped to ``[accum, batch/accum, seq+1]`` and
-  ``lax.scan`` sums the loss and the gradients of each micro-batch (float32
+* with ``accum > 1`` the batch ``[batch, seq+1]`` is reshaped to ``[accum, batch/accum,
+  seq+1]`` and ``lax.scan`` sums the loss and the gradients of each micro-batch (float32
   accumulators), then divides by ``accum`` (micro-batches hold equal token counts, so
-  this is the full batch's mean loss and gradient);
+  this is the full batch's mean loss and gradient); ``accum=1`` has no scan and no
+  accumulators;
+* the model's passes are honoured without wrapping by the caller: ``ml.passes.shard``
+  (state created in its shards, batches split over the data axes, ZeRO constraints on the
+  gradients and the new state) and ``ml.passes.offload`` (the optimizer wrapped by
+  :func:`memlab.offload.host_optimizer`, its state in host memory with
+  ``optimizer_state=True``);
 * only the trainable params are differentiated (:func:`memlab.model.split_trainable`:
   LoRA-style passes mark them); optimizer state exists for them alone;
 * the loss is :func:`memlab.memory.profile.loss_fn` of the model (next-token
@@ -44,7 +52,6 @@ gives bitwise equal losses and params (tested).
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
 import math
@@ -59,9 +66,9 @@ import numpy as np
 import optax
 
 from memlab import checkpoint as ckpt
+from memlab import train_step
 from memlab.model import Model, merge_trainable, split_trainable
-
-PRECISIONS = ("fp32", "bf16")
+from memlab.train_step import PRECISIONS, compute_model  # noqa: F401  (public here too)
 NAN_POLICIES = ("skip", "stop")
 SCHEDULES = ("cosine", "linear", "constant")
 LOG_NAME = "train_log.jsonl"
@@ -183,6 +190,15 @@ class TrainConfig:
     @property
     def micro_batch(self) -> int:
         return self.batch // self.accum
+
+    @property
+    def step_options(self) -> "train_step.StepOptions":
+        """What the step does (:class:`memlab.train_step.StepOptions`): accumulation,
+        precision, the fused variant with its two-pass clip."""
+        return train_step.StepOptions(
+            accum=self.accum, precision=self.precision, fused=self.fused,
+            clip_norm=float(self.clip_norm) if self.fused and self.clip_norm is not None
+            else None)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -306,7 +322,8 @@ def make_optimizer(config: TrainConfig, params: Any = None) -> optax.GradientTra
     def clipped(inner):
         if config.clip_norm is None or config.fused:  # fused: memlab.fused's two-pass clip
             return inner
-        return optax.chain(optax.clip_by_global_norm(float(config.clip_norm)), inner)
+        # optax.clip_by_global_norm's rule and state, over host-memory gradients too
+        return optax.chain(train_step.clip_by_global_norm(float(config.clip_norm)), inner)
 
     try:
         tx = clipped(optim.get(config.optimizer, learning_rate=schedule, **kw))
@@ -320,86 +337,22 @@ def make_optimizer(config: TrainConfig, params: Any = None) -> optax.GradientTra
                                    optax.scale_by_schedule(schedule)))
 
 
-def compute_model(model: Model, precision: str) -> Model:
-    """The model the loss runs: ``bf16`` = bfloat16 compute over the stored (fp32) weights."""
-    if precision == "fp32":
-        return model
-    spec = model.spec
-    if model.module is not None and dataclasses.is_dataclass(spec) and hasattr(spec, "dtype") \
-            and getattr(model.module, "config", None) == spec:
-        spec = dataclasses.replace(spec, dtype="bfloat16")
-        return model.replace(spec=spec, module=model.module.clone(config=spec))
-
-    def cast_params(apply):
-        def wrapped(params, *args, **kwargs):
-            params = jax.tree_util.tree_map(
-                lambda x: x.astype(jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                params)
-            return apply(params, *args, **kwargs)
-        return wrapped
-
-    return model.wrap(cast_params)
-
-
 def make_step(model: Model, tx: optax.GradientTransformation, config: TrainConfig) -> Callable:
     """``step(trainable, opt_state, frozen, rng, tokens[batch, seq+1]) ->
     (trainable, opt_state, rng, metrics)``, jitted with trainable and opt_state donated.
 
-    ``metrics``: ``loss``, ``grad_norm`` (before clipping) and ``ok`` (finite).
+    ``metrics``: ``loss``, ``grad_norm`` (before clipping) and ``ok`` (finite).  The one
+    train step (:func:`memlab.train_step.step_fn`) with ``config.step_options``; ``tx`` as
+    given (:func:`train` passes it through :func:`memlab.train_step.optimizer`).
     """
-    if config.fused:
-        return _fused_step(model, tx, config)
-    # ``memlab.memory.profile`` the attribute is the profile() function; take the module.
-    profile = importlib.import_module("memlab.memory.profile")
-    loss = profile.loss_fn(compute_model(model, config.precision))
-    accum, micro = config.accum, config.micro_batch
-
-    def micro_loss(trainable, frozen, tokens):
-        return loss(merge_trainable(trainable, frozen), tokens)
-
-    grad_fn = jax.value_and_grad(micro_loss)
-
-    def step(trainable, opt_state, frozen, rng, tokens):
-        tokens = tokens.reshape(accum, micro, tokens.shape[-1])
-        f32 = lambda t: jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), t)  # noqa: E731
-
-        def body(carry, mb):
-            l_sum, g_sum = carry
-            value, grads = grad_fn(trainable, frozen, mb)
-            return (l_sum + value.astype(jnp.float32),
-                    jax.tree_util.tree_map(jnp.add, g_sum, f32(grads))), None
-
-        zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-        (l_sum, g_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), tokens)
-        value = l_sum / accum
-        grads = jax.tree_util.tree_map(lambda g, p: (g / accum).astype(p.dtype), g_sum, trainable)
-        gnorm = optax.tree.norm(grads)
-        ok = jnp.isfinite(value) & jnp.isfinite(gnorm)
-        updates, new_state = tx.update(grads, opt_state, trainable)
-        new_params = optax.apply_updates(trainable, updates)
-        keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-            lambda n, o: jnp.where(ok, n, o), new, old)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
-        return (keep(new_params, trainable), keep(new_state, opt_state), rng,
-                {"loss": value, "grad_norm": gnorm, "ok": ok})
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    return jax.jit(train_step.step_fn(model, tx, config.step_options), donate_argnums=(0, 1))
 
 
 def _fused_step(model: Model, tx: optax.GradientTransformation, config: TrainConfig) -> Callable:
-    """:func:`make_step`'s signature over :func:`memlab.fused.step_fn`."""
-    from memlab import fused
-    inner = fused.step_fn(compute_model(model, config.precision), tx,
-                          clip_norm=None if config.clip_norm is None else float(config.clip_norm),
-                          return_metrics=True)
-
-    def step(trainable, opt_state, frozen, rng, tokens):
-        params, opt_state, metrics = inner(merge_trainable(trainable, frozen), opt_state, tokens)
-        trainable, _ = split_trainable(model, params)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
-        return trainable, opt_state, rng, metrics
-
-    return jax.jit(step, donate_argnums=(0, 1))
+    """:func:`make_step` of a ``fused=True`` config (kept for callers of the old name)."""
+    if not config.fused:
+        raise ValueError("_fused_step: config.fused is False; use make_step")
+    return make_step(model, tx, config)
 
 
 # ---------------------------------------------------------------------------
@@ -500,15 +453,13 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
     if not jax.tree_util.tree_leaves(trainable):
         raise ValueError("train: the model has no trainable float params (its `trainable` "
                          "patterns match nothing)")
-    tx = make_optimizer(config, trainable)
+    # the one step (memlab.train_step): tx wrapped for the offload pass, the state placed
+    # in host memory / in the shard pass's shards
+    built = train_step.build(model, make_optimizer(config, trainable), config.step_options)
+    tx = built.tx
     # Fresh buffers: the step donates them, the caller's model keeps its own.
-    trainable = jax.tree_util.tree_map(jnp.copy, trainable)
-    if config.fused:
-        from memlab import fused
-        fused.check_model(model)
-        opt_state = fused.init(model.replace(params=merge_trainable(trainable, frozen)), tx)
-    else:
-        opt_state = jax.jit(tx.init)(trainable)
+    trainable = _copy(trainable)
+    opt_state = built.init_state(trainable, frozen)
     rng = jax.random.key_data(jax.random.key(config.seed))
     sig = _signature(trainable, frozen, opt_state, config)
     traj = config.trajectory_dict()
@@ -531,7 +482,9 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
                     warnings.warn(f"train: resuming step {latest} with a changed config ("
                                   + "; ".join(changed) + "): the run will not reproduce an "
                                   "uninterrupted one", UserWarning, stacklevel=2)
-                trainable, opt_state, rng = state["params"], state["opt_state"], state["rng"]
+                trainable, opt_state = _placed_like(state["params"], trainable), \
+                    _placed_like(state["opt_state"], opt_state)
+                rng = state["rng"]
                 start = int(meta["data_position"])
                 if int(state["step"]) != latest or start != latest:
                     raise ckpt.CheckpointError(
@@ -544,15 +497,28 @@ def train(model: Model, config: TrainConfig, batches=None, *, resume: bool = Fal
         elif resume:
             raise ValueError("train: resume=True needs config.ckpt_dir")
         return _loop(model, config, factory, tx, trainable, frozen, opt_state, rng, start, end,
-                     manager, sig, traj, callbacks, progress)
+                     manager, sig, traj, callbacks, progress, built.place_batch)
     finally:
         if manager is not None:
             manager.wait()
             manager.close()
 
 
+def _copy(tree):
+    """Fresh buffers in the same placement (device, host memory kind, shards)."""
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
+
+
+def _placed_like(tree, like):
+    """``tree``'s arrays (restored from a checkpoint on the default device) in the
+    placement of ``like``'s (host memory under offload, shards under shard)."""
+    return jax.tree_util.tree_map(
+        lambda x, ref: jax.device_put(x, ref.sharding) if isinstance(ref, jax.Array) else x,
+        tree, like)
+
+
 def _loop(model, config, factory, tx, trainable, frozen, opt_state, rng, start, end, manager,
-          sig, traj, callbacks, progress) -> TrainResult:
+          sig, traj, callbacks, progress, place_batch=lambda x: x) -> TrainResult:
     step_fn = make_step(model, tx, config)
     schedule = lr_schedule(config)
     logs = _Logs(config.log_dir or config.ckpt_dir, start)
@@ -569,7 +535,7 @@ def _loop(model, config, factory, tx, trainable, frozen, opt_state, rng, start, 
     data = factory(start)
     try:
         for step in range(start, end):
-            tokens = jnp.asarray(_check_batch(next(data), config, step))
+            tokens = place_batch(jnp.asarray(_check_batch(next(data), config, step)))
             lr = float(schedule(applied))
             trainable, opt_state, rng, m = step_fn(trainable, opt_state, frozen, rng, tokens)
             m = jax.device_get(m)

@@ -19,7 +19,9 @@ def test_profile_cli_prints_table_and_writes_json(tmp_path):
     assert "optimizer_state" in r.stdout and "temp" in r.stdout
     res = json.loads(out.read_text())
     prof = res["profile"]
-    assert prof["by_category"]["optimizer_state"] == prof["analytic"]["optimizer_state"]
+    # profile --task=train compiles the step train runs: adamw under the trainer's
+    # learning-rate schedule, whose optax scale_by_schedule keeps one more int32 step count
+    assert prof["by_category"]["optimizer_state"] == prof["analytic"]["optimizer_state"] + 4
     assert prof["peak_bytes"] == (prof["argument_bytes"] + prof["output_bytes"]
                                   - prof["alias_bytes"] + prof["temp_bytes"])
     assert res["environment"]["device"]

@@ -135,25 +135,46 @@ def train_step_fn(model: Model, tx: optax.GradientTransformation) -> Callable:
     Gradients and updates cover the trainable part of ``params`` only
     (:func:`memlab.model.split_trainable`: what a pass such as LoRA marked, else
     every float leaf); frozen leaves come back unchanged.  ``opt_state`` is
-    ``tx.init(split_trainable(model, params)[0])``.
+    ``tx.init(split_trainable(model, params)[0])``.  An adapter of the one train step
+    (:func:`memlab.train_step.step_fn`, default options: no accumulation, a non-finite
+    step leaves params and state unchanged, ZeRO constraints under ``ml.passes.shard``)
+    to whole params; ``tx`` as given (wrap it for an offloaded model:
+    ``ml.passes.offload.optimizer``).
     """
+    from memlab import train_step
     from memlab.model import merge_trainable, split_trainable
-    loss = loss_fn(model)
-
-    shard = model.extra("shard")
+    inner = train_step.step_fn(model, tx)
 
     def step(params, opt_state, tokens):
         trainable, frozen = split_trainable(model, params)
-        value, grads = jax.value_and_grad(
-            lambda t: loss(merge_trainable(t, frozen), tokens))(trainable)
-        if shard is not None:  # ZeRO: each device reduces, then updates, its own shard
-            grads = shard.constrain(grads, shard.param_specs(grads))
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        if shard is not None:
-            opt_state = shard.constrain(opt_state, shard.state_specs(opt_state, trainable))
-        return merge_trainable(optax.apply_updates(trainable, updates), frozen), opt_state, value
+        rng = jnp.zeros((2,), jnp.uint32)  # the adapter has no RNG to carry
+        trainable, opt_state, _, metrics = inner(trainable, opt_state, frozen, rng, tokens)
+        return merge_trainable(trainable, frozen), opt_state, metrics["loss"]
 
     return step
+
+
+def _train_setup(optimizer, config, batch: int, seq: int, trainable):
+    """``(tx, optimizer name or None, StepOptions)`` of a train profile: ``config`` a
+    :class:`memlab.train.TrainConfig` (its optimizer with clip and schedule, its step
+    options), a :class:`memlab.train_step.StepOptions`, or None (defaults)."""
+    from memlab import optim, train_step
+    if config is None or isinstance(config, train_step.StepOptions):
+        opts = config or train_step.StepOptions()
+        name = "adamw" if optimizer is None else optimizer
+        tx = optim.get(name) if isinstance(name, str) else name
+        return tx, name if isinstance(name, str) else None, opts
+    from memlab.train import TrainConfig, make_optimizer
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"profile: config must be a memlab.train.TrainConfig or a "
+                        f"memlab.train_step.StepOptions, got {type(config).__name__}")
+    if (batch, seq) != (config.batch, config.seq):
+        raise ValueError(f"profile: batch={batch}, seq={seq} differ from the TrainConfig's "
+                         f"batch={config.batch}, seq={config.seq}; pass the config's")
+    if optimizer is not None:
+        raise ValueError(f"profile: optimizer={optimizer!r} with a TrainConfig; the config "
+                         f"names its optimizer ({config.optimizer!r}): drop optimizer=")
+    return make_optimizer(config, trainable), config.optimizer, config.step_options
 
 
 def _kv_cache(model: Model, batch: int, max_len: int, lengths: int):
@@ -173,16 +194,23 @@ def _kv_cache(model: Model, batch: int, max_len: int, lengths: int):
 
 
 def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, seq: int = 128,
-            *, optimizer: str | optax.GradientTransformation = "adamw",
+            *, optimizer: str | optax.GradientTransformation | None = None,
             args: Optional[Sequence[Any]] = None, donate: Sequence[int] = (),
             categories: Optional[dict] = None, name: Optional[str] = None,
-            target: Optional[str] = None) -> MemoryReport:
+            target: Optional[str] = None, config: Any = None) -> MemoryReport:
     """Compile one step on abstract shapes and report its memory.
 
-    * ``Model``: ``task="train"`` compiles loss + gradient + optimizer update (params
-      and optimizer state donated); ``"prefill"`` writes ``seq`` tokens into an empty
+    * ``Model``: ``task="train"`` compiles the step :func:`memlab.train.train` runs
+      (:mod:`memlab.train_step`: loss + gradient + optimizer update with the non-finite
+      skip, trainable params and optimizer state donated; the shard and offload passes'
+      placements and constraints); ``"prefill"`` writes ``seq`` tokens into an empty
       KV cache of length ``seq``; ``"decode"`` writes one token into a cache of
       length ``seq`` holding ``seq - 1`` (cache donated).
+    * ``optimizer``: a ``memlab.optim`` name (default ``"adamw"``) or a transform.
+      ``config``: a :class:`memlab.train.TrainConfig` (exactly the step ``train(model,
+      config)`` runs: its optimizer with clip and schedule, accumulation, precision, the
+      fused variant; ``batch``/``seq`` must be the config's, ``optimizer`` left out) or a
+      :class:`memlab.train_step.StepOptions` (with ``optimizer``).
     * a plain function: pass ``args`` (arrays or ShapeDtypeStructs) and optionally
       ``donate`` and ``categories={"params": 0, ...}`` naming argument positions.
 
@@ -218,42 +246,42 @@ def profile(model_or_fn: Model | Callable, task: str = "train", batch: int = 1, 
     abstract_model = model.replace(params=params)
     workload = Workload(task, batch, seq)
     base = est.base_spec(model)
-    opt_name = optimizer if isinstance(optimizer, str) else None
-    analytic = est.bytes_by_category(base, task, batch, seq, optimizer=opt_name) \
-        if base is not None and hasattr(base, "param_count") else {}
-    analytic = est.apply_passes(analytic, model, workload) if analytic else {}
+    if task != "train":
+        if config is not None:
+            raise ValueError(f"profile: config= describes a train step; task={task!r} has none")
+        analytic = est.bytes_by_category(base, task, batch, seq, optimizer=None) \
+            if base is not None and hasattr(base, "param_count") else {}
+        analytic = est.apply_passes(analytic, model, workload) if analytic else {}
 
     if task == "train":
-        from memlab import optim
-        tx = optim.get(optimizer) if isinstance(optimizer, str) else optimizer
-        offload = dict(model.extra("offload") or ())  # ml.passes.offload
-        if offload:  # layers in host memory; the state there too with optimizer_state=True
-            from memlab.offload import host_optimizer
-            tx = host_optimizer(tx, offload["memory_kind"] if offload["optimizer_state"] else "device")
+        from memlab import train_step
         from memlab.model import merge_trainable, split_trainable
         trainable, frozen = split_trainable(abstract_model, params)  # LoRA: adapters only
-        opt_state = jax.eval_shape(tx.init, trainable)
-        if offload.get("optimizer_state"):  # eval_shape drops the placement
-            from memlab.offload import place
-            opt_state = place(opt_state, offload["memory_kind"])
-        tokens = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
-        shard = model.extra("shard")  # ml.passes.shard: shard the state and batch like params
-        if shard is not None:
-            opt_state = shard.put_state(opt_state, trainable)
-            tokens = shard.put_batch(tokens)
-        compiled, secs = _compile(train_step_fn(abstract_model, tx), (params, opt_state, tokens),
-                                  donate=(0, 1), target=target)
-        grads = jax.eval_shape(jax.grad(lambda t, f, x: loss_fn(abstract_model)(
-            merge_trainable(t, f), x)), trainable, frozen, tokens)
+        tx, opt_name, opts = _train_setup(optimizer, config, batch, seq, trainable)
+        built = train_step.build(abstract_model, tx, opts)
+        step_args = built.abstract_args(batch, seq, params)
+        trainable, opt_state, frozen, _, tokens = step_args
+        compiled, secs = _compile(built.step, step_args, donate=(0, 1), target=target)
+        analytic = est.bytes_by_category(base, task, batch, seq, optimizer=opt_name) \
+            if base is not None and hasattr(base, "param_count") else {}
+        analytic = est.apply_passes(analytic, model, workload) if analytic else {}
         analytic = est.over_trainable(analytic, opt_name)
-        cats = {"params": tree_bytes(params), "gradients": tree_bytes(grads),
-                "optimizer_state": tree_bytes(opt_state), "inputs": tree_bytes(tokens)}
+        cats = {"params": tree_bytes(params)}
+        grads = None
+        if not opts.fused:  # the fused step never holds the whole-model gradient
+            grads = jax.eval_shape(jax.grad(lambda t, f, x: loss_fn(abstract_model)(
+                merge_trainable(t, f), x)), trainable, frozen, tokens)
+            cats["gradients"] = tree_bytes(grads)
+        cats.update({"optimizer_state": tree_bytes(opt_state), "inputs": tree_bytes(tokens)})
         cats.update(_host_bytes(params=params, optimizer_state=opt_state))
+        shard = model.extra("shard")
         if shard is not None:
             per_device = {"params": shard.param_bytes(params),
-                          "gradients": shard.param_bytes(grads),
                           "optimizer_state": shard.state_bytes(opt_state, trainable),
                           "inputs": shard.batch_bytes(tokens)}
+            if grads is not None:
+                per_device["gradients"] = shard.param_bytes(grads)
+            per_device = {k: per_device[k] for k in cats if k in per_device}
     else:
         apply = abstract_model.apply
         if task == "prefill":
