@@ -12,7 +12,12 @@ What a pass may change, and nothing else:
                   layers), built with ``module.clone(...)``;
 * ``wrappers`` -- functions ``apply -> apply`` layered over the module's apply
                   (sharding constraints, kernel dispatch);
-* ``extras``   -- a static mapping for the cache spec and training-side settings.
+* ``extras``   -- a static mapping for the cache spec and training-side settings;
+* ``dispatch`` -- a :class:`memlab.dispatch.Dispatch`: which attention,
+                  cross-entropy and quantized-matmul implementations (and which
+                  attention hook) the model runs.  Static data, so part of the jit
+                  cache key: ``model.with_dispatch(attention="chunked")`` is a
+                  different compiled program, never a stale trace.
 
 Every composed model stays a pytree whose only leaves are its params, so it is
 ``jax.jit``-able and ``jax.eval_shape``-able (a 7B model can be planned without
@@ -21,11 +26,14 @@ allocating it) and its params checkpoint with orbax.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
+
+from memlab.dispatch import Dispatch, applying
 
 PyTree = Any
 ApplyFn = Callable[..., Any]
@@ -58,6 +66,7 @@ class Model:
     extras: tuple = ()  # sorted (key, value) pairs; static and hashable
     history: tuple = ()  # ((Pass, spec before it), ...) for analytic estimates
     tokenizer: Any = dataclasses.field(default=None, compare=False)
+    dispatch: Dispatch = Dispatch()  # static: which implementations run (memlab.dispatch)
 
     def __post_init__(self):
         if (self.module is None) == (self.fn is None):
@@ -65,6 +74,10 @@ class Model:
                 "Model needs exactly one of `module` (a Flax Linen module) or `fn` "
                 "(a pure function fn(params, *inputs)); got "
                 f"module={type(self.module).__name__}, fn={self.fn!r}.")
+        if not isinstance(self.dispatch, Dispatch):
+            raise TypeError(f"Model: dispatch must be a memlab.dispatch.Dispatch, got "
+                            f"{type(self.dispatch).__name__}; use model.with_dispatch("
+                            "attention=..., cross_entropy=..., qmatmul=...).")
 
     def __repr__(self) -> str:
         from memlab.memory.bytes import fmt_bytes, tree_bytes
@@ -75,9 +88,10 @@ class Model:
                 f"{', abstract' if self.abstract else ''}, passes: {passes})")
 
     # -- the pure function ------------------------------------------------
-    @property
+    @functools.cached_property
     def apply(self) -> ApplyFn:
-        """``apply(params, *inputs, **kwargs)``: the module or fn with every wrapper."""
+        """``apply(params, *inputs, **kwargs)``: the module or fn with every wrapper, traced
+        with the model's :attr:`dispatch` active (:func:`memlab.dispatch.applying`)."""
         if self.module is not None:
             module = self.module
 
@@ -87,7 +101,13 @@ class Model:
             base = self.fn
         for wrap in self.wrappers:
             base = wrap(base)
-        return base
+        inner, choice = base, self.dispatch
+
+        def apply(params, *args, **kwargs):
+            with applying(choice):
+                return inner(params, *args, **kwargs)
+        apply.__name__ = getattr(inner, "__name__", "apply")
+        return apply
 
     def __call__(self, *args, **kwargs):
         return self.apply(self.params, *args, **kwargs)
@@ -104,6 +124,11 @@ class Model:
         merged.update(items)
         return self.replace(extras=tuple(sorted(merged.items())))
 
+    def with_dispatch(self, **choices) -> "Model":
+        """The model with some :class:`memlab.dispatch.Dispatch` fields changed, e.g.
+        ``model.with_dispatch(attention="chunked", qmatmul="interpret")``."""
+        return self.replace(dispatch=self.dispatch.replace(**choices))
+
     def extra(self, key: str, default=None):
         return dict(self.extras).get(key, default)
 
@@ -115,13 +140,14 @@ class Model:
 
 
 def _model_flatten(m: Model):
-    return (m.params,), (m.module, m.fn, m.spec, m.wrappers, m.extras, m.history, m.tokenizer)
+    return (m.params,), (m.module, m.fn, m.spec, m.wrappers, m.extras, m.history, m.tokenizer,
+                         m.dispatch)
 
 
 def _model_unflatten(aux, children):
-    module, fn, spec, wrappers, extras, history, tokenizer = aux
+    module, fn, spec, wrappers, extras, history, tokenizer, dispatch = aux
     return Model(params=children[0], module=module, fn=fn, spec=spec, wrappers=wrappers,
-                 extras=extras, history=history, tokenizer=tokenizer)
+                 extras=extras, history=history, tokenizer=tokenizer, dispatch=dispatch)
 
 
 jax.tree_util.register_pytree_node(Model, _model_flatten, _model_unflatten)

@@ -64,8 +64,8 @@ Limits:
   to the resident model (tested).  Quantized layers (``QArray`` leaves): logits
   bit-identical, gradients of their float leaves equal to float rounding (a
   per-layer scale's gradient is summed in another order, ~2e-7 relative).
-  The backward re-enters the Flax method interceptors active at the forward
-  (quantized ``nn.Dense`` dispatch) by reading Flax's interceptor stack.
+  The backward re-enters the model's ``nn.Dense`` dispatch active at the forward
+  (quantized kernels, LoRA: :func:`memlab.nn.dense_dispatch.keep_dispatch`).
 """
 from __future__ import annotations
 
@@ -335,23 +335,11 @@ def _trainable(layer_fn, treedef, is_float, n_layers, k, p):
 
 
 def _keep_interceptors(fn):
-    """``fn`` run under the Flax method interceptors active now (a quantized model's
-    ``nn.Dense`` dispatch): the custom_vjp backward is traced after the forward's
-    ``intercept_methods`` contexts have exited.  Reads Flax's interceptor stack."""
-    import contextlib
-
-    import flax.linen as nn
-    from flax.linen import module as flax_module
-    stack = list(getattr(flax_module, "_global_interceptor_stack", ()))[::-1]  # outermost first
-
-    def wrapped(*args):
-        if not stack or len(flax_module._global_interceptor_stack):
-            return fn(*args)          # the forward: the interceptors are still installed
-        with contextlib.ExitStack() as ctx:
-            for interceptor in stack:
-                ctx.enter_context(nn.intercept_methods(interceptor))
-            return fn(*args)
-    return wrapped
+    """``fn`` run under the model's nn.Dense dispatch (quantized kernels, LoRA) and its
+    Dispatch: the custom_vjp backward is traced after the forward's contexts have exited
+    (:func:`memlab.nn.dense_dispatch.keep_dispatch`)."""
+    from memlab.nn.dense_dispatch import keep_dispatch
+    return keep_dispatch(fn)
 
 
 def stream_layers(layer_fn: Callable, host_layers, carry, n_layers: int, k: int, p: int):

@@ -3,6 +3,7 @@ from memlab.nn.attention import (  # noqa: F401
     IMPLS,
     NAIVE_MAX_SCORE_BYTES,
     attention,
+    attention_hook,
     choose,
     decode_attention,
     use_attention,
@@ -12,10 +13,12 @@ from memlab.nn.loss import (  # noqa: F401
     NAIVE_MAX_LOGITS_BYTES,
     choose_cross_entropy,
     cross_entropy,
+    loss_impl,
     model_loss,
     use_cross_entropy,
 )
 
-__all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "choose", "decode_attention",
-           "use_attention", "LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES", "choose_cross_entropy",
-           "cross_entropy", "model_loss", "use_cross_entropy"]
+__all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "attention_hook", "choose",
+           "decode_attention", "use_attention", "LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES",
+           "choose_cross_entropy", "cross_entropy", "loss_impl", "model_loss",
+           "use_cross_entropy"]

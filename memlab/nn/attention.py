@@ -24,9 +24,18 @@ causal, sliding window, segment ids, explicit positions) and runs one of:
   (``B*H*T*S*4`` bytes) stays under :data:`NAIVE_MAX_SCORE_BYTES` (it is faster
   for short sequences), else ``"chunked"``, so memory stays O(T).
 
-Override per call with ``impl=``, or for a region with
-``with memlab.nn.use_attention("chunked"): ...``.  The choice is made at trace
-time: a function already jitted keeps the implementation it was traced with.
+Which implementation runs (:func:`memlab.dispatch.resolve`): ``impl=`` if given
+(a memlab Llama passes its ``LlamaConfig.attention``), else the model's static
+choice (``model.with_dispatch(attention="chunked")``, part of the jit cache key),
+else the trace-time override ``with memlab.nn.use_attention("chunked"): ...``,
+else ``"auto"``.  The override is for direct calls of this function: it is not part
+of any jit cache key (a function already jitted keeps the implementation it was
+traced with), and a model whose Dispatch names an implementation ignores it with a
+DeprecationWarning.  Kernel backend names (``"triton"``, ``"mosaic_tpu"``) are
+accepted for the Pallas implementations (:func:`memlab.dispatch.layer_impl`).
+
+:func:`attention_hook` (trace-time) and ``Dispatch.attention_hook`` (static: ring
+attention under a sequence-parallel shard pass) replace every call by a function.
 """
 from __future__ import annotations
 
@@ -42,23 +51,26 @@ from memlab import dispatch
 from memlab_kernels.attention_reference import attention_reference, check_attention_args
 from memlab_kernels.chunked_attention import chunked_attention
 
-__all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "choose", "decode_attention",
-           "use_attention"]
+__all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "attention_hook", "choose",
+           "decode_attention", "use_attention"]
 
-IMPLS = ("auto", "pallas_triton", "pallas_tpu", "cudnn", "xla", "chunked", "naive", "interpret")
-DECODE_IMPLS = ("auto", "pallas_triton", "pallas_tpu", "interpret", "xla")
+IMPLS = dispatch.ATTENTION_IMPLS
+DECODE_IMPLS = dispatch.DECODE_IMPLS
 #: Above this many bytes of float32 scores the CPU path switches from naive to chunked.
 NAIVE_MAX_SCORE_BYTES = 64 * 2**20
 
+# Trace-time overrides (see the module doc); a model's static Dispatch wins over them.
 _DEFAULT = contextvars.ContextVar("memlab_attention_impl", default="auto")
-# A function that replaces every attention() call while set (ring attention under the
-# shard pass: memlab.nn.ring_attention.use_ring_attention).
+# A function that replaces every attention() call while set.
 _HOOK = contextvars.ContextVar("memlab_attention_hook", default=None)
 
 
 @contextlib.contextmanager
 def attention_hook(fn):
-    """Run the enclosed traces with ``fn(q, k, v, scale=, **mask)`` in place of attention()."""
+    """Run the enclosed traces with ``fn(q, k, v, scale=, **mask)`` in place of attention().
+
+    A trace-time override, not part of any jit cache key; a model whose
+    ``Dispatch.attention_hook`` is set runs its own hook instead."""
     token = _HOOK.set(fn)
     try:
         yield
@@ -68,8 +80,11 @@ def attention_hook(fn):
 
 @contextlib.contextmanager
 def use_attention(impl: str):
-    """Run the enclosed traces with ``impl`` as the default attention implementation."""
-    _check_impl(impl, IMPLS)
+    """Run the enclosed traces with ``impl`` as the default attention implementation.
+
+    A trace-time override for direct calls (see the module doc); set a model's choice
+    as data with ``model.with_dispatch(attention=impl)``."""
+    impl = _check_impl(impl, IMPLS)
     token = _DEFAULT.set(impl)
     try:
         yield
@@ -78,9 +93,8 @@ def use_attention(impl: str):
 
 
 def _check_impl(impl, allowed):
-    if impl not in allowed:
-        raise ValueError(f"attention impl={impl!r} is not one of {allowed}; "
-                         "use 'auto' to pick by backend and shape.")
+    """``impl`` as one of ``allowed`` (kernel backend names mapped), or a ValueError."""
+    return dispatch.layer_impl(impl, allowed, "attention impl")
 
 
 def _platform() -> str:
@@ -124,12 +138,12 @@ def _cudnn_unsupported(q, t, s, d, dv, causal, segment_ids, q_positions, kv_posi
 def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, segment_ids=None,
               q_positions=None, kv_positions=None, scale: Optional[float] = None,
               impl: Optional[str] = None) -> jax.Array:
-    """Scaled dot-product attention ``[B, T, H, Dv]``; ``impl`` None means the context default."""
-    impl = _DEFAULT.get() if impl is None else impl
-    _check_impl(impl, IMPLS)
+    """Scaled dot-product attention ``[B, T, H, Dv]``; ``impl`` None: the model's static
+    choice, else the trace-time default (see the module doc)."""
+    impl = _check_impl(dispatch.resolve("attention", impl, _DEFAULT.get()), IMPLS)
     mask = dict(causal=causal, window=window, segment_ids=segment_ids, q_positions=q_positions,
                 kv_positions=kv_positions)
-    hook = _HOOK.get()
+    hook = dispatch.resolve_hook(_HOOK.get())
     if hook is not None:
         return hook(q, k, v, scale=scale, **mask)
     if impl == "auto":
@@ -141,8 +155,7 @@ def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, se
     if impl in ("cudnn", "xla"):
         return _jax_nn(q, k, v, impl, scale=scale, **mask)
     from memlab_kernels.flash_attention import flash_attention
-    backend = {"pallas_triton": "triton", "pallas_tpu": "mosaic_tpu", "interpret": "interpret"}[impl]
-    return flash_attention(q, k, v, scale=scale, backend=backend, **mask)
+    return flash_attention(q, k, v, scale=scale, backend=dispatch.kernel_backend_of(impl), **mask)
 
 
 def _jax_nn(q, k, v, impl, *, causal, window, segment_ids, q_positions, kv_positions, scale):
@@ -173,8 +186,7 @@ def decode_attention(q, k, v, lengths, *, scale: Optional[float] = None,
     (flash-decoding) Pallas kernel; elsewhere (``"xla"``) a plain masked
     softmax, which is O(S) memory already.
     """
-    impl = "auto" if impl is None else impl
-    _check_impl(impl, DECODE_IMPLS)
+    impl = _check_impl("auto" if impl is None else impl, DECODE_IMPLS)
     if impl == "auto":
         impl = {"gpu": "pallas_triton", "tpu": "pallas_tpu"}.get(_platform(), "xla")
     if q.ndim != 3:
@@ -186,5 +198,4 @@ def decode_attention(q, k, v, lengths, *, scale: Optional[float] = None,
         return attention_reference(q[:, None], k, v, causal=True, q_positions=q_pos,
                                    kv_positions=kv_pos, scale=scale, precision=None)[:, 0]
     from memlab_kernels.decode_attention import decode_attention as kernel
-    backend = {"pallas_triton": "triton", "pallas_tpu": "mosaic_tpu", "interpret": "interpret"}[impl]
-    return kernel(q, k, v, lengths, scale=scale, backend=backend)
+    return kernel(q, k, v, lengths, scale=scale, backend=dispatch.kernel_backend_of(impl))

@@ -23,8 +23,12 @@ each block), so a 49k-token vocabulary costs megabytes instead of gigabytes.
 kernels; TPU -> the Mosaic kernels; CPU and anything else ->
 naive while the float32 logits (``N * V * 4`` bytes) stay under
 :data:`NAIVE_MAX_LOGITS_BYTES` (64 MiB; faster for small heads), else chunked.
-``with memlab.nn.use_cross_entropy("chunked"): ...`` sets the default for
-everything traced inside.
+Which implementation runs (:func:`memlab.dispatch.resolve`): ``impl=`` if given,
+else (for :func:`model_loss`) the model's static ``Dispatch.cross_entropy``
+(``model.with_dispatch(cross_entropy="chunked")``, part of the jit cache key),
+else the trace-time override ``with memlab.nn.use_cross_entropy("chunked"): ...``
+(not part of any jit cache key), else ``"auto"``.  Kernel backend names
+(``"triton"``, ``"mosaic_tpu"``, ``"interpret"``) are accepted for the kernels.
 
 :func:`model_loss` is the next-token loss of a memlab Llama through this
 dispatcher: the model returns its final-norm hidden states
@@ -54,20 +58,24 @@ from memlab import dispatch
 from memlab_kernels import cut_cross_entropy as _cce
 
 __all__ = ["LOSS_IMPLS", "NAIVE_MAX_LOGITS_BYTES", "REDUCTIONS", "choose_cross_entropy",
-           "cross_entropy", "head_weight", "model_loss", "use_cross_entropy"]
+           "cross_entropy", "head_weight", "loss_impl", "model_loss", "use_cross_entropy"]
 
-LOSS_IMPLS = ("auto", "naive", "chunked", "pallas_triton", "pallas_tpu", "pallas_interpret")
+LOSS_IMPLS = dispatch.LOSS_IMPLS
 REDUCTIONS = ("mean", "sum", "none")
 #: Above this many bytes of float32 logits the CPU path switches from naive to chunked.
 NAIVE_MAX_LOGITS_BYTES = 64 * 2**20
 
+# The trace-time override (see the module doc); a model's static Dispatch wins over it.
 _DEFAULT = contextvars.ContextVar("memlab_cross_entropy_impl", default="auto")
 
 
 @contextlib.contextmanager
 def use_cross_entropy(impl: str):
-    """Run the enclosed traces with ``impl`` as the default cross-entropy implementation."""
-    _check_impl(impl)
+    """Run the enclosed traces with ``impl`` as the default cross-entropy implementation.
+
+    A trace-time override (see the module doc); set a model's choice as data with
+    ``model.with_dispatch(cross_entropy=impl)``."""
+    impl = _check_impl(impl)
     token = _DEFAULT.set(impl)
     try:
         yield
@@ -76,9 +84,16 @@ def use_cross_entropy(impl: str):
 
 
 def _check_impl(impl):
-    if impl not in LOSS_IMPLS:
-        raise ValueError(f"cross_entropy impl={impl!r} is not one of {LOSS_IMPLS}; "
-                         "use 'auto' to pick by backend and shape.")
+    """``impl`` as one of :data:`LOSS_IMPLS` (kernel backend names mapped), or a ValueError."""
+    return dispatch.layer_impl(impl, LOSS_IMPLS, "cross_entropy impl")
+
+
+def loss_impl(model=None, impl: Optional[str] = None) -> str:
+    """The cross-entropy implementation for ``model``'s loss: ``impl`` if given, else the
+    model's static ``Dispatch.cross_entropy`` unless "auto", else the trace-time
+    :func:`use_cross_entropy` default (possibly "auto")."""
+    return _check_impl(dispatch.resolve("cross_entropy", impl, _DEFAULT.get(),
+                                        model=getattr(model, "dispatch", None)))
 
 
 def _platform() -> str:
@@ -147,8 +162,7 @@ def cross_entropy(hidden, classifier, targets, *, tied: bool = False,
     Returns a float32 scalar (or ``targets``-shaped losses), differentiable
     w.r.t. ``hidden`` and ``classifier``.
     """
-    impl = _DEFAULT.get() if impl is None else impl
-    _check_impl(impl)
+    impl = _check_impl(dispatch.resolve("cross_entropy", impl, _DEFAULT.get()))
     if reduction not in REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction={reduction!r} is not one of {REDUCTIONS}.")
     for arg, x in (("hidden", hidden), ("classifier", classifier), ("targets", targets)):
@@ -177,9 +191,8 @@ def cross_entropy(hidden, classifier, targets, *, tied: bool = False,
         rows = _cce.chunked_cross_entropy(h, classifier, t, chunk=chunk, vocab_chunk=vocab_chunk,
                                           filter_eps=filter_eps, **common)
     else:
-        backend = {"pallas_triton": "triton", "pallas_tpu": "mosaic_tpu",
-                   "pallas_interpret": "interpret"}[impl]
-        rows = _cce.cut_cross_entropy(h, classifier, t, block_sizes=block_sizes, backend=backend,
+        rows = _cce.cut_cross_entropy(h, classifier, t, block_sizes=block_sizes,
+                                      backend=dispatch.kernel_backend_of(impl),
                                       filter_eps=filter_eps, **common)
     if reduction == "none":
         return rows.reshape(lead)
@@ -227,17 +240,19 @@ def model_loss(model, *, impl: Optional[str] = None, chunk: int = 1024,
     The hidden states come from ``model.apply(params, tokens[:, :-1],
     hidden_only=True)`` and the head weight from ``params``; see the module doc
     for the fallback to the model's logits.  ``impl`` as in :func:`cross_entropy`
-    ("naive" runs the model's own logits, exactly the previous loss).
+    ("naive" runs the model's own logits, exactly the previous loss); None: the
+    model's static ``model.dispatch.cross_entropy``, else the trace-time default
+    (:func:`loss_impl`).
     """
     if impl is not None:
-        _check_impl(impl)
+        impl = _check_impl(impl)
 
     def loss(params, tokens):
         if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(f"model_loss: tokens must be [batch, seq+1] with seq >= 1, got "
                              f"shape {tuple(tokens.shape)}.")
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        chosen = _DEFAULT.get() if impl is None else impl
+        chosen = loss_impl(model, impl)
         w, tied, why = head_weight(model, params)
         vocab = getattr(getattr(getattr(model, "module", None), "config", None), "vocab_size", None)
         if chosen == "auto":

@@ -17,11 +17,15 @@ the position ``INT32_MAX`` and are always masked, padded queries are sliced off.
     out = ring_attention(q, k, v, mesh=mesh, axis="context", causal=True)
 
 Inside a sharded model (``ml.passes.shard(mesh, ml.shard.sp("context"))``) the
-Llama layers attend through it via :func:`use_ring_attention`.
+layers' training forward attends through it: the pass sets the model's static
+``Dispatch.attention_hook`` to a :class:`RingAttention` (a hashable hook, so part
+of the jit cache key).  :func:`use_ring_attention` is the trace-time form for
+direct calls of :func:`memlab.nn.attention`.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Optional, Sequence
 
@@ -30,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-__all__ = ["ring_attention", "use_ring_attention", "PAD_POSITION"]
+__all__ = ["ring_attention", "RingAttention", "use_ring_attention", "PAD_POSITION"]
 
 PAD_POSITION = int(np.iinfo(np.int32).max)  # keys here are never attended
 
@@ -135,14 +139,37 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str, causal: bool = False,
     return out[:, :t]
 
 
+@dataclasses.dataclass(frozen=True)
+class RingAttention:
+    """The attention hook ``hook(q, k, v, scale=, **mask)`` running :func:`ring_attention`
+    over ``mesh`` axis ``axis`` (batch split over ``batch_axes``).  Frozen and hashable:
+    a ``memlab.dispatch.Dispatch.attention_hook``, so part of the jit cache key."""
+
+    mesh: Mesh
+    axis: str
+    batch_axes: tuple = ()
+
+    def __post_init__(self):
+        if not isinstance(self.mesh, Mesh):
+            raise TypeError(f"RingAttention: mesh must be a jax.sharding.Mesh, got "
+                            f"{type(self.mesh).__name__}")
+        if self.axis not in self.mesh.axis_names:
+            raise ValueError(f"RingAttention: axis={self.axis!r} is not a mesh axis; the mesh "
+                             f"has {tuple(self.mesh.axis_names)}")
+        object.__setattr__(self, "batch_axes", tuple(self.batch_axes or ()))
+
+    def __call__(self, q, k, v, *, scale=None, **mask):
+        return ring_attention(q, k, v, mesh=self.mesh, axis=self.axis,
+                              batch_axes=self.batch_axes, scale=scale, **mask)
+
+
 @contextlib.contextmanager
 def use_ring_attention(mesh: Mesh, axis: str, batch_axes: Sequence[str] = ()):
-    """Inside, every :func:`memlab.nn.attention` call runs as :func:`ring_attention`."""
+    """Inside, every :func:`memlab.nn.attention` call runs as :func:`ring_attention`.
+
+    A trace-time override (not part of any jit cache key); a sharded model carries
+    its :class:`RingAttention` as static data (``model.dispatch.attention_hook``)."""
     from memlab.nn.attention import attention_hook
 
-    def hook(q, k, v, *, scale=None, **mask):
-        return ring_attention(q, k, v, mesh=mesh, axis=axis, batch_axes=batch_axes,
-                              scale=scale, **mask)
-
-    with attention_hook(hook):
+    with attention_hook(RingAttention(mesh, axis, tuple(batch_axes))):
         yield

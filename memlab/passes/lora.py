@@ -15,11 +15,13 @@ Adapters live in the params pytree next to the kernel they adapt
 the kernel for layers under ``nn.scan``).  Only they train: the pass sets the
 model's ``trainable`` extra, so :func:`memlab.model.split_trainable` (and the
 profiler's train step) take gradients and optimizer state over them alone.
-The forward runs through ``flax.linen.intercept_methods``: every ``nn.Dense`` call
-whose scope holds ``lora_a`` returns ``base(x) + scale * (x @ A) @ B``, whatever
-the kernel is (a float array, or a QArray dispatched by the quantize pass), so
-plain user Flax models work unchanged.  Apply lora *after* quantize: an adapter
-that no ``nn.Dense`` call picked up is an error, never a silent no-op.
+The forward runs through the model's one ``nn.Dense`` interceptor
+(:class:`memlab.nn.dense_dispatch.DenseDispatch`, shared with the quantize pass):
+every ``nn.Dense`` call whose scope holds ``lora_a`` returns ``base(x) + scale *
+(x @ A) @ B``, the base computed first on whatever the kernel is (a float array, or
+a QArray through the quantized matmul), so plain user Flax models work unchanged
+and lora and quantize compose in either order.  An adapter that no ``nn.Dense``
+call picked up is an error, never a silent no-op.
 
 ``merge_lora(model)`` (also ``ml.passes.lora.merge``) folds ``W + scale * A B``
 back for export.  A quantized base is dequantized and merged in float (exact:
@@ -42,12 +44,13 @@ import warnings
 import zlib
 from typing import Any, Mapping, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from memlab.facts import measured
 from memlab.memory.bytes import tree_bytes
 from memlab.model import Model, Pass, Rules, path_str
+from memlab.nn.dense_dispatch import DenseDispatch, adapted_modules, install, lora_delta  # noqa: F401
 from memlab.passes import PASSES
 from memlab.quant.qarray import QArray
 
@@ -78,77 +81,25 @@ class LoraConfig:
 
 
 # ---------------------------------------------------------------------------
-# The adapted matmul
+# The adapted matmul: memlab.nn.dense_dispatch (one interceptor with the quantize pass)
 # ---------------------------------------------------------------------------
-def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, dtype: Any,
-               qa_group: Optional[int] = None) -> jax.Array:
-    """``scale * (x @ A) @ B`` in ``dtype`` with float32 accumulation; x [..., in].
-
-    With ``qa_group=g`` (QA-LoRA) x is first averaged over groups of g features."""
-    dtype = jnp.dtype(dtype)
-    if qa_group is not None:
-        x = x.astype(jnp.float32).reshape(x.shape[:-1] + (x.shape[-1] // qa_group, qa_group))
-        x = x.mean(-1)
-    h = jnp.dot(x.astype(dtype), a.astype(dtype), preferred_element_type=jnp.float32)
-    d = jnp.dot(h.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
-    return (d * scale).astype(dtype)
+_adapted_modules = adapted_modules
 
 
-def _lora_interceptor(config: LoraConfig, seen: set, next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, nn.Dense)
-            or not module.has_variable("params", "lora_a")):
-        return next_fun(*args, **kwargs)
-    y = next_fun(*args, **kwargs)  # the base layer: float, or a QArray via the quantize pass
-    x = args[0] if args else kwargs["inputs"]
-    a = module.get_variable("params", "lora_a")
-    b = module.get_variable("params", "lora_b")
-    seen.add(tuple(module.path))
-    return y + lora_delta(x, a, b, config.scale(a.shape[-1]), y.dtype, config.qa_group)
+class LoraDispatch(DenseDispatch):
+    """Deprecated: the adapters run in the model's one Dense interceptor,
+    ``memlab.nn.dense_dispatch.DenseDispatch(lora=config)``."""
 
+    def __init__(self, config: LoraConfig):
+        warnings.warn("memlab.passes.lora.LoraDispatch is deprecated: use "
+                      "memlab.nn.dense_dispatch.DenseDispatch(lora=config) (one nn.Dense "
+                      "interceptor for quantized kernels and adapters)", DeprecationWarning,
+                      stacklevel=2)
+        super().__init__(lora=config)
 
-def _adapted_modules(params) -> set:
-    """Module paths (tuples of names) whose params hold adapters."""
-    found = set()
-
-    def walk(tree, prefix):
-        if isinstance(tree, Mapping):
-            if "lora_a" in tree:
-                found.add(prefix)
-            for k, v in tree.items():
-                walk(v, prefix + (str(k),))
-    walk(params, ())
-    return found
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraDispatch:
-    """Wrapper ``apply -> apply`` adding the adapters to their ``nn.Dense`` outputs."""
-
-    config: LoraConfig
-
-    def __call__(self, apply):
-        config = self.config
-
-        def wrapped(params, *args, **kwargs):
-            seen: set = set()
-            intercept = lambda *a: _lora_interceptor(config, seen, *a)  # noqa: E731
-            with nn.intercept_methods(intercept):
-                out = apply(params, *args, **kwargs)
-            missing = _adapted_modules(params) - seen
-            if missing:
-                names = sorted("/".join(m) for m in missing)
-                raise ValueError(
-                    f"lora: the adapters of {names} were never applied: no nn.Dense call "
-                    "used them. LoRA adapts nn.Dense kernels only, and must be applied after "
-                    "passes that dispatch those layers themselves: write "
-                    "ml.compose(ml.passes.quantize(...), ml.passes.lora(...)), and exclude "
-                    "other kernels with a None rule (a loss that reads the head weight itself, "
-                    "as cut cross-entropy does, never calls lm_head: exclude it with "
-                    "{r'lm_head': None} or trace under ml.nn.use_cross_entropy('naive')).")
-            return out
-        wrapped.__name__ = "dispatch_lora"
-        return wrapped
+    @property
+    def config(self) -> LoraConfig:
+        return self.lora
 
 
 # ---------------------------------------------------------------------------
@@ -297,7 +248,8 @@ class _LoraPass(Pass):
         return self
 
 
-@PASSES.register("lora")
+# planner fact (memlab.facts): LoRA fine-tuning against full training
+@PASSES.register("lora", quality_loss=measured())
 def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] = None,
          init: str = "kaiming", dtype: Any = "float32", seed: int = 0,
          rslora: bool = False, qa_group: Optional[int] = None) -> Pass:
@@ -336,7 +288,8 @@ def lora(rank: int = 8, alpha: float = 16.0, rules: Optional[Mapping[str, Any]] 
             raise ValueError("lora: the model already has LoRA adapters; merge them first "
                              "(ml.passes.lora.merge(model))")
         params = add_adapters(model.params, rules_map, config)
-        out = model.replace(params=params).wrap(LoraDispatch(config))
+        # the one Dense interceptor (the quantize pass's, if it ran first) now adds adapters
+        out = model.replace(params=params, wrappers=install(model.wrappers, lora=config))
         return out.with_extras(trainable=TRAINABLE, lora=config)
 
     def estimate(current, spec, workload):
@@ -426,7 +379,10 @@ def merge_lora(model: Model, requantize: bool = False) -> Model:
         params = _copy_drop(params, keys, ADAPTERS)
         params = _copy_set(params, keys, {"kernel": new})
     extras = tuple((k, v) for k, v in model.extras if k not in ("lora", "trainable"))
-    wrappers = tuple(w for w in model.wrappers if not isinstance(w, LoraDispatch))
+    wrappers = tuple(w for w in model.wrappers if not isinstance(w, DenseDispatch))
+    if any(isinstance(x, QArray) for x in jax.tree_util.tree_leaves(
+            params, is_leaf=lambda x: isinstance(x, QArray))):  # kernels left quantized
+        wrappers = install(model.wrappers, lora=None)
     history = tuple((p, s) for p, s in model.history if not isinstance(p, _LoraPass))
     out = model.replace(params=params, extras=extras, wrappers=wrappers, history=history)
     if grown:

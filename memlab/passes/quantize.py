@@ -7,8 +7,12 @@
 statistics of every dense layer from ``plan(model, calib=batches)``.  By default every ``.../kernel`` leaf with
 at least two dimensions is quantized; ``rules`` (regex -> format/method or None,
 first match wins) override that per path.  Works on memlab models and on plain
-Flax Linen models: the wrapper intercepts ``nn.Dense`` calls whose kernel is a
-QArray (``flax.linen.intercept_methods``), so user code is untouched.
+Flax Linen models: the model's one ``nn.Dense`` interceptor
+(:class:`memlab.nn.dense_dispatch.DenseDispatch`, shared with the LoRA pass, so
+the two passes compose in either order) sends calls whose kernel is a QArray to
+:func:`memlab.quant.matmul.qmatmul`, so user code is untouched.  Which kernel
+backend runs is the model's static ``Dispatch.qmatmul``
+(``model.with_dispatch(qmatmul="interpret")``).
 
 With ``donate=True`` each float leaf is deleted as soon as its quantized
 version exists, so quantizing holds the quantized model plus one tensor, not
@@ -18,38 +22,18 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from memlab.model import Model, Pass, Rules, path_str
+from memlab.nn.dense_dispatch import DenseDispatch, install
 from memlab.passes import PASSES
 from memlab.quant.formats import Format
-from memlab.quant.matmul import qmatmul
 from memlab.quant.qarray import QArray
 
-
-def _dense_interceptor(next_fun, args, kwargs, context):
-    module = context.module
-    if context.method_name == "__call__" and isinstance(module, nn.Dense):
-        kernel = module.get_variable("params", "kernel")
-        if isinstance(kernel, QArray):
-            x = args[0]
-            dtype = module.dtype or jnp.result_type(x.dtype, kernel.dtype)
-            y = qmatmul(x, kernel, dtype)
-            if module.use_bias:
-                y = y + jnp.asarray(module.get_variable("params", "bias"), dtype)
-            return y
-    return next_fun(*args, **kwargs)
-
-
-def dispatch_quantized(apply):
-    """Wrapper: run ``apply`` with nn.Dense calls on QArray kernels sent to qmatmul."""
-    def wrapped(params, *args, **kwargs):
-        with nn.intercept_methods(_dense_interceptor):
-            return apply(params, *args, **kwargs)
-    wrapped.__name__ = "dispatch_quantized"
-    return wrapped
+#: The wrapper that sends nn.Dense calls on QArray kernels to qmatmul: the model's one
+#: Dense interceptor without adapters (``DenseDispatch()``; ``dispatch_quantized(apply)``).
+dispatch_quantized = DenseDispatch()
 
 
 def _is_target(path: str, leaf) -> bool:
@@ -124,10 +108,8 @@ def quantize(method: Any, rules: Optional[Mapping[str, Any]] = None, donate: boo
         new_leaves = [leaf if cfg is None else quantize_leaf(path, leaf, cfg, stats)
                       for path, leaf, cfg in plan]
         params = jax.tree_util.tree_unflatten(treedef, new_leaves)
-        out = model.replace(params=params)
-        if dispatch_quantized not in model.wrappers:
-            out = out.wrap(dispatch_quantized)
-        return out
+        # the one Dense interceptor: kept as it is when LoRA (or a load) installed it
+        return model.replace(params=params, wrappers=install(model.wrappers))
 
     def estimate(current, spec, workload):
         # abstract params: methods are traced with placeholder statistics, shapes only
