@@ -8,6 +8,12 @@ from __future__ import annotations
 from memlab.cache import Dense
 from memlab.kv.base import POLICIES
 
-POLICIES.register("dense")(Dense)
+def _plan(seq: int) -> list:
+    return ["dense"]
+
+
+# planner facts (memlab.facts): the reference every loss is measured against, stored in the
+# compute dtype
+POLICIES.register("dense", plan=_plan, quality_loss=0.0, compute_dtype_store=True)(Dense)
 
 __all__ = ["Dense"]

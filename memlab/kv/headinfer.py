@@ -109,7 +109,13 @@ def _write_rows(buf, new, start):
     return buf
 
 
-@POLICIES.register("headinfer")
+def _plan(seq: int) -> list:
+    return ["headinfer:heads=1"]
+
+
+# planner facts (memlab.facts): exact attention; the state in host memory
+# (``host_bytes(dims)``, ``device_bytes(dims, tokens)``), on one device
+@POLICIES.register("headinfer", plan=_plan, quality_loss=0.0, host_state=True)
 @dataclasses.dataclass(frozen=True)
 class HeadInfer(KVPolicy):
     """HeadInfer (Luo et al. 2025): the cache in host memory, attention per KV-head group.

@@ -91,6 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from memlab import facts
 from memlab.kv._quant_utils import minmax_quantize
 from memlab.kv.base import POLICIES
 from memlab.kv.base import MAX_POS, Dims, KVPolicy, attend, prompt_positions
@@ -162,7 +163,28 @@ def _token_quantize(x, bits, g, sdt):
 # --------------------------------------------------------------------------
 # The policy
 # --------------------------------------------------------------------------
-@POLICIES.register("kivi")
+def _plan(seq: int) -> list:
+    """The KIVI variants the planner searches."""
+    return ["kivi4", "kivi2"]
+
+
+def _quality_loss(policy, seq: int) -> float:
+    """Measured relative perplexity increase at ``policy.bits`` (memlab/measured.json)."""
+    by_bits = facts.value("kv policy", "kivi", "quality_loss", __name__)
+    if str(policy.bits) not in by_bits:
+        raise facts.MissingFact("kv policy", "kivi", f"quality_loss[bits={policy.bits}]",
+                                __name__, f"measured for bits {sorted(by_bits)}")
+    return float(by_bits[str(policy.bits)])
+
+
+def _decode_slots(policy, dims) -> int:
+    """Key/value slots of one layer the decode reads: quantized capacity + float residual."""
+    return int(policy.capacity(dims)) + int(policy.residual)
+
+
+# planner facts (memlab.facts): a quantized store, so decode rewrites the layer's slice and
+# its XLA path dequantizes ``decode_slots`` slots to float32
+@POLICIES.register("kivi", plan=_plan, quality_loss=_quality_loss, decode_slots=_decode_slots)
 @dataclasses.dataclass(frozen=True)
 class KIVI(KVPolicy):
     """KIVI KV cache: per-channel keys, per-token values, float residual (see the module doc).

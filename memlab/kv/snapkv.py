@@ -35,11 +35,27 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from memlab import facts
 from memlab.kv.base import POLICIES
 from memlab.kv._budget import SnapKVBase
 
 
-@POLICIES.register("snapkv")
+def _plan(seq: int) -> list:
+    """Budgets of 1/8 and 1/32 of the cache, where they keep at least 256 tokens."""
+    return [f"snapkv:budget={seq // frac}" for frac in (8, 32) if seq // frac >= 256]
+
+
+def _quality_loss(policy, seq: int) -> float:
+    """The measured loss at its kept fraction (memlab/measured.json), scaled linearly in
+    the fraction evicted: none lost keeping everything."""
+    loss = facts.value("kv policy", "snapkv", "quality_loss", __name__)
+    kept_at = facts.value("kv policy", "snapkv", "kept_fraction", __name__)
+    kept = min(1.0, policy.budget / seq)
+    return float(loss * max(0.0, 1.0 - kept) / (1.0 - kept_at))
+
+
+# planner facts (memlab.facts); the kept tokens are stored in the compute dtype
+@POLICIES.register("snapkv", plan=_plan, quality_loss=_quality_loss, compute_dtype_store=True)
 @dataclasses.dataclass(frozen=True)
 class SnapKV(SnapKVBase):
     """Prefill keeps the observation window + the top pooled-score prefix tokens, per KV head."""

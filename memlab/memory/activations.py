@@ -57,22 +57,49 @@ verifies its winner by compiling for that device.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Iterable, Optional
 
 import jax.numpy as jnp
 import numpy as np
 
+
+
+class UpdateBytes(Mapping):
+    """``a[opt]`` of one compiler: bytes per trainable layer param of the gradient and the
+    update's temporaries, read from each optimizer's registered ``update_bytes`` fact
+    (``{platform: bytes}``, measured: memlab/measured.json, written by
+    ``experiments/facts.py``; XLA:CPU's are slopes over 2 -> 4 layers at d=256, the
+    blockwise 8/4-bit states' from the llama2-7b step, XLA:GPU's from ``experiments/plan.py
+    --target=h100 --fit``).  An optimizer registered without it raises
+    :class:`memlab.facts.MissingFact`."""
+
+    def __init__(self, platform: str):
+        self.platform = platform
+
+    def __getitem__(self, optimizer: str) -> float:
+        from memlab import facts
+        from memlab.optim import OPTIMIZERS
+        if optimizer not in OPTIMIZERS:
+            raise KeyError(optimizer)
+        by = OPTIMIZERS.fact(optimizer, "update_bytes")
+        if self.platform not in by:
+            raise facts.MissingFact("optimizer", optimizer, f"update_bytes[{self.platform!r}]",
+                                    getattr(OPTIMIZERS.get(optimizer), "__module__", None),
+                                    f"it has {sorted(by)}")
+        return float(by[self.platform])
+
+    def __iter__(self):
+        from memlab.optim import OPTIMIZERS
+        return iter([n for n in OPTIMIZERS.names() if OPTIMIZERS.has_fact(n, "update_bytes")])
+
+    def __len__(self) -> int:
+        return len(list(iter(self)))
+
+
 # the fitted constants (see the module docstring; refit with ``fit``)
-# a[opt]: bytes per trainable layer param (its gradient + the update's temporaries).
-# adamw / apollo_mini / galore / came: slopes over 2 -> 4 layers (d=256) agree at 6.35-6.37.
-# The blockwise 8/4-bit states update in chunks (memlab.optim._blockwise), so their temp
-# does not scale with the leaf: 11.9 (8-bit) and 9.8 (4-bit) at d=256, but 6.17 from the
-# llama2-7b step (T=2048, nothing_saveable: temp 41.54 GB); the 7B value is used, since
-# large models are what the planner is for (small ones are underpredicted).
-OPT_BYTES_PER_PARAM = {
-    "adamw": 6.35, "adam8bit": 6.17, "adamw8bit": 6.17, "adam4bit": 6.17, "adamw4bit": 6.17,
-    "apollo_mini": 6.37, "apollo": 6.37, "galore": 6.37, "came": 6.37, "sgd": 4.0,
-}
+# a[opt]: XLA:CPU's bytes per trainable layer param (the optimizers' ``update_bytes`` facts)
+OPT_BYTES_PER_PARAM = UpdateBytes("cpu")
 A_OTHER = 0.57  # bytes per trainable embedding / head param (measured: V 1000 -> 8000)
 # sigma, kappa, c0: fit(points, hold_a={"adamw": 6.35}) over the 24 d=256 compiles of the
 # module docstring (the loss as the residual of loss_bytes); refit Dec 2026
@@ -115,16 +142,13 @@ CPU = Calibration("cpu", OPT_BYTES_PER_PARAM, A_OTHER, SIGMA, KAPPA, C0, ATT_BLO
 # and of the other optimizers under nothing_saveable; results/plan.json by_target.h100.fit).
 # Families not fitted take their neighbour's values, as on CPU.
 GPU_HABITS = dict(attention_blocks=0.0, saved_float32=False, loss_blocks=False)
-_GPU_A = {"adamw": 2.095, "apollo_mini": 5.044, "apollo": 5.044, "adamw8bit": 3.767,
-          "adam8bit": 3.767, "adam4bit": 3.198, "adamw4bit": 3.198, "galore": 11.44,
-          "came": 2.358, "sgd": 2.0}
 _GPU_SIGMA = {"none": 1.561, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.096,
               "dots_saveable": 1.096, "save": 1.064, "offload": 1.0}
 _GPU_KAPPA = {"none": 0.387, "nothing_saveable": 0.502, "dots_with_no_batch_dims_saveable": 0.336,
               "dots_saveable": 0.336, "save": 0.491, "offload": 0.491}
 _GPU_C0 = {"none": 5.13e6, "nothing_saveable": 4.41e6, "dots_with_no_batch_dims_saveable": 2.70e6,
            "dots_saveable": 2.70e6, "save": 3.68e6, "offload": 3.68e6}
-GPU = Calibration("gpu", _GPU_A, A_OTHER, _GPU_SIGMA, _GPU_KAPPA, _GPU_C0, **GPU_HABITS)
+GPU = Calibration("gpu", UpdateBytes("gpu"), A_OTHER, _GPU_SIGMA, _GPU_KAPPA, _GPU_C0, **GPU_HABITS)
 # XLA:TPU is not fitted: at the d=256 fitting shapes its temp is not linear in the terms
 # (0 bytes at several points, where on-chip memory holds the step's temporaries), so TPU
 # plans are scored with XLA:CPU's constants and checked by compiling for the TPU.
@@ -256,12 +280,42 @@ def train_temp(f: TrainFeatures, optimizer: Optional[str], platform: str = "cpu"
     the larger of the layers' backward (recompute work, score blocks, the loss's residual)
     and the loss's own workspace (``platform``'s :class:`Calibration`)."""
     cal = calibration(platform)
-    opt = cal.opt_bytes_per_param
-    a = opt.get(optimizer or "adamw", opt["adamw"])
+    a = cal.opt_bytes_per_param[optimizer or "adamw"]
     fam = f.family if f.family in cal.sigma else "save"
     backward = cal.kappa[fam] * f.work + f.attention + f.loss
     return (a * f.p_layers + cal.a_other * f.p_other + cal.sigma[fam] * f.saved
             + max(backward, f.loss_phase) + cal.c0[fam])
+
+
+def host_update_bytes(optimizer: Optional[str], p_layers: float, p_other: float,
+                      grad_itemsize: int) -> float:
+    """Host temporaries of an optimizer update that runs in host memory (layer streaming
+    with the state on host, ``ml.passes.offload(optimizer_state=True)``): ``a[opt]`` per
+    layer param less the gradient itself (already host memory), ``A_OTHER`` per other
+    trainable param; the host's compiler is XLA:CPU."""
+    a = OPT_BYTES_PER_PARAM[optimizer or "adamw"]
+    return max(a - grad_itemsize, 0.0) * p_layers + A_OTHER * p_other
+
+
+def fused_temp(cfg, update_bytes: float, batch: int, seq: int, loss: str = "chunked",
+               platform: str = "cpu") -> float:
+    """Predicted XLA temp bytes of the fused backward-update step (:mod:`memlab.fused`,
+    LOMO): the layers' saved inputs (compute dtype) and the non-layer gradients, plus the
+    larger of one layer's recompute and backward (the ``nothing_saveable`` terms, with the
+    layer's float32 weight gradient at its end) and that layer's update,
+    ``update_bytes`` per layer param (the optimizer's ``fused_update_bytes`` fact), which
+    run one after the other."""
+    p_layer = cfg.layer_param_count()
+    p_other = cfg.param_count() - cfg.n_layers * p_layer
+    cal = calibration(platform)
+    f = train_features(cfg, batch, seq, "nothing_saveable", p_layers=p_layer,
+                       p_other=p_other, loss=loss, platform=platform)
+    saved = cfg.n_layers * batch * seq * cfg.d_model * _itemsize(cfg.dtype)
+    backward = max(cal.kappa["nothing_saveable"] * f.work + f.attention + f.loss, f.loss_phase)
+    update = float(update_bytes) * p_layer
+    grad = 4.0 * p_layer  # the layer's float32 weight gradient, live at the end of its backward
+    return float(saved + cal.a_other * p_other + max(backward + grad, update)
+                 + cal.c0["nothing_saveable"])
 
 
 def decode_temp(cfg, batch: int, seq: int, *, kv_layer_bytes: float = 0.0,

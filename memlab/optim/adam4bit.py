@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import optax
 
+from memlab.facts import measured
 from memlab.optim import _blockwise as bw
 from memlab.optim.base import register
 
@@ -56,7 +57,9 @@ def adam4bit_state_bytes(params: Any, block_size: int = 128, min_4bit_size: int 
     return bw.quantized_state_bytes(select, params, "adam4bit")
 
 
-@register("adam4bit", state_bytes=adam4bit_state_bytes)
+@register("adam4bit", state_bytes=adam4bit_state_bytes, blockwise_state=True,
+          plan=("train",),
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def adam4bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
              eps: float = 1e-8, weight_decay: float = 0.0, *, block_size: int = 128,
              min_4bit_size: int = 4096, rank1: bool = True,
@@ -72,7 +75,9 @@ def adam4bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: 
                              chunk_size)
 
 
-@register("adamw4bit", state_bytes=adam4bit_state_bytes)
+@register("adamw4bit", state_bytes=adam4bit_state_bytes, blockwise_state=True,
+          quality_loss=measured("adam4bit"), update_bytes=measured("adam4bit"),
+          fused_update_bytes=measured("adam4bit"))
 def adamw4bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float = 1e-2,
               **kwargs) -> optax.GradientTransformation:

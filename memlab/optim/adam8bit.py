@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import optax
 
+from memlab.facts import measured
 from memlab.optim import _blockwise as bw
 from memlab.optim.base import register
 
@@ -52,7 +53,9 @@ def adam8bit_state_bytes(params: Any, block_size: int = 2048, min_8bit_size: int
     return bw.quantized_state_bytes(select, params, "adam8bit")
 
 
-@register("adam8bit", state_bytes=adam8bit_state_bytes)
+@register("adam8bit", state_bytes=adam8bit_state_bytes, blockwise_state=True,
+          quality_loss=measured("adamw8bit"), update_bytes=measured("adamw8bit"),
+          fused_update_bytes=measured("adamw8bit"))
 def adam8bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
              eps: float = 1e-8, weight_decay: float = 0.0, *, block_size: int = 2048,
              min_8bit_size: int = 4096, stable_embedding: bool = False,
@@ -70,7 +73,9 @@ def adam8bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: 
                              chunk_size)
 
 
-@register("adamw8bit", state_bytes=adam8bit_state_bytes)
+@register("adamw8bit", state_bytes=adam8bit_state_bytes, blockwise_state=True,
+          plan=("train", "finetune"), quality_loss=measured(), update_bytes=measured(),
+          fused_update_bytes=measured())
 def adamw8bit(learning_rate: float | optax.Schedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
               eps: float = 1e-8, weight_decay: float = 1e-2,
               **kwargs) -> optax.GradientTransformation:

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memlab.facts import measured
 from memlab.optim.base import param_count, register
 
 
@@ -43,7 +44,8 @@ def adamw_state_bytes(params, state_dtype: Any = "float32", **_) -> int:
     return 2 * param_count(params) * jnp.dtype(state_dtype).itemsize + 4
 
 
-@register("adamw", state_bytes=adamw_state_bytes)
+@register("adamw", state_bytes=adamw_state_bytes, plan=("train", "finetune"),
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def adamw(learning_rate: float = 1e-4, weight_decay: float = 0.0, b1: float = 0.9,
           b2: float = 0.999, eps: float = 1e-8, state_dtype: Any = "float32"):
     """AdamW (Loshchilov & Hutter) with both moments stored in ``state_dtype``."""
@@ -51,6 +53,7 @@ def adamw(learning_rate: float = 1e-4, weight_decay: float = 0.0, b1: float = 0.
         optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay), state_dtype)
 
 
-@register("sgd", state_bytes=lambda params, **_: 0)
+@register("sgd", state_bytes=lambda params, **_: 0,
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def sgd(learning_rate: float = 1e-2):
     return optax.sgd(learning_rate)

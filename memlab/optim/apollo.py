@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memlab.facts import measured
 from memlab.optim.base import register
 from memlab.optim.adamw import with_state_dtype
 from memlab.optim.galore import (DEFAULT_EXCLUDE, DEFAULT_INCLUDE, MatrixLeaf, _check_common,
@@ -176,7 +177,8 @@ def _check(learning_rate, update_proj_gap, scale, scale_type, limiter, include, 
     _compile(exclude, "exclude", where)
 
 
-@register("apollo", state_bytes=apollo_state_bytes)
+@register("apollo", state_bytes=apollo_state_bytes, plan=("train",),
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def apollo(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_gap: int = 200,
            scale: float = 1.0, scale_type: str = "channel", b1: float = 0.9, b2: float = 0.999,
            eps: float = 1e-8, weight_decay: float = 0.0, limiter: Optional[float] = 1.01,
@@ -203,7 +205,8 @@ def apollo(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_
                                          limiter, seed, include, exclude, "apollo"), state_dtype)
 
 
-@register("apollo_mini", state_bytes=apollo_mini_state_bytes)
+@register("apollo_mini", state_bytes=apollo_mini_state_bytes, plan=("train",),
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def apollo_mini(learning_rate: float = 1e-3, update_proj_gap: int = 200,
                 scale: float = 128 ** 0.5, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
                 weight_decay: float = 0.0, limiter: Optional[float] = 1.01, seed: int = 0,

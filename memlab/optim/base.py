@@ -12,10 +12,11 @@ OPTIMIZERS = Registry("optimizer")
 _STATE_BYTES: dict[str, Callable[..., int]] = {}
 
 
-def register(name: str, state_bytes: Optional[Callable[..., int]] = None):
-    """Register an optimizer factory by name, with its exact ``state_bytes(params, **kw)``."""
+def register(name: str, state_bytes: Optional[Callable[..., int]] = None, **facts):
+    """Register an optimizer factory by name, with its exact ``state_bytes(params, **kw)``
+    and the planner's facts (:mod:`memlab.facts`; :mod:`memlab.planner.cost` lists them)."""
     def deco(fn):
-        OPTIMIZERS.register(name)(fn)
+        OPTIMIZERS.register(name, **facts)(fn)
         if state_bytes is not None:
             _STATE_BYTES[name] = state_bytes
         return fn

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from memlab.facts import measured
 from memlab.model import path_str
 from memlab.optim.base import register
 from memlab.optim.adamw import with_state_dtype
@@ -133,7 +134,8 @@ def _came_core(learning_rate, b1, b2, b3, eps1, eps2, clip_threshold, weight_dec
     return optax.GradientTransformation(init, skip_nonfinite(update))
 
 
-@register("came", state_bytes=came_state_bytes)
+@register("came", state_bytes=came_state_bytes, plan=("train",),
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def came(learning_rate: float = 2e-4, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
          eps1: float = 1e-30, eps2: float = 1e-16, clip_threshold: float = 1.0,
          weight_decay: float = 0.0, factored: Optional[str] = DEFAULT_FACTORED,

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from memlab.facts import measured
 from memlab.model import path_str
 from memlab.optim.base import register
 from memlab.optim.adamw import with_state_dtype
@@ -302,7 +303,8 @@ def _galore_core(learning_rate, rank, update_proj_gap, scale, inner, weight_deca
     return optax.GradientTransformation(init, skip_nonfinite(update))
 
 
-@register("galore", state_bytes=galore_state_bytes)
+@register("galore", state_bytes=galore_state_bytes, plan=("train",),
+          quality_loss=measured(), update_bytes=measured(), fused_update_bytes=measured())
 def galore(learning_rate: float = 1e-3, rank: Optional[int] = None, update_proj_gap: int = 200,
            scale: float = 0.25, base: Union[None, str, optax.GradientTransformation] = None,
            weight_decay: float = 0.0, include: Optional[str] = DEFAULT_INCLUDE,

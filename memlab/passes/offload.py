@@ -47,11 +47,16 @@ from memlab.offload import LAYERS, check_stream, host_optimizer, place_layers
 from memlab.passes import PASSES
 
 
-def _layer_bytes(spec) -> tuple:
-    """(one layer's streamed bytes, resident bytes) of the spec's abstract params."""
+def layer_bytes(spec) -> tuple:
+    """(one layer's streamed bytes, resident bytes) of the spec's abstract params: what
+    the pass moves to host memory per layer (the per-layer matrices,
+    :func:`memlab.offload.streams_from_host`) and what stays on the device."""
     from memlab.offload import param_bytes
     nb = param_bytes(spec.param_shapes(), spec.n_layers, 0, 0)
     return nb["layer"], nb["resident"]
+
+
+_layer_bytes = layer_bytes
 
 
 def optimizer(model: Model, tx, compute: str = "host"):

@@ -28,7 +28,9 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from memlab.facts import measured
 from memlab.quant.qarray import QArray
+from memlab.registry import Registry
 from memlab_kernels._packing import check_bits, pack_bits, unpack_bits
 
 NF4_LEVELS = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -586,3 +588,29 @@ def fp4_levels_match_ml_dtypes() -> bool:
     if ref is None:
         return True
     return np.array_equal(ref.astype(np.float32), np.asarray(FP4_E2M1_LEVELS, np.float32))
+
+
+# ---------------------------------------------------------------------------
+# The weight formats the planner searches (memlab.planner), with their facts
+# (memlab.facts): ``plan`` (the tasks it is searched for), ``quality_loss`` and
+# ``compute_penalty`` (step-time factor of the dequantizing matmuls), measured ones
+# read from memlab/measured.json.  The factory builds the format (None: the model's
+# own float weights); bytes come from the quantize pass's exact estimate.
+# ---------------------------------------------------------------------------
+WEIGHT_FORMATS = Registry("weight format")
+
+
+def _float_weights():
+    return None
+
+
+def _nf4_double_quant():
+    return nf4(64, double_quant=True)
+
+
+WEIGHT_FORMATS.register("bf16", plan=("train", "finetune", "prefill", "decode"),
+                        quality_loss=0.0, compute_penalty=1.0)(_float_weights)
+WEIGHT_FORMATS.register("int8", plan=("finetune", "prefill", "decode"),
+                        quality_loss=measured(), compute_penalty=measured())(int8)
+WEIGHT_FORMATS.register("nf4", plan=("finetune", "prefill", "decode"),
+                        quality_loss=measured(), compute_penalty=measured())(_nf4_double_quant)
