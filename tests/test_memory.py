@@ -30,7 +30,8 @@ def test_train_profile_categories_match_formula_and_peak_identity(tiny):
     assert r.by_category["inputs"] == 2 * 25 * 4
     # params and optimizer state are donated: XLA aliases exactly those bytes
     assert r.alias_bytes == r.by_category["params"] + r.by_category["optimizer_state"]
-    assert r.argument_bytes == r.alias_bytes + r.by_category["inputs"]
+    # ... and the arguments add the tokens and the train step's uint32[2] RNG key
+    assert r.argument_bytes == r.alias_bytes + r.by_category["inputs"] + 8
     assert r.peak_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes
     assert r.temp_bytes > r.by_category["gradients"]  # gradients live in temp
     table = r.table()
