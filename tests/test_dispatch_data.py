@@ -232,3 +232,23 @@ def test_deprecated_lora_dispatch_still_builds_the_one_interceptor():
         warnings.simplefilter("error")
         from memlab.passes.quantize import dispatch_quantized
         assert dispatch_quantized == DenseDispatch()
+
+
+def test_streamed_layers_backward_reenters_the_dense_dispatch(tiny):
+    """Layer streaming (memlab.offload) traces its custom_vjp backward after the model's
+    call returned: the Dense interceptor (quantized kernel + LoRA) must run there too."""
+    from memlab.model import merge_trainable, split_trainable
+    qlora = ml.compose(ml.passes.quantize(ml.quant.int8()),
+                       ml.passes.lora(rank=2, rules={r"^layers/.*kernel$": True}))(tiny)
+    qlora = _randomize_adapters(qlora, 6)
+    streamed = ml.passes.offload(1, 0)(qlora)
+    batch = jnp.asarray(np.random.default_rng(2).integers(0, 256, (2, 7)), jnp.int32)
+
+    def grads(m):
+        tr, fr = split_trainable(m)
+        loss = ml.nn.model_loss(m, impl="naive")
+        return jax.jit(jax.grad(lambda t: loss(merge_trainable(t, fr), batch)))(tr)
+    got, want = grads(streamed), grads(qlora)
+    assert jax.tree_util.tree_leaves(want)
+    chex.assert_trees_all_close(jax.tree_util.tree_map(np.asarray, got),
+                                jax.tree_util.tree_map(np.asarray, want), rtol=2e-5, atol=1e-7)

@@ -134,7 +134,7 @@ class DenseDispatch:
             with _intercepting(state):
                 out = apply(params, *args, **kwargs)
             if config is not None:
-                missing = adapted_modules(params) - state.seen
+                missing = {m for m in adapted_modules(params) if not _used(m, state.seen)}
                 if missing:
                     names = sorted("/".join(m) for m in missing)
                     raise ValueError(
@@ -146,6 +146,13 @@ class DenseDispatch:
             return out
         wrapped.__name__ = "dense_dispatch"
         return wrapped
+
+
+def _used(module: tuple, seen: set) -> bool:
+    """Whether a call at one of the ``seen`` module paths used ``module``'s adapters: the
+    path itself, or its tail when layers run as their own module tree (memlab.offload's
+    streamed layers are applied one by one, so their paths lack the ``layers`` prefix)."""
+    return any(s and module[len(module) - len(s):] == s for s in seen)
 
 
 def install(wrappers: tuple, **changes) -> tuple:
