@@ -11,8 +11,10 @@ row-parallel o/down, vocab-parallel embedding, FSDP on the largest divisible
 axis, never the stacked layer axis of ``nn.scan`` params), the model's apply is
 wrapped so params, the token batch and the output carry
 ``with_sharding_constraint`` (batch over the data axes, sequence over the
-context axis), and with a context axis attention runs as ring attention
-(:mod:`memlab.nn.ring_attention`).  GSPMD inserts the collectives, so results
+context axis), and with a context axis the training forward's attention runs as
+ring attention (:mod:`memlab.nn.ring_attention`): the pass sets the model's static
+``dispatch.attention_hook`` to a ``RingAttention`` (calls with a KV cache run
+without it).  GSPMD inserts the collectives, so results
 equal the unsharded model's.
 
 Gradients follow the params' shardings; optimizer states (optax's, memlab's
@@ -40,6 +42,7 @@ from typing import Optional
 import jax
 from jax.sharding import NamedSharding
 
+from memlab import dispatch
 from memlab import shard as sh
 from memlab.model import Model, Pass
 from memlab.passes import PASSES
@@ -75,9 +78,10 @@ def _wrapper(sharded: sh.Sharded):
                     args = (cache,) + tuple(args[1:])
             spec = sharded.batch_spec(tokens.shape, seq_axis=training)
             tokens = jax.lax.with_sharding_constraint(tokens, NamedSharding(mesh, spec))
-            if strategy.context is not None and training:
-                from memlab.nn.ring_attention import use_ring_attention
-                with use_ring_attention(mesh, strategy.context, strategy.batch):
+            current = dispatch.active()
+            if not training and current is not None and current.attention_hook is not None:
+                # the ring (the model's static hook) is for the sequence-sharded training forward
+                with dispatch.applying(current.replace(attention_hook=None)):
                     out = apply(params, tokens, *args, **kwargs)
             else:
                 out = apply(params, tokens, *args, **kwargs)
@@ -148,6 +152,10 @@ def shard(mesh, strategy, optimizer: Optional[str] = "adamw") -> Pass:
         layer_shardings = _layer_shardings(model, sharded)
         if layer_shardings is not None:
             out = out.replace(module=model.module.clone(layer_shardings=layer_shardings))
+        if strategy.context is not None:  # static data: part of the jit cache key
+            from memlab.nn.ring_attention import RingAttention
+            out = out.with_dispatch(attention_hook=RingAttention(
+                mesh, strategy.context, tuple(strategy.batch or ())))
         wrap = _wrapper(sharded)
         return out.wrap(wrap).with_extras(shard=sharded)
 
