@@ -130,6 +130,15 @@ def test_ring_attention_hook_is_static_data_of_the_sharded_model(tiny):
         with ml.nn.attention_hook(record):
             jax.eval_shape(one, TOKENS)
     assert not calls
+    # a call with a KV cache runs without the ring: the same logits as the unsharded model
+    from memlab.generate import make_cache
+    ring_calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(RingAttention, "__call__", lambda *a, **k: ring_calls.append(1))
+        got, _ = one(TOKENS, cache=make_cache(one, 2, 16))
+    want, _ = tiny(TOKENS, cache=make_cache(tiny, 2, 16))
+    assert not ring_calls
+    chex.assert_trees_all_close(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
 def test_dispatch_fields_are_checked_and_speak_one_vocabulary():
