@@ -210,21 +210,17 @@ def step_fn(model: Model, tx: optax.GradientTransformation, *, clip_norm: Option
     (``grad_norm``: the global norm before clipping, NaN without ``clip_norm``, which is
     when it is computed; ``ok``: the step was applied -- always, without ``clip_norm``).
 
-    An adapter of the one train step (:func:`memlab.train_step.step_fn` with
-    ``StepOptions(fused=True, clip_norm=clip_norm, loss_impl=impl)``) to whole params."""
+    The fused update that the one train step runs for ``StepOptions(fused=True)``
+    (:mod:`memlab.train_step`, which adds the trainable/frozen split, the RNG and the
+    shard and offload placements), on whole params."""
     check_model(model)
     _check_clip(clip_norm)
-    from memlab import train_step
-    from memlab.model import merge_trainable, split_trainable
-    inner = train_step.step_fn(model, tx, train_step.StepOptions(
-        fused=True, clip_norm=None if clip_norm is None else float(clip_norm), loss_impl=impl))
+    inner = _fused_update(model, tx, clip_norm=None if clip_norm is None else float(clip_norm),
+                          impl=impl)
 
     def step(params, state: FusedState, tokens):
-        trainable, frozen = split_trainable(model, params)
-        rng = jnp.zeros((2,), jnp.uint32)  # the adapter has no RNG to carry
-        trainable, state, _, metrics = inner(trainable, state, frozen, rng, tokens)
-        return (merge_trainable(trainable, frozen), state,
-                metrics if return_metrics else metrics["loss"])
+        params, state, metrics = inner(params, state, tokens)
+        return params, state, metrics if return_metrics else metrics["loss"]
 
     return step
 
