@@ -21,11 +21,11 @@ rng, metrics)`` with ``metrics = {"loss", "grad_norm", "ok"}``:
   dtype (the same values: adding it to float32 zeros and dividing by one is exact);
 * **precision** ``"bf16"``: bfloat16 compute over the stored weights
   (:func:`compute_model`), gradients in the params' dtype;
-* **non-finite skip**: ``ok = isfinite(loss) & isfinite(||g||)``; on a bad step a
-  ``lax.cond`` returns the old optimizer state (bitwise, its count does not advance) and a
-  zero update, so the params keep their values (``optax.apply_if_finite``'s rule).  The
-  condition selects the update rather than its results, so no second copy of the params
-  and state is held for a select;
+* **non-finite skip**: ``ok = isfinite(loss) & isfinite(||g||)``; the update and its
+  application run under ``lax.cond(ok, ...)``, so a bad step returns the params and the
+  optimizer state bitwise unchanged (``optax.apply_if_finite``'s rule; the optimizer's
+  own count does not advance) and a good one updates them in place, with no second copy
+  held for a select;
 * **ZeRO** (``ml.passes.shard``, ``model.extra("shard")``): the gradients (each
   micro-batch's, before accumulation) and the new optimizer state are constrained to the
   pass's param / state specs, so each device reduces and updates its own shard (Rajbhandari
@@ -253,13 +253,12 @@ def step_fn(model: Model, tx: optax.GradientTransformation,
             grads = tmap(lambda g, p: (g / accum).astype(p.dtype), g_sum, trainable)
         gnorm = global_norm(grads)
         ok = jnp.isfinite(value) & jnp.isfinite(gnorm)
-        # the skip selects the update, not its result: a conditional update leaves the state
-        # buffers in place, and a zero update leaves every param as it was
-        updates, new_state = jax.lax.cond(
-            ok, lambda: tx.update(grads, opt_state, trainable),
-            lambda: (tmap(lambda p: _space_of(jnp.zeros(p.shape, p.dtype), p), trainable),
-                     opt_state))
-        new_params = optax.apply_updates(trainable, updates)
+
+        def apply():
+            updates, new_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), new_state
+
+        new_params, new_state = jax.lax.cond(ok, apply, lambda: (trainable, opt_state))
         if shard is not None:
             new_state = shard.constrain(new_state, shard.state_specs(new_state, trainable))
         return new_params, new_state, next_rng(rng), {"loss": value, "grad_norm": gnorm,

@@ -98,9 +98,10 @@ def test_model_train_step_for_h100_reaches_the_kernels_the_model_asks_for(h100):
     r = ml.memory.profile(model, "train", batch=2, seq=64, target="h100")
     assert r.target == "h100" and r.device == h100.device_kind
     assert r.attention == [want]
-    # XLA:GPU's arguments are exactly the params + AdamW state + tokens memlab counts
+    # XLA:GPU's arguments are exactly the params + AdamW state + tokens memlab counts,
+    # and the train step's uint32[2] RNG key
     assert r.argument_bytes == sum(r.by_category[c] for c in
-                                   ("params", "optimizer_state", "inputs"))
+                                   ("params", "optimizer_state", "inputs")) + 8
     assert r.alias_bytes == r.by_category["params"] + r.by_category["optimizer_state"]
     assert r.temp_bytes > 0 and r.host_bytes == 0
 
@@ -131,7 +132,7 @@ def test_fsdp_over_eight_compile_only_h100s():
     r = ml.memory.profile(model, "train", batch=8, seq=64, target=target)
     # per-device params + state + tokens, by memlab's shard formulas, are XLA's arguments
     assert r.argument_bytes == (r.by_category["params"] + r.by_category["optimizer_state"]
-                                + r.by_category["inputs"])
+                                + r.by_category["inputs"] + 8)           # + the RNG key
     assert r.by_category["params"] < r.global_by_category["params"] / 4
 
 
