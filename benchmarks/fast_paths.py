@@ -26,9 +26,7 @@ import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 import memlab as ml  # noqa: E402
-from memlab.nn.attention import attention_hook  # noqa: E402
 from memlab.targets import kernels as K  # noqa: E402
-from memlab_kernels import flash_attention as FA  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Model config (memlab.models.names()).")
@@ -75,23 +73,10 @@ def causal_flops(name: str, seq: int) -> dict:
                            max_seq_len=max(seq, ml.models.config(name).max_seq_len))
     model = ml.models.abstract(cfg)
     tokens = jax.ShapeDtypeStruct((1, seq), jnp.int32)
-
-    def grad(p, t):
-        return jax.grad(lambda p: model.apply(p, t).astype(jnp.float32).mean())(p)
-
-    def explicit(q, k, v, scale=None, causal=False, **mask):
-        pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
-        return FA.flash_attention(q, k, v, causal=causal, q_positions=pos, kv_positions=pos,
-                                  scale=scale, backend="triton")
-
-    jax.clear_caches()
-    skipping = K.declared_cost(grad, (model.params, tokens))
-    jax.clear_caches()  # the hook is no part of a jit cache key: trace afresh
-    with attention_hook(explicit):
-        full = K.declared_cost(grad, (model.params, tokens))
-    jax.clear_caches()
-    per = {n: {"explicit_positions": full[n]["flops"], "default_positions": skipping[n]["flops"]}
-           for n in sorted(skipping) if n.startswith("flash_attention")}
+    skipping = K.train_attention_flops(model, tokens)
+    full = K.train_attention_flops(model, tokens, explicit_positions=True)
+    per = {n: {"explicit_positions": full[n], "default_positions": skipping[n]}
+           for n in sorted(skipping)}
     total = {k: sum(v[k] for v in per.values()) for k in ("explicit_positions", "default_positions")}
     return {"seq": seq, "per_kernel_per_layer": per, "per_layer": total,
             "ratio": total["default_positions"] / total["explicit_positions"]}

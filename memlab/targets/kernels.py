@@ -191,3 +191,36 @@ def declared_cost(fn: Callable, args) -> dict:
 
     visit(jaxpr.jaxpr)
     return out
+
+
+def train_attention_flops(model, tokens, explicit_positions: bool = False) -> dict:
+    """``{kernel: flops}`` the flash kernels of ``model``'s gradient declare (per traced
+    call: a scanned layer body counts once), for ``tokens`` (arrays or shapes).
+
+    ``explicit_positions=True`` traces the same gradient with every attention call given
+    ``arange`` positions, so no tile is skipped: the cost of a caller that passes
+    positions.  The model should force a Pallas flash backend (``attention=
+    "pallas_triton"``).  Traced afresh either way (an attention hook is no part of a jit
+    cache key).
+    """
+    from memlab.nn.attention import attention_hook
+    from memlab_kernels import flash_attention as fa
+
+    def grad(p, t):
+        return jax.grad(lambda p: model.apply(p, t).astype(jnp.float32).mean())(p)
+
+    def explicit(q, k, v, scale=None, causal=False, **mask):
+        pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
+        return fa.flash_attention(q, k, v, causal=causal, q_positions=pos, kv_positions=pos,
+                                  scale=scale, backend="triton")
+
+    jax.clear_caches()
+    try:
+        if explicit_positions:
+            with attention_hook(explicit):
+                cost = declared_cost(grad, (model.params, tokens))
+        else:
+            cost = declared_cost(grad, (model.params, tokens))
+    finally:
+        jax.clear_caches()
+    return {n: r["flops"] for n, r in cost.items() if n.startswith("flash_attention")}
