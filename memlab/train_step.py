@@ -21,11 +21,12 @@ rng, metrics)`` with ``metrics = {"loss", "grad_norm", "ok"}``:
   dtype (the same values: adding it to float32 zeros and dividing by one is exact);
 * **precision** ``"bf16"``: bfloat16 compute over the stored weights
   (:func:`compute_model`), gradients in the params' dtype;
-* **non-finite skip**: ``ok = isfinite(loss) & isfinite(||g||)``; the update and its
-  application run under ``lax.cond(ok, ...)``, so a bad step returns the params and the
-  optimizer state bitwise unchanged (``optax.apply_if_finite``'s rule; the optimizer's
-  own count does not advance) and a good one updates them in place, with no second copy
-  held for a select;
+* **non-finite skip**: ``ok = isfinite(loss) & isfinite(||g||)``; a bad step returns the
+  params and the optimizer state bitwise unchanged (``optax.apply_if_finite``'s rule; the
+  optimizer's own count does not advance).  Where it is done is the compiler's: XLA:CPU
+  gets the update under ``lax.cond(ok, ...)`` (a select would hold a second copy of the
+  params and state there), XLA:GPU/TPU a leaf-wise ``where(ok, new, old)`` that fuses into
+  the update (a conditional copies its operands there);
 * **ZeRO** (``ml.passes.shard``, ``model.extra("shard")``): the gradients (each
   micro-batch's, before accumulation) and the new optimizer state are constrained to the
   pass's param / state specs, so each device reduces and updates its own shard (Rajbhandari
@@ -56,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from memlab import dispatch
 from memlab.model import Model, merge_trainable, split_trainable
 
 __all__ = ["PRECISIONS", "StepOptions", "TrainStep", "build", "step_fn", "compute_model",
@@ -258,7 +260,11 @@ def step_fn(model: Model, tx: optax.GradientTransformation,
             updates, new_state = tx.update(grads, opt_state, trainable)
             return optax.apply_updates(trainable, updates), new_state
 
-        new_params, new_state = jax.lax.cond(ok, apply, lambda: (trainable, opt_state))
+        if dispatch.platform() == "cpu":
+            new_params, new_state = jax.lax.cond(ok, apply, lambda: (trainable, opt_state))
+        else:
+            new_params, new_state = apply()
+            new_params, new_state = _keep(ok, new_params, trainable), _keep(ok, new_state, opt_state)
         if shard is not None:
             new_state = shard.constrain(new_state, shard.state_specs(new_state, trainable))
         return new_params, new_state, next_rng(rng), {"loss": value, "grad_norm": gnorm,
@@ -285,13 +291,16 @@ def global_norm(tree) -> jax.Array:
     """The global L2 norm of ``tree``: ``optax.tree.norm``'s sums in its order (per-leaf
     ``sum(x**2)``, added left to right from 0), without its ``x.imag`` zeros for real
     leaves, which jax creates in device memory beside a host leaf.  Over leaves in more than
-    one memory space (offloaded layers' gradients) each host leaf's sum comes to the device
-    as a scalar; over host leaves only (a host-side update) it stays on the host."""
+    one memory space (offloaded layers' gradients) each host leaf is summed on the device;
+    over host leaves only (a host-side update) it stays on the host."""
     leaves = jax.tree_util.tree_leaves(tree)
+    if len({jax.typeof(x).memory_space for x in leaves}) > 1:
+        # XLA:TPU's host offloader cannot return a reduction computed in host memory
+        # beside device outputs: each host leaf is summed on the device
+        leaves = [jax.device_put(x, jax.memory.Space.Device) if _in_host(x) else x
+                  for x in leaves]
     sums = [jnp.sum(jnp.square(x.real) + jnp.square(x.imag) if jnp.iscomplexobj(x)
                     else jnp.square(x)) for x in leaves]
-    if len({jax.typeof(x).memory_space for x in sums}) > 1:
-        sums = [jax.device_put(x, jax.memory.Space.Device) if _in_host(x) else x for x in sums]
     total = 0
     for x in sums:
         total = total + x
@@ -311,6 +320,14 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
             updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def _keep(ok, new, old):
+    """``where(ok, new, old)`` leaf by leaf (the non-finite skip), in each leaf's memory
+    (jax gives a select of host scalars a device result: it is put back, so that a donated
+    host buffer aliases a host output)."""
+    return jax.tree_util.tree_map(
+        lambda n, o: _space_of(jnp.where(_space_of(ok, o), n, o), o), new, old)
 
 
 def _fused(model: Model, run: Model, tx, options: StepOptions) -> Callable:
@@ -356,6 +373,11 @@ class TrainStep:
         trainable, frozen = split_trainable(self.model, params)
         tokens = self.place_batch(jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32))
         rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        shard = self.model.extra("shard")
+        if shard is not None:  # replicated over the mesh, as the params' devices
+            from jax.sharding import NamedSharding, PartitionSpec
+            rng = jax.ShapeDtypeStruct((2,), jnp.uint32,
+                                       sharding=NamedSharding(shard.mesh, PartitionSpec()))
         return trainable, self.init_state(trainable, frozen), frozen, rng, tokens
 
 
