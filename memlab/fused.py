@@ -61,8 +61,7 @@ Limits: full training of float params (no LoRA / quantized base: their trainable
 set is small, use :mod:`memlab.train`); no KV cache; no NaN-skip without
 ``clip_norm``; one device.  On XLA:CPU some ``[L, ...]`` optimizer-state stacks
 (8-bit codes, float32 moments) are copied inside the update loop instead of being
-updated in place (AdamW's float32 moments at llama2-7b: ~35 GB of temp); the bf16
-weights and APOLLO/GaLore states update in place.
+updated in place; the bf16 weights and APOLLO/GaLore states update in place.
 """
 from __future__ import annotations
 
@@ -273,7 +272,7 @@ def _fused_update(model: Model, tx: optax.GradientTransformation, *,
         # 2. forward over the layers, keeping each layer's input
         # The stacks ride in the carry through a barrier: read as loop invariants, XLA:CPU
         # hoists the float32 upcast of the bf16 slices out of the loop -- a float32 copy of
-        # every [L, ...] stack (2x the layers' bytes; 25.9 GB at llama2-7b)
+        # every [L, ...] stack (2x the layers' bytes)
         def fwd(carry, i):
             x, stack = carry
             stack = jax.lax.optimization_barrier(stack)
@@ -355,15 +354,6 @@ def _fused_update(model: Model, tx: optax.GradientTransformation, *,
 
 
 # --- the planner's estimate ------------------------------------------------------------
-# Bytes per parameter of ONE layer that its gradient and optimizer update hold as temp
-# (after that layer's backward, whose activations are dead by then), fitted to XLA:CPU at
-# llama2-7b (1 x 2048 tokens, experiments/fused.py's compiles: temp minus the saved
-# inputs and the non-layer terms, over the layer's 202.4M params).  AdamW's and 8-bit
-# AdamW's include XLA:CPU's in-loop copies of their [L, ...] state stacks (float32
-# moments: ~35 GB at 7B; small models are not copied), so they over-predict small models.
-FUSED_UPDATE_BYTES = {"apollo_mini": 11.65, "apollo": 12.40, "galore": 14.44,
-                      "adam4bit": 16.69, "adamw4bit": 16.69, "adamw8bit": 31.88,
-                      "adam8bit": 31.88, "adamw": 181.0, "came": 14.0, "sgd": 6.0}
 
 
 def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunked",
@@ -371,8 +361,10 @@ def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunke
     """Predicted XLA temp bytes of the fused step: the layers' saved inputs (compute
     dtype) and the non-layer gradients, plus the larger of one layer's recompute and
     backward (the remat model's ``nothing_saveable`` terms, with the layer's float32 weight
-    gradient at its end) and that layer's update (:data:`FUSED_UPDATE_BYTES`), which run
-    one after the other."""
+    gradient at its end) and that layer's update (the optimizer's registered
+    ``fused_update_bytes`` per layer parameter, measured by ``experiments/fused.py``), which
+    run one after the other."""
+    from memlab.optim.base import OPTIMIZERS
     from memlab.memory import activations as act
     p_layer = cfg.layer_param_count()
     p_other = cfg.param_count() - cfg.n_layers * p_layer
@@ -381,7 +373,7 @@ def estimate_temp(cfg, optimizer: str, batch: int, seq: int, loss: str = "chunke
                            p_other=p_other, loss=loss, platform=platform)
     saved = cfg.n_layers * batch * seq * cfg.d_model * jnp.dtype(cfg.dtype).itemsize
     backward = max(cal.kappa["nothing_saveable"] * f.work + f.attention + f.loss, f.loss_phase)
-    update = FUSED_UPDATE_BYTES.get(optimizer, 14.0) * p_layer
+    update = OPTIMIZERS.fact(optimizer, "fused_update_bytes") * p_layer
     grad = 4.0 * p_layer  # the layer's float32 weight gradient, live at the end of its backward
     return float(saved + cal.a_other * p_other + max(backward + grad, update)
                  + cal.c0["nothing_saveable"])

@@ -23,16 +23,15 @@ scanned layers whose update runs on the device.  The peak is inside the layers'
 backward; the loss has run before it, so only what the loss leaves behind (the
 float32 hidden-state gradient; for the naive loss also the compute-dtype logits
 gradient) adds to it, and its logit workspace counts only where it is larger than
-the backward (it used to be added in full, over-predicting d=320/V=3001 by 7-16%).
+the backward.
 
 Fit (:func:`fit`, least squares per remat family with ``a[opt]`` and ``A_OTHER``
 held at the values below): 24 XLA:CPU compiles (memory-optimized scheduler) of the
 bf16 Llama with d=256, d_ff=688, 4 MHA heads of 64, V=1000, chunked loss, AdamW,
 L in {2, 4} x (B, T) in {(2, 256), (2, 512), (4, 512)} for each of nothing_saveable,
-dots_with_no_batch_dims_saveable, save:qkv,attn_out,mlp_hidden and no remat; every
-fitted point within 3.4% (most within 1%).  Checked, not fitted, in the same family:
-V=8000 (within 2.8%) and the naive loss (+1.3% .. +7.8%, over).  ``experiments/plan.py``
-validates on three held-out shapes and at 7B.
+dots_with_no_batch_dims_saveable, save:qkv,attn_out,mlp_hidden and no remat.
+``experiments/plan.py`` validates on three held-out shapes and at 7B and writes the
+errors to ``results/plan.json``.
 
 Inference (decode of one token over a cache of S slots; :func:`decode_temp`)::
 
@@ -41,11 +40,10 @@ Inference (decode of one token over a cache of S slots; :func:`decode_temp`)::
               + one layer's cache (a quantized cache's append copies the layer slice)
               + that layer's K, V dequantized to float32 (KIVI's XLA path: XLA:CPU only)
 
-measured on the held-out decode shapes (d=192 and d=320, S=3000, KIVI-4): the
-float32 dequantized K and V of one layer (``2 * B * (S_q + R) * Hkv * D * 4``) and the
-rewritten layer slice were 97-99% of the temp; at llama3-8b (128k slots, int8) the
-float32 copy of the int8 LM head (``V * d * 4``, 2.10 GB) is the whole temp and the
-attention phase (1.3 GB) shares its memory.
+On the held-out decode shapes with KIVI the float32 dequantized K and V of one layer
+(``2 * B * (S_q + R) * Hkv * D * 4``) and the rewritten layer slice are nearly all of the
+temp; with int8 weights at long context the float32 copy of the int8 LM head
+(``V * d * 4``) is the whole temp and the attention phase shares its memory.
 
 The constants above are XLA:CPU's.  Each compiler gets its own :class:`Calibration`
 (:func:`calibration`): XLA:GPU's constants were fitted the same way on compiles for an
