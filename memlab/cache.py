@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from memlab import dispatch
 from memlab.memory.bytes import tree_bytes
 from memlab.nn.attention import DECODE_IMPLS, attention, decode_attention
 
@@ -188,10 +189,13 @@ def attend_decode(q, k, v, lengths, *, impl: Optional[str] = None):
 
 
 def decode_impl(impl: Optional[str]) -> str:
-    """The decode kernel for a model's attention ``impl``: the Pallas backends and ``auto``
-    carry over; the plain-JAX choices (``naive``, ``chunked``, ``xla``, ``cudnn``) decode
-    with the masked softmax (``xla``)."""
-    if impl in (None, "auto", "cudnn"):
+    """The decode kernel for a model's attention ``impl`` (None: the model's static
+    ``Dispatch.attention``, :func:`memlab.dispatch.resolve`): the Pallas backends and
+    ``auto`` carry over; the plain-JAX choices (``naive``, ``chunked``, ``xla``) decode
+    with the masked softmax (``xla``), ``cudnn`` with the split-K kernel."""
+    if impl is None:
+        impl = dispatch.resolve("attention", None, "auto")
+    if impl in ("auto", "cudnn"):
         return "auto"
     if impl in DECODE_IMPLS:
         return impl

@@ -61,6 +61,23 @@ def test_decode_runs_the_decode_attention_and_matches_a_full_forward(tiny, monke
     chex.assert_trees_all_close(last, tiny(tokens)[:, 7:], atol=1e-5, rtol=1e-5)
 
 
+def test_decode_follows_the_models_static_attention_choice(tiny, monkeypatch):
+    seen = []
+    real = cache_mod.decode_attention
+
+    def spy(q, k, v, lengths, **kw):
+        seen.append(kw.get("impl"))
+        return real(q, k, v, lengths, **kw)
+
+    monkeypatch.setattr(cache_mod, "decode_attention", spy)
+    tokens = jnp.zeros((2, 1), jnp.int32)
+    for choice, want in (("interpret", "interpret"), ("naive", "xla"), ("auto", "auto")):
+        model = tiny.with_dispatch(attention=choice)
+        seen.clear()
+        jax.eval_shape(lambda m, c: m(tokens, cache=c), model, make_cache(model, 2, 8, lengths=3))
+        assert seen and set(seen) == {want}, (choice, seen)
+
+
 def _tiles_needed(t, s, causal, window, bq, bk):
     """Brute force: tiles holding at least one visible (query, key) pair, bottom-right
     aligned default positions (query i at s - t + i)."""
