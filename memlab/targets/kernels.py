@@ -193,34 +193,28 @@ def declared_cost(fn: Callable, args) -> dict:
     return out
 
 
+def _explicit_positions_attention(q, k, v, scale=None, causal=False, **mask):
+    """The Triton flash kernel with ``arange`` positions passed explicitly (no tile skipped)."""
+    from memlab_kernels import flash_attention as fa
+    pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
+    return fa.flash_attention(q, k, v, causal=causal, q_positions=pos, kv_positions=pos,
+                              scale=scale, backend="triton")
+
+
 def train_attention_flops(model, tokens, explicit_positions: bool = False) -> dict:
     """``{kernel: flops}`` the flash kernels of ``model``'s gradient declare (per traced
     call: a scanned layer body counts once), for ``tokens`` (arrays or shapes).
 
     ``explicit_positions=True`` traces the same gradient with every attention call given
-    ``arange`` positions, so no tile is skipped: the cost of a caller that passes
-    positions.  The model should force a Pallas flash backend (``attention=
-    "pallas_triton"``).  Traced afresh either way (an attention hook is no part of a jit
-    cache key).
+    ``arange`` positions (the model's static attention hook, so a separate trace), so no
+    tile is skipped: the cost of a caller that passes positions.  The model should force
+    a Pallas flash backend (``attention="pallas_triton"``).
     """
-    from memlab.nn.attention import attention_hook
-    from memlab_kernels import flash_attention as fa
+    if explicit_positions:
+        model = model.with_dispatch(attention_hook=_explicit_positions_attention)
 
     def grad(p, t):
         return jax.grad(lambda p: model.apply(p, t).astype(jnp.float32).mean())(p)
 
-    def explicit(q, k, v, scale=None, causal=False, **mask):
-        pos = jnp.broadcast_to(jnp.arange(q.shape[1], dtype=jnp.int32)[None], q.shape[:2])
-        return fa.flash_attention(q, k, v, causal=causal, q_positions=pos, kv_positions=pos,
-                                  scale=scale, backend="triton")
-
-    jax.clear_caches()
-    try:
-        if explicit_positions:
-            with attention_hook(explicit):
-                cost = declared_cost(grad, (model.params, tokens))
-        else:
-            cost = declared_cost(grad, (model.params, tokens))
-    finally:
-        jax.clear_caches()
+    cost = declared_cost(grad, (model.params, tokens))
     return {n: r["flops"] for n, r in cost.items() if n.startswith("flash_attention")}
