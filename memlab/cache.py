@@ -76,6 +76,10 @@ class StepCtx(NamedTuple):
     rope: Callable                # rope(x [B, T, h, D], positions [B, T]) -> rotated x
     impl: Optional[str] = None    # the model's attention implementation (None: auto)
     fresh: bool = True            # static: the cache holds nothing yet (PolicyCache.fresh)
+    # static attention options of the layer (policies with ``attention_options = True``)
+    window: Optional[int] = None  # a query at p sees keys in (p - window, p]
+    scale: Optional[float] = None  # softmax scale (None: head_dim ** -0.5)
+    softcap: Optional[float] = None  # scores -> softcap * tanh(scores / softcap)
 
 
 class KVPolicy:
@@ -159,13 +163,21 @@ def cache_bytes(cache: PolicyCache) -> int:
     return tree_bytes(cache)
 
 
-def attend(q, k, v, q_positions, kv_positions, *, impl: Optional[str] = None):
+def _window(window, s):
+    """A window no shorter than the keys masks nothing: None (the kernels require w <= S)."""
+    return window if window is not None and window < s else None
+
+
+def attend(q, k, v, q_positions, kv_positions, *, impl: Optional[str] = None, window=None,
+           scale=None, softcap=None):
     """Causal attention of new queries over stored keys at explicit positions (MAX_POS = empty)."""
     return attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True,
-                     q_positions=q_positions, kv_positions=kv_positions, impl=impl)
+                     q_positions=q_positions, kv_positions=kv_positions, impl=impl,
+                     window=_window(window, k.shape[1]), scale=scale, softcap=softcap)
 
 
-def attend_prompt(q, k, v, *, impl: Optional[str] = None):
+def attend_prompt(q, k, v, *, impl: Optional[str] = None, window=None, scale=None,
+                  softcap=None):
     """A prompt over its own keys on an empty cache: plain causal attention, no positions.
 
     Query ``i`` sees keys ``0..i``.  A right-padded row's padding keys sit after
@@ -173,10 +185,11 @@ def attend_prompt(q, k, v, *, impl: Optional[str] = None):
     positions the flash kernels skip the blocks above the diagonal and cuDNN
     can run the call.
     """
-    return attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, impl=impl)
+    return attention(q, k.astype(q.dtype), v.astype(q.dtype), causal=True, impl=impl,
+                     window=_window(window, k.shape[1]), scale=scale, softcap=softcap)
 
 
-def attend_decode(q, k, v, lengths, *, impl: Optional[str] = None):
+def attend_decode(q, k, v, lengths, *, impl: Optional[str] = None, scale=None):
     """One new query per row, ``q [B, 1, H, D]``, over cache slots ``0 .. lengths[b]-1``.
 
     Runs :func:`memlab.nn.decode_attention`: the split-K (flash-decoding) kernel on
@@ -184,7 +197,7 @@ def attend_decode(q, k, v, lengths, *, impl: Optional[str] = None):
     mapped onto the decode implementations.
     """
     out = decode_attention(q[:, 0], k.astype(q.dtype), v.astype(q.dtype), lengths,
-                           impl=decode_impl(impl))
+                           impl=decode_impl(impl), scale=scale)
     return out[:, None]
 
 
@@ -225,10 +238,12 @@ class Dense(KVPolicy):
     positions: the kernels' causal block skipping and cuDNN apply); a prefill that
     continues a written cache (chunked prefill) attends over the cache at explicit
     positions.  Decode writes the token and runs the split-K decode kernel over the
-    row's ``lengths + 1`` slots.
+    row's ``lengths + 1`` slots.  A layer's window, scale and soft-cap (``StepCtx``)
+    are applied: decode with a window or a soft-cap attends at explicit positions.
     """
 
     name = "dense"
+    attention_options = True
     dtype: Optional[str] = None      # storage dtype; None = the model's compute dtype
 
     def _dtype(self, dims):
@@ -244,14 +259,23 @@ class Dense(KVPolicy):
     def prefill(self, state, q, k, v, ctx):
         slots = prompt_positions(ctx)                  # padding -> MAX_POS -> dropped
         state = {"k": write_tokens(state["k"], k, slots), "v": write_tokens(state["v"], v, slots)}
+        opts = dict(window=ctx.window, scale=ctx.scale, softcap=ctx.softcap)
         if ctx.fresh:
-            return attend_prompt(q, k, v, impl=ctx.impl), state
-        s = state["k"].shape[1]                        # a chunk after earlier ones
+            return attend_prompt(q, k, v, impl=ctx.impl, **opts), state
+        return self._attend_written(q, state, ctx, ctx.lengths + ctx.n_new, opts), state
+
+    @staticmethod
+    def _attend_written(q, state, ctx, filled, opts):
+        s = state["k"].shape[1]                        # over every written slot
         slot = jnp.arange(s, dtype=jnp.int32)[None, :]
-        kv_pos = jnp.where(slot < (ctx.lengths + ctx.n_new)[:, None], slot, MAX_POS)
-        return attend(q, state["k"], state["v"], ctx.positions, kv_pos, impl=ctx.impl), state
+        kv_pos = jnp.where(slot < filled[:, None], slot, MAX_POS)
+        return attend(q, state["k"], state["v"], ctx.positions, kv_pos, impl=ctx.impl, **opts)
 
     def decode(self, state, q, k, v, ctx):
         state = {"k": write_tokens(state["k"], k, ctx.positions),
                  "v": write_tokens(state["v"], v, ctx.positions)}
-        return attend_decode(q, state["k"], state["v"], ctx.lengths + 1, impl=ctx.impl), state
+        if ctx.window is not None or ctx.softcap is not None:
+            opts = dict(window=ctx.window, scale=ctx.scale, softcap=ctx.softcap)
+            return self._attend_written(q, state, ctx, ctx.lengths + 1, opts), state
+        return attend_decode(q, state["k"], state["v"], ctx.lengths + 1, impl=ctx.impl,
+                             scale=ctx.scale), state

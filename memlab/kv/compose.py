@@ -165,8 +165,8 @@ class Compose(KVPolicy):
         count = keep[:, 0].sum(-1).astype(jnp.int32)              # same for every head
         take = lambda x: gather_tokens(x, idx, keep, x.dtype)     # noqa: E731  [B, s, Hkv, D]
         pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None, :], (b, s))
-        sctx = StepCtx(positions=pos, n_new=count, lengths=jnp.zeros_like(count), layer=ctx.layer,
-                       k_pre=take(ctx.k_pre), rope=ctx.rope)
+        sctx = ctx._replace(positions=pos, n_new=count, lengths=jnp.zeros_like(count),
+                            k_pre=take(ctx.k_pre), fresh=True)
         # the storage's own prompt attention is unused (XLA drops it): zero queries
         _, store = self.storage.prefill(state["store"], jnp.zeros((b, s, h, d), q.dtype),
                                         take(k), take(v), sctx)
@@ -176,8 +176,7 @@ class Compose(KVPolicy):
         if q.shape[1] != 1:
             raise ValueError(f"Compose.decode takes one token per row, got T={q.shape[1]}.")
         count = state["count"]
-        sctx = StepCtx(positions=count[:, None], n_new=jnp.ones_like(count), lengths=count,
-                       layer=ctx.layer, k_pre=ctx.k_pre, rope=ctx.rope)
+        sctx = ctx._replace(positions=count[:, None], n_new=jnp.ones_like(count), lengths=count)
         out, store = self.storage.decode(state["store"], q, k, v, sctx)
         return out, {**state, "store": store, "count": count + 1}
 

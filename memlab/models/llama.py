@@ -1,14 +1,39 @@
-"""Llama-family decoder in Flax Linen: RMSNorm, RoPE, GQA, SwiGLU, tied or untied
-embeddings, with the layers run under ``nn.scan`` (one compiled body, params
-stacked on a leading layer axis) so that per-layer remat, sharding and offload
-apply to every layer at once.
+"""One config-driven decoder in Flax Linen for the Llama, Mistral, Qwen and Gemma families:
+RMSNorm, RoPE, GQA, a gated MLP, tied or untied embeddings, with the layers run under
+``nn.scan`` (one compiled body, params stacked on a leading layer axis) so that per-layer
+remat, sharding and offload apply to every layer at once.
+
+The families differ only in :class:`LlamaConfig` fields (each follows the family's
+published definition, the Hugging Face ``modeling_*.py`` of the same name):
+
+* Llama 1/2/3/3.1 (Touvron et al. 2023; Dubey et al. 2024): ``rope_scaling`` of type
+  ``linear`` (positions divided by ``factor``), ``dynamic`` (NTK-aware: the base grows
+  with the sequence beyond the original context) or ``llama3`` (frequencies rescaled by
+  wavelength band);
+* Mistral (Jiang et al. 2023): ``sliding_window`` on every layer;
+* Qwen2/2.5: ``qkv_bias``; Qwen3: ``qk_norm`` (RMSNorm of each head's q and k);
+* Gemma 2/3 (Gemma Team 2024, 2025): ``norm_plus_one`` (norms apply ``1 + w``),
+  ``embed_scale`` (embeddings times sqrt(d_model)), ``post_norms`` (a norm on the attention
+  and MLP outputs before each residual add), ``mlp_act="gelu_tanh"`` (GeGLU),
+  ``layer_types`` (interleaved sliding-window and global layers), ``rope_local_theta``
+  (Gemma 3's base for sliding layers), ``query_scale`` (``query_pre_attn_scalar ** -0.5``),
+  ``attn_softcap`` / ``final_softcap`` (Gemma 2's ``c * tanh(x / c)`` on scores / logits)
+  and ``qk_norm`` (Gemma 3).
+
+Layers of two kinds (sliding and global) share one scanned body: the body branches on
+the traced layer index with ``lax.cond``, each branch with its own static window and
+RoPE base, so attention keeps its static masks (and the kernels their block skipping).
 
 Parameter paths (the names rules match against)::
 
     embed/embedding                       [vocab, d_model]
     layers/attn_norm/scale                [L, d_model]
     layers/attn/{q,k,v,o}_proj/kernel     [L, in, out]
+    layers/attn/{q,k,v}_proj/bias         [L, out]           (qkv_bias)
+    layers/attn/{q,k}_norm/scale          [L, head_dim]      (qk_norm)
+    layers/post_attn_norm/scale           [L, d_model]       (post_norms)
     layers/mlp_norm/scale                 [L, d_model]
+    layers/post_mlp_norm/scale            [L, d_model]       (post_norms)
     layers/mlp/{gate,up,down}_proj/kernel [L, in, out]
     final_norm/scale                      [d_model]
     lm_head/kernel                        [d_model, vocab]   (untied only)
@@ -52,8 +77,32 @@ class LlamaConfig:
     dtype: str = "float32"  # compute dtype; softmax and norms always run in float32
     attention: str = "auto"  # memlab.nn.attention impl: auto, chunked, naive, pallas_triton, ...
     mlp_chunks: int = 1  # Mini-Sequence (MsT): run the MLP over this many sequence chunks; 1 = off
+    # -- family features (module doc); the defaults are plain Llama ----------------------
+    arch: str = "llama"                    # family name: llama, mistral, qwen2, qwen3, gemma2, gemma3
+    qkv_bias: bool = False                 # q/k/v projections carry biases
+    qk_norm: bool = False                  # RMSNorm over head_dim on q and k, before RoPE
+    norm_plus_one: bool = False            # every RMSNorm applies (1 + w)
+    embed_scale: bool = False              # embeddings times sqrt(d_model), in the compute dtype
+    post_norms: bool = False               # norms on the attention / MLP outputs
+    mlp_act: str = "silu"                  # gated MLP activation: silu (SwiGLU), gelu_tanh (GeGLU)
+    sliding_window: Optional[int] = None   # a query at p sees keys in (p - W, p] on sliding layers
+    layer_types: tuple = ()                # per layer "sliding_attention" / "full_attention"
+    rope_local_theta: Optional[float] = None  # RoPE base of sliding layers (no scaling there)
+    rope_scaling: Optional[tuple] = None   # sorted (key, value) pairs of HF's rope_scaling
+    query_scale: Optional[float] = None    # softmax scale; None: head_dim ** -0.5
+    attn_softcap: Optional[float] = None   # scores -> c * tanh(scores / c)
+    final_softcap: Optional[float] = None  # logits -> c * tanh(logits / c)
 
     def __post_init__(self):
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", _scaling_tuple(self.rope_scaling))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        sc = dict(self.rope_scaling or ())
+        if sc.get("rope_type") == "dynamic" and "original_max_position_embeddings" not in sc:
+            sc["original_max_position_embeddings"] = self.max_seq_len  # HF's fallback
+            object.__setattr__(self, "rope_scaling", _scaling_tuple(sc))
+        _check_family(self)
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
@@ -75,7 +124,26 @@ class LlamaConfig:
     def layer_param_count(self) -> int:
         d, hd = self.d_model, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
-        return 2 * d + attn + 3 * d * self.d_ff
+        if self.qkv_bias:
+            attn += (self.n_heads + 2 * self.n_kv_heads) * hd
+        if self.qk_norm:
+            attn += 2 * hd
+        norms = (4 if self.post_norms else 2) * d
+        return norms + attn + 3 * d * self.d_ff
+
+    def sliding_layers(self) -> tuple:
+        """One bool per layer: does it attend over a sliding window."""
+        if self.layer_types:
+            return tuple(t == "sliding_attention" for t in self.layer_types)
+        return (self.sliding_window is not None,) * self.n_layers
+
+    def layer_attention(self, sliding: bool) -> tuple:
+        """``(window, rope_theta, rope_scaling)`` of a sliding or a global layer."""
+        if not sliding:
+            return None, self.rope_theta, self.rope_scaling
+        if self.rope_local_theta is not None:  # Gemma 3: its own base, unscaled
+            return self.sliding_window, self.rope_local_theta, None
+        return self.sliding_window, self.rope_theta, self.rope_scaling
 
     def param_count(self) -> int:
         embed = self.vocab_size * self.d_model
@@ -101,6 +169,51 @@ class LlamaConfig:
     @property
     def group_size(self) -> int:
         return self.n_heads // self.n_kv_heads
+
+
+ROPE_TYPES = ("linear", "dynamic", "llama3")
+MLP_ACTS = ("silu", "gelu_tanh")
+LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _scaling_tuple(scaling) -> Optional[tuple]:
+    """HF's ``rope_scaling`` dict as a hashable sorted tuple (None for the default rope)."""
+    if scaling is None:
+        return None
+    items = dict(scaling)
+    kind = items.get("rope_type", items.get("type"))
+    if kind in (None, "default"):
+        return None
+    items["rope_type"] = kind
+    items.pop("type", None)
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items.items()))
+
+
+def _check_family(c) -> None:
+    if c.mlp_act not in MLP_ACTS:
+        raise ValueError(f"LlamaConfig.mlp_act={c.mlp_act!r}; choose one of {MLP_ACTS}")
+    if c.sliding_window is not None and (isinstance(c.sliding_window, bool) or not isinstance(
+            c.sliding_window, int) or c.sliding_window < 1):
+        raise ValueError(f"LlamaConfig.sliding_window must be a positive int or None, got "
+                         f"{c.sliding_window!r}")
+    if c.layer_types:
+        if len(c.layer_types) != c.n_layers or any(t not in LAYER_TYPES for t in c.layer_types):
+            raise ValueError(f"LlamaConfig.layer_types must name each of the {c.n_layers} layers "
+                             f"with one of {LAYER_TYPES}, got {c.layer_types!r}")
+        if "sliding_attention" in c.layer_types and c.sliding_window is None:
+            raise ValueError("LlamaConfig.layer_types has sliding layers but sliding_window is "
+                             "None; set the window size")
+    if c.rope_scaling is not None:
+        kind = dict(c.rope_scaling).get("rope_type")
+        if kind not in ROPE_TYPES:
+            raise ValueError(f"LlamaConfig.rope_scaling type {kind!r} is not supported; "
+                             f"choose one of {ROPE_TYPES} (or None)")
+        if "factor" not in dict(c.rope_scaling):
+            raise ValueError(f"LlamaConfig.rope_scaling {dict(c.rope_scaling)} lacks 'factor'")
+    for f in ("query_scale", "attn_softcap", "final_softcap", "rope_local_theta"):
+        v = getattr(c, f)
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"LlamaConfig.{f} must be a positive number or None, got {v!r}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -134,27 +247,70 @@ def __getattr__(name):
 # Layers
 # ---------------------------------------------------------------------------
 class RMSNorm(nn.Module):
+    """``x / rms(x) * w`` over the last axis, in float32; ``plus_one``: ``* (1 + w)``
+    (Gemma), with ``w`` initialised to zeros so that both start as the identity."""
     eps: float
     dtype: Any
     param_dtype: Any
+    plus_one: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros if self.plus_one else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * scale.astype(jnp.float32)).astype(self.dtype)
+        w = scale.astype(jnp.float32)
+        return (y * (1.0 + w if self.plus_one else w)).astype(self.dtype)
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary embedding, half-split layout.  x: [B, T, H, D], positions: [B, T]."""
+def rope_frequencies(d: int, theta, scaling: Optional[tuple] = None, positions=None):
+    """RoPE's inverse frequencies ``[D/2]`` (float32) for base ``theta`` and HF's
+    ``rope_scaling`` (sorted pairs): ``linear`` divides them by ``factor``; ``llama3``
+    divides the low-frequency band (wavelength above ``original / low_freq_factor``) by
+    ``factor``, keeps the high band and interpolates between; ``dynamic`` (NTK-aware)
+    raises the base to ``theta * (factor * n / original - (factor - 1)) ** (d / (d - 2))``
+    once the sequence length ``n = max(positions) + 1`` exceeds the original context."""
+    exps = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    if scaling is None:
+        return 1.0 / (theta ** exps)
+    sc = dict(scaling)
+    kind, factor = sc["rope_type"], float(sc["factor"])
+    original = sc.get("original_max_position_embeddings")
+    if kind == "linear":
+        return 1.0 / (theta ** exps) / factor
+    if kind == "dynamic":
+        n = jnp.max(positions).astype(jnp.float32) + 1.0
+        orig = float(original)
+        grown = theta * (factor * n / orig - (factor - 1.0)) ** (d / (d - 2))
+        return 1.0 / (jnp.where(n > orig, grown, theta) ** exps)
+    inv = 1.0 / (theta ** exps)                          # llama3
+    low, high = float(sc.get("low_freq_factor", 1.0)), float(sc.get("high_freq_factor", 4.0))
+    orig = float(original)
+    wavelen = 2 * jnp.pi / inv
+    scaled = jnp.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return jnp.where(medium, mid, scaled)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float,
+         scaling: Optional[tuple] = None) -> jax.Array:
+    """Rotary embedding, half-split layout.  x: [B, T, H, D], positions: [B, T];
+    ``scaling``: HF's ``rope_scaling`` as sorted pairs (:func:`rope_frequencies`)."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    inv_freq = rope_frequencies(d, theta, scaling, positions)
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
     return out.astype(x.dtype)
+
+
+def softcap(x, cap: Optional[float]):
+    """Gemma 2's soft-cap ``cap * tanh(x / cap)`` (identity for ``cap=None``)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Attention(nn.Module):
@@ -163,30 +319,71 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, positions, kv, layer, lengths, n_new):
         c = self.config
-        dense = lambda n, name: nn.Dense(  # noqa: E731
-            n, use_bias=False, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
+        dense = lambda n, name, bias=False: nn.Dense(  # noqa: E731
+            n, use_bias=bias, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
         b, t, _ = x.shape
-        q = dense(c.n_heads * c.head_dim, "q_proj")(x).reshape(b, t, c.n_heads, c.head_dim)
-        k = dense(c.n_kv_heads * c.head_dim, "k_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-        v = dense(c.n_kv_heads * c.head_dim, "v_proj")(x).reshape(b, t, c.n_kv_heads, c.head_dim)
-        k_pre = k
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+        q = dense(c.n_heads * c.head_dim, "q_proj", c.qkv_bias)(x).reshape(b, t, c.n_heads, c.head_dim)
+        k = dense(c.n_kv_heads * c.head_dim, "k_proj", c.qkv_bias)(x).reshape(
+            b, t, c.n_kv_heads, c.head_dim)
+        v = dense(c.n_kv_heads * c.head_dim, "v_proj", c.qkv_bias)(x).reshape(
+            b, t, c.n_kv_heads, c.head_dim)
+        if c.qk_norm:
+            norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype,  # noqa: E731
+                                        c.norm_plus_one, name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
         impl = None if c.attention == "auto" else c.attention
-        if kv is None:  # training / scoring: causal over the sequence itself, default positions
-            out = nn_attention(q, k, v, causal=True, impl=impl)
-        else:  # the cache's policy stores the new keys and attends (memlab.cache)
-            out, kv = _policy_step(kv, layer, q, k, v, positions, lengths, n_new, k_pre,
-                                   c.rope_theta, impl)
+        kinds = c.sliding_layers()
+
+        def core(sliding: bool, q, k, v, kv):
+            window, theta, scaling = c.layer_attention(sliding)
+            k_pre = k
+            q, k = rope(q, positions, theta, scaling), rope(k, positions, theta, scaling)
+            q, k, v = (checkpoint_name(a, "qkv") for a in (q, k, v))
+            opts = _AttnOpts(window, c.query_scale, c.attn_softcap)
+            if kv is None:  # training / scoring: causal over the sequence itself
+                return opts.attend_causal(q, k, v, impl), None
+            return _policy_step(kv, layer, q, k, v, positions, lengths, n_new, k_pre,
+                                theta, scaling, impl, opts)
+
+        if len(set(kinds)) == 1:
+            out, kv = core(kinds[0], q, k, v, kv)
+        else:  # sliding and global layers in one scanned body: branch on the layer index
+            is_sliding = jnp.asarray(kinds)[layer]
+            out, kv = jax.lax.cond(is_sliding, functools.partial(core, True),
+                                   functools.partial(core, False), q, k, v, kv)
         out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
         return dense(c.d_model, "o_proj")(out), kv
 
 
-def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta, impl=None):
+@dataclasses.dataclass(frozen=True)
+class _AttnOpts:
+    """A layer's static attention options: window, softmax scale, score soft-cap."""
+    window: Optional[int] = None
+    scale: Optional[float] = None
+    softcap: Optional[float] = None
+
+    def attend_causal(self, q, k, v, impl):
+        s = k.shape[1]
+        window = self.window if self.window is not None and self.window < s else None
+        return nn_attention(q, k, v, causal=True, window=window, scale=self.scale,
+                            softcap=self.softcap, impl=impl)
+
+
+def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta, scaling=None,
+                 impl=None, opts: Optional[_AttnOpts] = None):
     """One layer through a KV policy: slice its state, prefill or decode, write it back.
-    A ``cross_layer`` policy (MiniCache) gets the whole state and indexes it by ``ctx.layer``."""
+    A ``cross_layer`` policy (MiniCache) gets the whole state and indexes it by ``ctx.layer``.
+    A window, a non-default scale or a soft-cap reach the policy in the ``StepCtx``; a
+    policy that does not declare ``attention_options`` cannot honour them (a clear error)."""
+    opts = opts or _AttnOpts()
+    if opts != _AttnOpts() and not getattr(cache.policy, "attention_options", False):
+        raise NotImplementedError(
+            f"KV policy {type(cache.policy).__name__} does not apply a sliding window, a "
+            f"non-default attention scale or a score soft-cap ({opts}), which this model's "
+            "layers need; use the dense cache (memlab.cache.Dense) for this model")
     ctx = StepCtx(positions=positions, n_new=n_new, lengths=lengths, layer=layer, k_pre=k_pre,
-                  rope=functools.partial(rope, theta=theta), impl=impl, fresh=cache.fresh)
+                  rope=functools.partial(rope, theta=theta, scaling=scaling), impl=impl,
+                  fresh=cache.fresh, window=opts.window, scale=opts.scale, softcap=opts.softcap)
     step = cache.policy.prefill if q.shape[1] > 1 else cache.policy.decode
     if getattr(cache.policy, "cross_layer", False):
         out, state = step(cache.state, q, k, v, ctx)
@@ -199,7 +396,8 @@ def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta,
 
 
 class MLP(nn.Module):
-    """SwiGLU.  With ``config.mlp_chunks > 1`` (Mini-Sequence Transformer, Luo et al.
+    """The gated MLP: SwiGLU (``mlp_act="silu"``) or GeGLU (``"gelu_tanh"``).  With
+    ``config.mlp_chunks > 1`` (Mini-Sequence Transformer, Luo et al.
     2024) the sequence is cut into that many chunks, run one at a time under a
     lifted scan whose body is rematerialized: the ``[B, T, d_ff]`` hidden exists one
     chunk at a time in the forward and again in the backward.  A ragged T is padded
@@ -216,7 +414,9 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = dense(c.d_ff), dense(c.d_ff), dense(c.d_model)
 
     def ffn(self, x):
-        h = nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        act = nn.silu if self.config.mlp_act == "silu" else functools.partial(
+            nn.gelu, approximate=True)
+        h = act(self.gate_proj(x)) * self.up_proj(x)
         h = checkpoint_name(h, "mlp_hidden")
         return self.down_proj(h)
 
@@ -241,10 +441,16 @@ class Block(nn.Module):
         """carry = (hidden [B, T, D], the PolicyCache or None, layer index)."""
         x, kv, layer = carry
         c = self.config
-        norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name=name)  # noqa: E731
+        norm = lambda name: RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype,  # noqa: E731
+                                    c.norm_plus_one, name=name)
         h, kv = Attention(c, name="attn")(norm("attn_norm")(x), positions, kv, layer, lengths, n_new)
+        if c.post_norms:
+            h = norm("post_attn_norm")(h)
         x = x + h
-        x = x + MLP(c, name="mlp")(norm("mlp_norm")(x))
+        h = MLP(c, name="mlp")(norm("mlp_norm")(x))
+        if c.post_norms:
+            h = norm("post_mlp_norm")(h)
+        x = x + h
         return (x, kv, layer + 1), None
 
 
@@ -386,6 +592,8 @@ class Llama(nn.Module):
                              f"{tuple(hidden_in.shape)}")
         if c.tie_embeddings or hidden_in is None:
             x = embed(tokens)  # tied: the head's weight; unused output is dropped by XLA
+            if c.embed_scale:  # Gemma: the normalizer sqrt(d_model) in the compute dtype
+                x = x * jnp.asarray(c.d_model ** 0.5, c.compute_dtype)
         if embed_only:
             return x
         block = Block
@@ -407,7 +615,8 @@ class Llama(nn.Module):
                                      (x, kv, jnp.int32(0)), c.n_layers, *self.stream)
         else:
             (x, kv, _), _ = layers(c, name="layers")((x, kv, jnp.int32(0)), positions, lengths, n_new)
-        x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, name="final_norm")(x)
+        x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, c.norm_plus_one,
+                    name="final_norm")(x)
         if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
             x = x[:, -1:]
         if hidden_only:
@@ -420,7 +629,7 @@ class Llama(nn.Module):
         else:
             logits = nn.Dense(c.vocab_size, use_bias=False, dtype=c.compute_dtype,
                               param_dtype=c.weight_dtype, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
+        logits = softcap(logits.astype(jnp.float32), c.final_softcap)
         if cache is None:
             return logits
         return logits, kv._replace(lengths=lengths + n_new, fresh=False)

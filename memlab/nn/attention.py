@@ -137,12 +137,18 @@ def _cudnn_unsupported(q, t, s, d, dv, causal, segment_ids, q_positions, kv_posi
 
 def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, segment_ids=None,
               q_positions=None, kv_positions=None, scale: Optional[float] = None,
-              impl: Optional[str] = None) -> jax.Array:
+              softcap: Optional[float] = None, impl: Optional[str] = None) -> jax.Array:
     """Scaled dot-product attention ``[B, T, H, Dv]``; ``impl`` None: the model's static
-    choice, else the trace-time default (see the module doc)."""
+    choice, else the trace-time default (see the module doc).
+
+    ``softcap=c`` caps the scaled scores at ``c * tanh(s / c)`` before the mask and the
+    softmax (Gemma 2).  No kernel implements it: such a call runs :func:`softcap_attention`
+    (materialized scores, XLA) whatever ``impl`` says."""
     impl = _check_impl(dispatch.resolve("attention", impl, _DEFAULT.get()), IMPLS)
     mask = dict(causal=causal, window=window, segment_ids=segment_ids, q_positions=q_positions,
                 kv_positions=kv_positions)
+    if softcap is not None:
+        return softcap_attention(q, k, v, softcap=softcap, scale=scale, **mask)
     hook = dispatch.resolve_hook(_HOOK.get())
     if hook is not None:
         return hook(q, k, v, scale=scale, **mask)
@@ -156,6 +162,35 @@ def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, se
         return _jax_nn(q, k, v, impl, scale=scale, **mask)
     from memlab_kernels.flash_attention import flash_attention
     return flash_attention(q, k, v, scale=scale, backend=dispatch.kernel_backend_of(impl), **mask)
+
+
+def softcap_attention(q, k, v, *, softcap: float, scale: Optional[float] = None, causal=False,
+                      window=None, segment_ids=None, q_positions=None, kv_positions=None):
+    """Attention with soft-capped scores (Gemma 2): ``softmax(mask(c * tanh(s / c)))``
+    with ``s = scale * q.k`` in float32, the mask semantics of
+    :mod:`memlab_kernels.attention_reference`; a query that sees no key gets zeros."""
+    from memlab_kernels.attention_reference import make_mask
+    b, t, h, d, s, hkv, dv = check_attention_args(
+        q, k, v, causal=causal, window=window, segment_ids=segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions, name="softcap_attention")
+    if not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise ValueError(f"softcap_attention: softcap={softcap!r} must be a positive number")
+    scale = d ** -0.5 if scale is None else scale
+    m = make_mask(b, t, s, causal=causal, window=window, segment_ids=segment_ids,
+                  q_positions=q_positions, kv_positions=kv_positions)
+    g = h // hkv
+    qg = q.reshape(b, t, hkv, g, d).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * scale
+    scores = softcap * jnp.tanh(scores / softcap)
+    vis = m.block(m.q_positions, m.kv_positions, m.q_segment_ids, m.kv_segment_ids)
+    vis = vis[:, None, None]                                    # [B, 1, 1, T, S]
+    scores = jnp.where(vis, scores, -jnp.inf)
+    mx = jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.where(vis, jnp.exp(scores - jnp.where(jnp.isfinite(mx), mx, 0.0)), 0.0)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den > 0, den, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", p, v.astype(jnp.float32))
+    return out.reshape(b, t, h, dv).astype(q.dtype)
 
 
 def _jax_nn(q, k, v, impl, *, causal, window, segment_ids, q_positions, kv_positions, scale):

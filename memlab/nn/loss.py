@@ -218,6 +218,8 @@ def head_weight(model, params) -> tuple[Optional[Any], bool, Optional[str]]:
     if not isinstance(getattr(model, "module", None), Llama):
         return None, False, "the model is not a memlab Llama (no hidden_only path)"
     spec = model.module.config
+    if getattr(spec, "final_softcap", None) is not None:
+        return None, False, "the model soft-caps its logits (final_softcap)"
     key, leaf = ("embed", "embedding") if spec.tie_embeddings else ("lm_head", "kernel")
     group = params.get(key) if hasattr(params, "get") else None
     w = group.get(leaf) if hasattr(group, "get") else None
