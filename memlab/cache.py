@@ -29,6 +29,13 @@ receive that whole state plus the traced ``ctx.layer`` and return it whole
 is the exact bytes of the whole state; for ordinary policies it is
 ``dims.n_layers * nbytes(dims)``.
 
+Sliding-window layers (Mistral; Gemma's local layers): a policy with
+``attention_options = True`` applies the layer's window, scale and soft-cap from
+``ctx``.  When the window ``W`` is shorter than the cache, the state is laid out in
+two groups (:func:`layer_groups`): the global layers' stack of ``max_len`` positions
+and the sliding layers' stack of ``W`` positions, a ring (``ctx.ring``: position ``p``
+in slot ``p % W``).  ``stacked_nbytes`` counts each group at its own length.
+
 :class:`PolicyCache` is the pytree that crosses ``jit``: the stacked state,
 ``lengths [B]`` (tokens seen per row, i.e. the next position) and the policy
 as static metadata.  ``init_cache(policy, spec, batch, max_len)`` builds one.
@@ -48,6 +55,7 @@ from memlab.nn.attention import DECODE_IMPLS, attention, decode_attention
 
 __all__ = ["Dims", "Dense", "KVPolicy", "MAX_POS", "PolicyCache", "StepCtx", "attend",
            "attend_decode", "attend_prompt", "cache_bytes", "decode_impl", "init_cache",
+           "cache_dims", "layer_groups", "ring_positions",
            "prompt_positions", "write_tokens"]
 
 MAX_POS = np.iinfo(np.int32).max   # position of an empty slot: causality hides it
@@ -64,6 +72,12 @@ class Dims:
     dtype: str = "float32"
     n_layers: int = 1
     layer_budget: Optional[tuple] = None   # per-layer token budgets, for policies that vary them
+    sliding: tuple = ()                     # per layer: a sliding-window layer? (): none
+    window: Optional[int] = None            # their window (a query at p sees (p - W, p])
+
+    @property
+    def n_sliding(self) -> int:
+        return sum(bool(x) for x in self.sliding)
 
 
 class StepCtx(NamedTuple):
@@ -80,6 +94,7 @@ class StepCtx(NamedTuple):
     window: Optional[int] = None  # a query at p sees keys in (p - window, p]
     scale: Optional[float] = None  # softmax scale (None: head_dim ** -0.5)
     softcap: Optional[float] = None  # scores -> softcap * tanh(scores / softcap)
+    ring: bool = False            # static: the state is a ring of W slots (position p at p % W)
 
 
 class KVPolicy:
@@ -114,12 +129,37 @@ class KVPolicy:
         raise NotImplementedError
 
     def stacked_nbytes(self, dims: Dims) -> int:
-        """Exact bytes of the whole model's state (``dims.n_layers`` layers)."""
-        return dims.n_layers * self.nbytes(dims)
+        """Exact bytes of the whole model's state (``dims.n_layers`` layers; with a ring
+        layout, each group of layers at its own length, :func:`layer_groups`)."""
+        groups = layer_groups(self, dims)
+        if groups is None:
+            return dims.n_layers * self.nbytes(dims)
+        return sum(len(idx) * self.nbytes(d) for d, idx in groups.values())
+
+    attention_options = False  # True: applies ctx.window / scale / softcap (and rings)
 
     def __call__(self, *a, **k):  # pragma: no cover - guard against a common slip
         raise TypeError(f"{type(self).__name__} is a KV policy, not a pass: use "
                         "ml.passes.kv_compress(policy).")
+
+
+def layer_groups(policy: KVPolicy, dims: Dims) -> Optional[dict]:
+    """``{"full": (dims, layers), "sliding": (ring dims, layers)}`` (empty groups left
+    out) when the sliding layers' window is shorter than the cache and the policy applies
+    windows; None when every layer keeps ``max_len`` positions."""
+    if not (dims.n_sliding and dims.window is not None and dims.window < dims.max_len
+            and policy.attention_options and not policy.cross_layer):
+        return None
+    kinds = dims.sliding
+    out = {}
+    full = tuple(i for i, sl in enumerate(kinds) if not sl)
+    ring = tuple(i for i, sl in enumerate(kinds) if sl)
+    if full:
+        out["full"] = (dataclasses.replace(dims, n_layers=len(full), sliding=()), full)
+    if ring:
+        out["sliding"] = (dataclasses.replace(dims, max_len=dims.window, n_layers=len(ring),
+                                              sliding=()), ring)
+    return out
 
 
 @jax.tree_util.register_dataclass
@@ -145,17 +185,51 @@ class PolicyCache:
         return dataclasses.replace(self, **kw)
 
 
-def init_cache(policy: KVPolicy, spec, batch: int, max_len: int, dtype: Any = None) -> PolicyCache:
-    """An empty cache for a Llama-family ``spec`` (LlamaConfig)."""
-    dims = Dims(batch=int(batch), max_len=int(max_len), n_heads=spec.n_heads,
+def cache_dims(spec, batch: int, max_len: int, dtype: Any = None) -> Dims:
+    """The :class:`Dims` of a decoder ``spec``'s cache (its sliding layers and window)."""
+    sliding = tuple(spec.sliding_layers()) if hasattr(spec, "sliding_layers") else ()
+    window = getattr(spec, "sliding_window", None) if any(sliding) else None
+    return Dims(batch=int(batch), max_len=int(max_len), n_heads=spec.n_heads,
                 n_kv_heads=spec.n_kv_heads, head_dim=spec.head_dim,
-                dtype=jnp.dtype(dtype or spec.dtype).name, n_layers=spec.n_layers)
+                dtype=jnp.dtype(dtype or spec.dtype).name, n_layers=spec.n_layers,
+                sliding=sliding if any(sliding) else (), window=window)
+
+
+def init_cache(policy: KVPolicy, spec, batch: int, max_len: int, dtype: Any = None) -> PolicyCache:
+    """An empty cache for a decoder ``spec`` (LlamaConfig): one stack of ``n_layers`` states,
+    or the two groups of :func:`layer_groups` (``state = {"full": ..., "sliding": ...}``)."""
+    dims = cache_dims(spec, batch, max_len, dtype)
+    window = dims.window
+    if window is not None and not policy.attention_options:
+        raise NotImplementedError(
+            f"KV policy {type(policy).__name__} does not apply sliding windows, which "
+            f"{getattr(spec, 'name', 'this model')}'s layers use (window {window}); use the "
+            "dense cache (memlab.cache.Dense) for this model")
     policy.validate(dims)
+    lengths = jnp.zeros((batch,), jnp.int32)
     if policy.cross_layer:      # the policy lays out all layers itself
-        return PolicyCache(policy.init_stacked(dims), jnp.zeros((batch,), jnp.int32), policy, dims)
-    one = policy.init(dims)
-    stacked = jax.tree.map(lambda a: jnp.broadcast_to(a, (spec.n_layers,) + a.shape).copy(), one)
-    return PolicyCache(stacked, jnp.zeros((batch,), jnp.int32), policy, dims)
+        return PolicyCache(policy.init_stacked(dims), lengths, policy, dims)
+
+    def stack(d, n):
+        one = policy.init(d)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape).copy(), one)
+
+    groups = layer_groups(policy, dims)
+    if groups is None:
+        return PolicyCache(stack(dims, spec.n_layers), lengths, policy, dims)
+    state = {g: stack(d, len(idx)) for g, (d, idx) in groups.items()}
+    return PolicyCache(state, lengths, policy, dims)
+
+
+def group_index(dims: Dims, sliding: bool):
+    """``(group name, [n_layers] table of each layer's index in its group)`` of the ring
+    layout, for the group of sliding or global layers."""
+    kinds = dims.sliding
+    table, counts = [], {True: 0, False: 0}
+    for sl in kinds:
+        table.append(counts[bool(sl)])
+        counts[bool(sl)] += 1
+    return ("sliding" if sliding else "full"), np.asarray(table, np.int32)
 
 
 def cache_bytes(cache: PolicyCache) -> int:
@@ -222,6 +296,15 @@ def write_tokens(buf, new, slots):
     return buf.at[rows, slots].set(new.astype(buf.dtype), mode="drop")
 
 
+def ring_positions(filled, s: int):
+    """Positions held by a ring of ``s`` slots after ``filled [B]`` tokens were written
+    (slot ``i`` holds the latest ``p < filled`` with ``p % s == i``; MAX_POS if none)."""
+    n = jnp.asarray(filled, jnp.int32)[:, None]
+    i = jnp.arange(s, dtype=jnp.int32)[None, :]
+    p = n - 1 - jnp.mod(n - 1 - i, s)
+    return jnp.where(p >= 0, p, MAX_POS)
+
+
 def prompt_positions(ctx: StepCtx):
     """Key positions of a right-padded prompt: padding at MAX_POS."""
     t = ctx.positions.shape[1]
@@ -257,6 +340,8 @@ class Dense(KVPolicy):
         return 2 * dims.batch * dims.max_len * dims.n_kv_heads * dims.head_dim * self._dtype(dims).itemsize
 
     def prefill(self, state, q, k, v, ctx):
+        if ctx.ring:
+            return self._ring_prefill(state, q, k, v, ctx)
         slots = prompt_positions(ctx)                  # padding -> MAX_POS -> dropped
         state = {"k": write_tokens(state["k"], k, slots), "v": write_tokens(state["v"], v, slots)}
         opts = dict(window=ctx.window, scale=ctx.scale, softcap=ctx.softcap)
@@ -271,7 +356,39 @@ class Dense(KVPolicy):
         kv_pos = jnp.where(slot < filled[:, None], slot, MAX_POS)
         return attend(q, state["k"], state["v"], ctx.positions, kv_pos, impl=ctx.impl, **opts)
 
+    # -- a sliding layer's ring of W slots: position p lives in slot p % W ----------------
+    @staticmethod
+    def _ring_write(state, k, v, positions, keep):
+        s = state["k"].shape[1]
+        slots = jnp.where(keep, positions % s, MAX_POS)
+        return {"k": write_tokens(state["k"], k, slots), "v": write_tokens(state["v"], v, slots)}
+
+    def _ring_prefill(self, state, q, k, v, ctx):
+        s = state["k"].shape[1]
+        opts = dict(window=ctx.window, scale=ctx.scale, softcap=ctx.softcap)
+        end = ctx.lengths + ctx.n_new
+        pos = prompt_positions(ctx)                    # padding at MAX_POS
+        if ctx.fresh:
+            out = attend_prompt(q, k, v, impl=ctx.impl, **opts)
+        else:  # the ring's earlier tokens and the chunk's own, at their positions
+            kk = jnp.concatenate([state["k"].astype(k.dtype), k], axis=1)
+            vv = jnp.concatenate([state["v"].astype(v.dtype), v], axis=1)
+            kv_pos = jnp.concatenate([ring_positions(ctx.lengths, s), pos], axis=1)
+            out = attend(q, kk, vv, ctx.positions, kv_pos, impl=ctx.impl, **opts)
+        keep = (pos != MAX_POS) & (ctx.positions >= (end - s)[:, None])  # the last s tokens
+        return out, self._ring_write(state, k, v, ctx.positions, keep)
+
+    def _ring_decode(self, state, q, k, v, ctx):
+        s = state["k"].shape[1]
+        state = self._ring_write(state, k, v, ctx.positions, jnp.ones(ctx.positions.shape, bool))
+        kv_pos = ring_positions(ctx.lengths + 1, s)
+        out = attend(q, state["k"], state["v"], ctx.positions, kv_pos, impl=ctx.impl,
+                     window=ctx.window, scale=ctx.scale, softcap=ctx.softcap)
+        return out, state
+
     def decode(self, state, q, k, v, ctx):
+        if ctx.ring:
+            return self._ring_decode(state, q, k, v, ctx)
         state = {"k": write_tokens(state["k"], k, ctx.positions),
                  "v": write_tokens(state["v"], v, ctx.positions)}
         if ctx.window is not None or ctx.softcap is not None:

@@ -53,7 +53,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from memlab.cache import Dense, PolicyCache, StepCtx, init_cache
+from memlab.cache import Dense, PolicyCache, StepCtx, group_index, init_cache, layer_groups
 from memlab.nn.attention import attention as nn_attention
 
 
@@ -155,8 +155,12 @@ class LlamaConfig:
         return jax.tree_util.tree_map(lambda x: x, _param_shapes(self))  # a fresh tree
 
     def kv_cache_bytes(self, batch: int, seq: int, dtype: Any = None) -> int:
+        """The dense cache's bytes: sliding layers keep ``min(window, seq)`` positions."""
         itemsize = jnp.dtype(dtype or self.dtype).itemsize
-        return 2 * self.n_layers * batch * seq * self.n_kv_heads * self.head_dim * itemsize
+        kinds = self.sliding_layers()
+        w = self.sliding_window if any(kinds) else None
+        slots = sum(min(w, seq) if sl else seq for sl in kinds)
+        return 2 * slots * batch * self.n_kv_heads * self.head_dim * itemsize
 
     @property
     def compute_dtype(self):
@@ -388,11 +392,21 @@ def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta,
     if getattr(cache.policy, "cross_layer", False):
         out, state = step(cache.state, q, k, v, ctx)
         return out, cache._replace(state=state)
-    st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, keepdims=False), cache.state)
+    if layer_groups(cache.policy, cache.dims) is None:
+        out, state = _step_slice(step, cache.state, layer, q, k, v, ctx)
+        return out, cache._replace(state=state)
+    # two groups (memlab.cache.layer_groups): this layer's slot in its own group's stack
+    group, table = group_index(cache.dims, opts.window is not None)
+    ctx = ctx._replace(ring=group == "sliding")
+    out, sub = _step_slice(step, cache.state[group], jnp.asarray(table)[layer], q, k, v, ctx)
+    return out, cache._replace(state={**cache.state, group: sub})
+
+
+def _step_slice(step, stacked, index, q, k, v, ctx):
+    st = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False), stacked)
     out, st = step(st, q, k, v, ctx)
-    state = jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(
-        full, new.astype(full.dtype), layer, 0), cache.state, st)
-    return out, cache._replace(state=state)
+    return out, jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(
+        full, new.astype(full.dtype), index, 0), stacked, st)
 
 
 class MLP(nn.Module):

@@ -11,9 +11,7 @@ Its estimate replaces the dense cache bytes by the policy's exact formula
 """
 from __future__ import annotations
 
-import jax.numpy as jnp
-
-from memlab.kv.base import Dims, KVPolicy
+from memlab.kv.base import KVPolicy
 from memlab.kv.compose import parse
 from memlab.model import Model, Pass
 from memlab.passes import PASSES
@@ -21,10 +19,8 @@ from memlab.passes import PASSES
 
 def policy_bytes(policy: KVPolicy, spec, batch: int, max_len: int, dtype=None) -> int:
     """Exact bytes of a whole PolicyCache for a Llama-family ``spec``."""
-    dims = Dims(batch=batch, max_len=max_len, n_heads=spec.n_heads, n_kv_heads=spec.n_kv_heads,
-                head_dim=spec.head_dim, dtype=jnp.dtype(dtype or spec.dtype).name,
-                n_layers=spec.n_layers)
-    return policy.stacked_nbytes(dims) + batch * 4      # = n_layers * nbytes unless cross-layer
+    from memlab.cache import cache_dims
+    return policy.stacked_nbytes(cache_dims(spec, batch, max_len, dtype)) + batch * 4
 
 
 @PASSES.register("kv_compress")

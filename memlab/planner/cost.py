@@ -88,9 +88,8 @@ def _workload(task: str, batch: int, seq: int):
 
 
 def _dims(cfg, batch: int, seq: int):
-    from memlab.kv.base import Dims
-    return Dims(batch=batch, max_len=seq, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                head_dim=cfg.head_dim, dtype=jnp.dtype(cfg.dtype).name, n_layers=cfg.n_layers)
+    from memlab.cache import cache_dims
+    return cache_dims(cfg, batch, seq)
 
 
 # --- facts ------------------------------------------------------------------------------------
