@@ -24,7 +24,8 @@ from absl import app, flags
 COMMANDS = ("profile", "generate", "perplexity", "demo", "fetch", "train", "plan")
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Model name (see memlab.models.names()).")
+flags.DEFINE_string("model", "smollm2-135m", "Model name (see memlab.models.names()), a Hugging "
+                    "Face checkpoint directory or a .gguf file.")
 flags.DEFINE_enum("task", "train", ["train", "prefill", "decode", "finetune", "inference"],
                   "Step to profile (plan also takes finetune = LoRA, inference = decode).")
 flags.DEFINE_integer("batch", 1, "Batch size.")
@@ -81,7 +82,7 @@ flags.DEFINE_string("target", None, "profile/plan: compile for this device on th
 
 def _load(name: str, dtype: str | None):
     import memlab as ml
-    if name in ml.models.REAL_WEIGHTS:
+    if name in ml.models.REAL_WEIGHTS or os.path.exists(name):  # real weights: float32
         return ml.models.load(name, dtype=dtype or "float32")
     return ml.models.load(name, dtype=dtype or "bfloat16")
 
@@ -210,7 +211,7 @@ def _train_model(abstract: bool = False):
     if abstract:  # the shapes of what load / init give below
         dt = FLAGS.dtype or "float32"
         model = ml.models.abstract(FLAGS.model, param_dtype=dt, dtype=dt)
-    elif FLAGS.model in ml.models.REAL_WEIGHTS:
+    elif FLAGS.model in ml.models.REAL_WEIGHTS or os.path.exists(FLAGS.model):
         model = ml.models.load(FLAGS.model, dtype=FLAGS.dtype or "float32")
     else:  # shapes-only names train from a random init
         import jax

@@ -164,20 +164,52 @@ def generate_ids(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens:
     return out
 
 
-def generate(model: Model, prompts: str | Sequence[str], max_new_tokens: int = 32,
-             **kwargs) -> str | list[str]:
-    """Text in, text out, with the model's own tokenizer."""
+def generate(model: Model, prompts: str | Sequence[str] | None = None, max_new_tokens: int = 32,
+             *, messages: Optional[Sequence] = None, **kwargs) -> str | list[str]:
+    """Text in, text out, with the model's own tokenizer.
+
+    ``messages``: a conversation (``[{"role": ..., "content": ...}, ...]``) or a list of
+    them, rendered with the checkpoint's chat template (``model.extra("chat_template")``,
+    jinja2 as Hugging Face renders it: :func:`memlab.models.chat.render`) with the
+    generation prompt appended, in place of ``prompts``.  Generation stops at the
+    end-of-sequence token and, where the tokenizer names one, the end-of-turn token."""
     tok = model.tokenizer
     if tok is None:
         raise ValueError("generate: this model has no tokenizer; use generate_ids with token ids")
-    single = isinstance(prompts, str)
-    texts = [prompts] if single else list(prompts)
     special = dict(dict(model.extras).get("special_tokens", ()))
-    kwargs.setdefault("stop_tokens", [special["eos"]] if "eos" in special else [])
-    ids = [tok.encode(t).ids for t in texts]
+    stops = [special[k] for k in ("eos", "eot") if k in special]
+    kwargs.setdefault("stop_tokens", stops)
+    if messages is not None:
+        if prompts is not None:
+            raise ValueError("generate: pass prompts or messages=, not both")
+        single = bool(messages) and isinstance(messages[0], dict)
+        texts = [chat_prompt(model, m) for m in ([messages] if single else list(messages))]
+        ids = [tok.encode(t, add_special_tokens=False).ids for t in texts]  # the template's
+    else:
+        if prompts is None:
+            raise ValueError("generate: pass prompts (text) or messages= (a conversation)")
+        single = isinstance(prompts, str)
+        texts = [prompts] if single else list(prompts)
+        ids = [tok.encode(t).ids for t in texts]
     new = generate_ids(model, ids, max_new_tokens, **kwargs)
     decoded = [tok.decode(n, skip_special_tokens=True) for n in new]
     return decoded[0] if single else decoded
+
+
+def chat_prompt(model: Model, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The prompt text of a conversation under ``model``'s chat template."""
+    from memlab.models import chat
+    template = model.extra("chat_template")
+    name = getattr(model.spec, "name", "this model")
+    if template is None:
+        raise ValueError(f"generate: {name} carries no chat template (its GGUF or "
+                         "tokenizer_config.json has none); pass the prompt text instead")
+    tok = model.tokenizer
+    special = dict(dict(model.extras).get("special_tokens", ()))
+    names = {k: tok.id_to_token(special[k]) if k in special else "" for k in ("bos", "eos")}
+    return chat.render(template, messages, add_generation_prompt=add_generation_prompt,
+                       bos_token=names["bos"] or "", eos_token=names["eos"] or "",
+                       source=f"{name}'s chat template")
 
 
 # ---------------------------------------------------------------------------

@@ -113,3 +113,21 @@ def test_malformed_messages(bad, match):
 def test_missing_template_is_a_clear_error():
     with pytest.raises(ValueError, match="base models ship none"):
         chat.render(None, [{"role": "user", "content": "x"}], source="gemma3-270m")
+
+
+def test_generate_with_messages_applies_the_models_template(smollm2):
+    """generate(messages=...) renders SmolLM2-Instruct's own template (from its GGUF),
+    tokenizes it without adding special tokens again, and answers."""
+    from memlab.generate import chat_prompt, generate
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    text = chat_prompt(smollm2, msgs)
+    assert text.endswith("<|im_start|>assistant\n") and "What is the capital of France?" in text
+    ids = smollm2.tokenizer.encode(text, add_special_tokens=False).ids
+    assert smollm2.tokenizer.decode(ids, skip_special_tokens=False) == text
+    answer = generate(smollm2, messages=msgs, max_new_tokens=12)
+    assert "Paris" in answer
+    with pytest.raises(ValueError, match="not both"):
+        generate(smollm2, "hi", messages=msgs)
+    bare = smollm2.with_extras(chat_template=None)
+    with pytest.raises(ValueError, match="no chat template"):
+        generate(bare, messages=msgs)

@@ -12,6 +12,8 @@ EXPECT = {"tour.ipynb": ["Paris", "kv_cache"], "quantize.ipynb": ["4.127", "Pari
           "kv_cache.ipynb": ["B/token", "Paris", "paged waste", "decoded tokens"],
           "training_memory.ipynb": ["resume bit-exact: True True", "exact==analytic True",
                                     "cuts activation temp", "x less"],
+          "bring_your_own_model.ipynb": ["model.safetensors.index.json", "llama 30 layers",
+                                         "Paris", "-> int8", "same logits on reload: True"],
           "plan.ipynb": ["Pareto front", "fused update", "offload(k=", "headinfer", "no plan fits",
                          "compiled device"]}
 # compile-bound notebooks (tiny models; what they print is compiled memory_analysis() and exact
