@@ -20,7 +20,7 @@ TVENV  ?= .venv-targets
 TPY    := $(TVENV)/bin/python
 TSTAMP := $(TVENV)/.memlab-installed
 
-.PHONY: demo test install data clean targets-env test-targets
+.PHONY: demo test test-sweeps install data clean targets-env test-targets
 
 install: $(STAMP)
 
@@ -38,8 +38,23 @@ data: $(STAMP)
 demo: data
 	$(PY) -m memlab demo --json=results/demo.json
 
+# Most tests compile many tiny programs: those run with XLA:CPU's LLVM optimization off (its
+# buffer assignment, hence every memory number, does not depend on it; compiles are about a
+# third faster).  The tests that run real models' compute keep the optimized code.
+COMPUTE_TESTS := tests/test_smollm2.py tests/test_gemma3.py tests/test_bert.py \
+	tests/test_notebooks.py tests/test_quantize_pass.py tests/test_tasks.py \
+	tests/test_distributed.py tests/test_benchmarks.py tests/test_data.py
+FAST_COMPILE  := --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true
+
 test: data
-	$(PY) -m pytest -q -n 2 --dist loadfile --ignore=tests/targets tests
+	XLA_FLAGS="$$XLA_FLAGS $(FAST_COMPILE)" $(PY) -m pytest -q -n 2 --dist loadfile \
+		--ignore=tests/targets $(addprefix --ignore=,$(COMPUTE_TESTS)) tests
+	$(PY) -m pytest -q -n 2 --dist loadfile $(COMPUTE_TESTS)
+
+# Sweeps too slow for make test: every decoder family through every pass
+test-sweeps: data
+	MEMLAB_SWEEPS=1 XLA_FLAGS="$$XLA_FLAGS $(FAST_COMPILE)" $(PY) -m pytest -q -n 2 \
+		--dist loadfile tests/test_family_passes.py
 
 targets-env: $(TSTAMP)
 

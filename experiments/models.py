@@ -4,7 +4,7 @@
     python experiments/models.py --part=families         # the table of families only
     python experiments/models.py --part=real --windows=4
 
-**families**: for each family's shipped config (``memlab/models/configs``; abstract
+**families** (``--target=h100`` for a compile-only H100 as well): for each family's shipped config (``memlab/models/configs``; abstract
 params, nothing allocated) its parameter count, exact weight bytes per format (the
 quantize pass's own estimate) and XLA's compiled peak for a prefill, a decode step and a
 train step (:func:`memlab.memory.profile`, AdamW, remat ``nothing_saveable``, bfloat16),
@@ -40,6 +40,10 @@ flags.DEFINE_integer("calib_batches", 4, "Calibration batches of 4 x 256 trainin
 flags.DEFINE_list("kv", ["dense", "kivi4", "kivi2", "streaming:budget=128,sinks=4",
                          "snapkv:budget=128,window=16"], "KV policies (decode perplexity).")
 flags.DEFINE_integer("prefix", 256, "Prefilled tokens before teacher-forced decoding.")
+flags.DEFINE_string("target", None, "Profile the family table for a compile-only device "
+                    "(memlab.targets: h100, v5e, ...; run with the targets environment, "
+                    "make targets-env): its compiler's peaks, no XLA:CPU float32 copies of "
+                    "bfloat16 weights.  Default: this machine's XLA:CPU.")
 flags.DEFINE_string("out", "results/models.json", "Output JSON.")
 
 FORMATS = {"bf16": None, "int8": lambda q: q.int8(), "nf4-b64": lambda q: q.nf4(64, False),
@@ -65,7 +69,7 @@ def family_row(name: str) -> dict:
     remat = ml.passes.remat("nothing_saveable")(model)
     for task, m in (("prefill", model), ("decode", model), ("train", remat)):
         t0 = time.perf_counter()
-        r = ml.memory.profile(m, task, batch=FLAGS.batch, seq=seq,
+        r = ml.memory.profile(m, task, batch=FLAGS.batch, seq=seq, target=FLAGS.target,
                               optimizer="adamw" if task == "train" else None)
         row["peak_bytes"][task] = int(r.peak_bytes)
         print(f"{name:<14} {task:<8} peak {r.peak_bytes / 1e9:8.3f} GB "
@@ -123,12 +127,16 @@ def real_rows(name: str) -> dict:
 
 
 def main(_):
+    if FLAGS.target:  # compile-only: register the GPU/TPU compilers without starting them
+        import jax
+        jax.config.update("jax_platforms", "cpu")
     if FLAGS.part in ("all", "families"):
         results.write(FLAGS.out, {"rows": [family_row(n) for n in FLAGS.families],
                                   "settings": {"batch": FLAGS.batch, "seq": FLAGS.seq,
                                                "dtype": "bfloat16",
-                                               "train": "adamw, remat nothing_saveable"}},
-                      key="families")
+                                               "train": "adamw, remat nothing_saveable",
+                                               "compiler": FLAGS.target or "xla:cpu"}},
+                      key="families" if FLAGS.target is None else f"families_{FLAGS.target}")
     if FLAGS.part in ("all", "real"):
         results.write(FLAGS.out, {"rows": [real_rows(n) for n in ("smollm2-135m",
                                                                   "gemma3-270m")]},

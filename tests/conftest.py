@@ -10,7 +10,8 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import memlab as ml  # noqa: F401  (sets the CPU memory-optimized scheduler flag first)
 
-_CACHE = os.path.join(os.path.dirname(__file__), "..", ".cache", "jax")
+_CACHE = os.environ.get("MEMLAB_TEST_JAX_CACHE",
+                        os.path.join(os.path.dirname(__file__), "..", ".cache", "jax"))
 jax.config.update("jax_compilation_cache_dir", os.path.abspath(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 

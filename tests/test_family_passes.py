@@ -42,7 +42,7 @@ SEQ = 11  # longer than every window above
 # ``make test`` runs the families that together hold every feature; ``make test-sweeps``
 # (MEMLAB_SWEEPS=1) runs all of them
 SWEEP = os.environ.get("MEMLAB_SWEEPS") == "1"
-RUN = sorted(FAMILIES) if SWEEP else ["gemma2", "gemma3", "qwen2"]
+RUN = sorted(FAMILIES) if SWEEP else ["gemma2", "gemma3"]
 _FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
@@ -170,7 +170,7 @@ def test_every_kv_policy_decodes_with_exact_bytes(family_name, policies):
         assert tree_bytes(cache) == policy_bytes(pol, cfg, 2, 32), spec
 
 
-@pytest.mark.parametrize("family_name", ["gemma2", "gemma3", "mistral"])
+@pytest.mark.parametrize("family_name", ["gemma2", "gemma3"] + (["mistral"] if SWEEP else []))
 def test_dense_ring_cache_equals_full_forward(family_name):
     """Chunked prefill and decode through the ring of the sliding layers give the full
     forward's logits; the dense cache holds ``window`` positions per sliding layer."""
