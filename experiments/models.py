@@ -8,7 +8,8 @@
 params, nothing allocated) its parameter count, exact weight bytes per format (the
 quantize pass's own estimate) and XLA's compiled peak for a prefill, a decode step and a
 train step (:func:`memlab.memory.profile`, AdamW, remat ``nothing_saveable``, bfloat16),
-plus the dense cache's bytes (sliding-window layers keep their window only).
+plus the dense cache's bytes at ``--kv_seq`` tokens (sliding-window layers keep their
+window only) against every layer keeping every position.
 
 **real**: SmolLM2-135M-Instruct and Gemma-3-270M on held-out Austen (Persuasion):
 perplexity of the float model, of int4 weights by RTN, AWQ and GPTQ (group 64,
@@ -34,6 +35,7 @@ flags.DEFINE_list("families", ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "q
                   "Named configs for the family table.")
 flags.DEFINE_integer("batch", 1, "Batch of the profiled steps.")
 flags.DEFINE_integer("seq", 2048, "Sequence length of the profiled steps.")
+flags.DEFINE_integer("kv_seq", 32768, "Context length of the KV-cache columns.")
 flags.DEFINE_integer("eval_seq", 512, "Evaluation window length (real models).")
 flags.DEFINE_integer("windows", 4, "Evaluation windows from the test book.")
 flags.DEFINE_integer("calib_batches", 4, "Calibration batches of 4 x 256 training tokens.")
@@ -45,6 +47,7 @@ flags.DEFINE_string("target", None, "Profile the family table for a compile-only
                     "make targets-env): its compiler's peaks, no XLA:CPU float32 copies of "
                     "bfloat16 weights.  Default: this machine's XLA:CPU.")
 flags.DEFINE_string("out", "results/models.json", "Output JSON.")
+flags.DEFINE_bool("table", False, "Print the README's tables from --out and exit.")
 
 FORMATS = {"bf16": None, "int8": lambda q: q.int8(), "nf4-b64": lambda q: q.nf4(64, False),
            "int4-g64": lambda q: q.intn(4, 64)}
@@ -62,8 +65,10 @@ def family_row(name: str) -> dict:
         m = model if make is None else ml.passes.quantize(make(ml.quant))(model)
         row["weight_bytes"][fmt] = int(tree_bytes(m.params))
     seq = min(FLAGS.seq, cfg.max_seq_len)
-    row["kv_cache_bytes"] = int(cfg.kv_cache_bytes(FLAGS.batch, seq))
-    row["kv_cache_bytes_without_windows"] = int(2 * cfg.n_layers * FLAGS.batch * seq
+    kv_seq = min(FLAGS.kv_seq, cfg.max_seq_len)
+    row["kv_seq"] = kv_seq
+    row["kv_cache_bytes"] = int(cfg.kv_cache_bytes(FLAGS.batch, kv_seq))
+    row["kv_cache_bytes_without_windows"] = int(2 * cfg.n_layers * FLAGS.batch * kv_seq
                                                 * cfg.n_kv_heads * cfg.head_dim
                                                 * jnp.dtype(cfg.dtype).itemsize)
     remat = ml.passes.remat("nothing_saveable")(model)
@@ -126,7 +131,51 @@ def real_rows(name: str) -> dict:
     return out
 
 
+def _gb(n):
+    return f"{n / 1e9:.2f}"
+
+
+def tables(doc: dict) -> str:
+    """The README's markdown tables from a results file."""
+    lines = []
+    fam = doc.get("families_h100") or doc.get("families")
+    if fam:
+        lines += ["| model | family | params | bf16 / int8 / NF4 weights (GB) | KV cache at "
+                  f"{fam['rows'][0]['kv_seq'] // 1024}k tokens (MiB), windows kept / every "
+                  "position | prefill / decode / train peak (GB) |", "|---|---|---|---|---|---|"]
+        for r in fam["rows"]:
+            w, p = r["weight_bytes"], r["peak_bytes"]
+            lines.append(
+                f"| `{r['model']}` | {r['arch']} | {r['params'] / 1e9:.3f}B | "
+                f"{_gb(w['bf16'])} / {_gb(w['int8'])} / {_gb(w['nf4-b64'])} | "
+                f"{r['kv_cache_bytes'] / 2**20:,.0f} / "
+                f"{r['kv_cache_bytes_without_windows'] / 2**20:,.0f} | "
+                f"{_gb(p['prefill'])} / {_gb(p['decode'])} / {_gb(p['train'])} |")
+    real = doc.get("real")
+    if real:
+        lines += ["", "| model | float perplexity | int4 g64 RTN / AWQ / GPTQ | "
+                      + " / ".join(real["rows"][0]["kv"]) + " (decode perplexity) |",
+                  "|---|---|---|---|"]
+        for r in real["rows"]:
+            q = r["quantize"]
+            lines.append(
+                f"| `{r['model']}` | {r['perplexity']:.2f} | "
+                + " / ".join(f"{q[k]['perplexity']:.2f}" for k in q) + " | "
+                + " / ".join(f"{v['decode_perplexity']:.2f}" for v in r["kv"].values()) + " |")
+        loss = [r for r in real["rows"] if "train_peak_bytes_by_loss" in r]
+        for r in loss:
+            b = r["train_peak_bytes_by_loss"]
+            lines += ["", f"`{r['model']}` train step 4×1024 (XLA:CPU peak): naive loss "
+                          f"{_gb(b['naive'])} GB, chunked cross-entropy {_gb(b['chunked'])} GB."]
+    return "\n".join(lines)
+
+
 def main(_):
+    if FLAGS.table:
+        import json
+        with open(FLAGS.out) as f:
+            print(tables(json.load(f)))
+        return
     if FLAGS.target:  # compile-only: register the GPU/TPU compilers without starting them
         import jax
         jax.config.update("jax_platforms", "cpu")
