@@ -221,6 +221,8 @@ def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
                 and cfg.n_kv_heads % devices == 0:  # Megatron splits whole heads
             shards.append(("tp", devices))
     offloads = [None] + [(k, 1) for k in (1, 2, 4) if k + 1 <= cfg.n_layers]
+    # soft-capped logits (Gemma 2) have no chunked cross-entropy: the [B, T, V] logits exist
+    losses = ("naive",) if getattr(cfg, "final_softcap", None) is not None else ("chunked", "naive")
     out = []
     if task in ("train", "finetune"):
         weights = planned_formats(task)
@@ -229,7 +231,7 @@ def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
         for w in weights:
             for o in opts:
                 for r in REMAT_POLICIES:
-                    for loss in ("chunked", "naive"):
+                    for loss in losses:
                         for sh, n in shards:
                             for off in offloads:
                                 if off is not None and (sh is not None or rank
@@ -241,7 +243,7 @@ def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
                                 out.append(Candidate(w, r, o, rank, loss, None, off, sh, n))
         if task == "train":  # the fused backward-update (LOMO), resident or with host state
             for o in opts:
-                for loss in ("chunked", "naive"):
+                for loss in losses:
                     for off in (None, (1, 0)):
                         out.append(Candidate("bf16", "nothing_saveable", o, 0, loss, None, off,
                                              None, 1, fused=True))
