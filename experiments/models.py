@@ -88,7 +88,7 @@ def real_rows(name: str) -> dict:
     model = ml.models.load(name)
     corpus = data.load_corpus("austen")
     windows = data.eval_windows(data.tokenize(corpus, "test", model.tokenizer), FLAGS.eval_seq,
-                                max_windows=FLAGS.windows)
+                                max_windows=FLAGS.windows, bos=data.bos_id(model.tokenizer))
     calib = [b[:, :-1] for b, _ in zip(data.train_batches(
         data.tokenize(corpus, "train", model.tokenizer), 4, 256, seed=0),
         range(FLAGS.calib_batches))]
@@ -140,15 +140,15 @@ def tables(doc: dict) -> str:
     lines = []
     fam = doc.get("families_h100") or doc.get("families")
     if fam:
-        lines += ["| model | family | params | bf16 / int8 / NF4 weights (GB) | KV cache at "
-                  f"{fam['rows'][0]['kv_seq'] // 1024}k tokens (MiB), windows kept / every "
-                  "position | prefill / decode / train peak (GB) |", "|---|---|---|---|---|---|"]
+        lines += ["| model | family | params | bf16 / int8 / NF4 weights (GB) | dense KV cache "
+                  "(MiB): tokens, windows kept / every position | prefill / decode / train "
+                  f"peak at {fam['settings']['seq']} tokens (GB) |", "|---|---|---|---|---|---|"]
         for r in fam["rows"]:
             w, p = r["weight_bytes"], r["peak_bytes"]
             lines.append(
                 f"| `{r['model']}` | {r['arch']} | {r['params'] / 1e9:.3f}B | "
                 f"{_gb(w['bf16'])} / {_gb(w['int8'])} / {_gb(w['nf4-b64'])} | "
-                f"{r['kv_cache_bytes'] / 2**20:,.0f} / "
+                f"{r['kv_seq'] // 1024}k: {r['kv_cache_bytes'] / 2**20:,.0f} / "
                 f"{r['kv_cache_bytes_without_windows'] / 2**20:,.0f} | "
                 f"{_gb(p['prefill'])} / {_gb(p['decode'])} / {_gb(p['train'])} |")
     real = doc.get("real")

@@ -106,7 +106,7 @@ def cmd_profile() -> dict:
 def _eval_windows(model, corpus: str, split: str, seq: int, n: int):
     from memlab import data
     tokens = data.tokenize(data.load_corpus(corpus), split, model.tokenizer)
-    return data.eval_windows(tokens, seq, max_windows=n or None)
+    return data.eval_windows(tokens, seq, max_windows=n or None, bos=data.bos_id(model.tokenizer))
 
 
 def cmd_perplexity() -> dict:

@@ -744,19 +744,43 @@ def _check_tokens(tokens: Any, seq_len: int) -> np.ndarray:
     return tokens
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None
-                 ) -> np.ndarray:
+def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None,
+                 bos: int | None = None) -> np.ndarray:
     """Non-overlapping ``[n, seq_len + 1]`` windows with stride ``seq_len``: inputs are
-    ``w[:, :-1]``, targets ``w[:, 1:]``, and every target token is scored exactly once."""
+    ``w[:, :-1]``, targets ``w[:, 1:]``, and every target token is scored exactly once.
+
+    ``bos``: a beginning-of-sequence id (:func:`bos_id`) put before every window, which
+    then holds ``seq_len`` text tokens, all scored: models trained to see it first (Gemma)
+    are scored as they run.  The windows are then ``[n, seq_len + 1]`` with ``w[:, 0] ==
+    bos`` and stride ``seq_len``."""
     seq_len = _check_positive_int("seq_len", seq_len)
     if max_windows is not None:
         max_windows = _check_positive_int("max_windows", max_windows)
     tokens = _check_tokens(tokens, seq_len)
+    if bos is not None:
+        if isinstance(bos, bool) or not isinstance(bos, (int, np.integer)) or bos < 0:
+            raise ValueError(f"bos must be a token id (a non-negative int) or None, got {bos!r}")
+        text = tokens[1:] if tokens.shape[0] and tokens[0] == bos else tokens
+        n = text.shape[0] // seq_len
+        if max_windows is not None:
+            n = min(n, max_windows)
+        body = text[:n * seq_len].reshape(n, seq_len)
+        return np.concatenate([np.full((n, 1), bos, tokens.dtype), body], axis=1)
     n = (tokens.shape[0] - 1) // seq_len
     if max_windows is not None:
         n = min(n, max_windows)
     index = np.arange(n)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
     return tokens[index]
+
+
+def bos_id(tokenizer) -> int | None:
+    """The id the tokenizer puts before every text (its post-processor's BOS, as Gemma's
+    ``add_bos_token``), or None when it adds nothing."""
+    with_special = tokenizer.encode("a").ids
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    if len(with_special) > len(plain) and with_special[len(with_special) - len(plain):] == plain:
+        return int(with_special[0])
+    return None
 
 
 def train_batches(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int

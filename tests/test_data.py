@@ -390,3 +390,15 @@ cp {deb} .
     assert data.austen_books() == books
     calls = log.read_text()
     assert data.fetch_austen() == rdb and log.read_text() == calls  # cached: no apt-get
+
+
+def test_eval_windows_with_bos_score_every_text_token_once():
+    tokens = np.arange(100, 131, dtype=np.int32)        # 31 text tokens, no BOS
+    w = data.eval_windows(tokens, 10, bos=7)
+    assert w.shape == (3, 11) and (w[:, 0] == 7).all()
+    np.testing.assert_array_equal(w[:, 1:].ravel(), tokens[:30])
+    with_bos = np.concatenate([[7], tokens]).astype(np.int32)   # a stream that starts with it
+    np.testing.assert_array_equal(data.eval_windows(with_bos, 10, bos=7), w)
+    assert data.eval_windows(tokens, 10, max_windows=2, bos=7).shape == (2, 11)
+    with pytest.raises(ValueError, match="bos"):
+        data.eval_windows(tokens, 10, bos=-1)

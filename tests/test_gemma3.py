@@ -81,3 +81,16 @@ def test_quantized_and_compressed_cache_stay_close(gemma, prompt_ids):
         got = m(tokens, cache=cache, last_only=True)[0][0, -1]
         assert int(jnp.argmax(got)) == int(jnp.argmax(base))
         assert float(jnp.max(jnp.abs(got - base)) / jnp.max(jnp.abs(base))) < 0.05
+
+
+def test_austen_perplexity_with_bos(gemma):
+    """Gemma is trained to see <bos> first: evaluation windows start with it
+    (memlab.data.bos_id), and the base model's perplexity on held-out Austen is that of
+    a real language model (results/models.json records it on more text)."""
+    from memlab import data
+    from memlab.evaluate import perplexity
+    assert data.bos_id(gemma.tokenizer) == 2
+    tokens = data.tokenize(data.load_corpus("austen"), "test", gemma.tokenizer)
+    windows = data.eval_windows(tokens, 128, max_windows=2, bos=2)
+    ppl = perplexity(gemma, windows, batch_size=2)["perplexity"]
+    assert 5 < ppl < 80, ppl
