@@ -26,16 +26,21 @@ def passkey_prompts(tokens: np.ndarray, tokenizer, length: int, depths: Sequence
     ``tokens`` is filler text (e.g. ``data.tokenize(corpus, "test", tok)``); each prompt
     uses a different random 5-digit key and a different stretch of filler.
     """
+    from memlab.data import bos_id
     rng = np.random.default_rng(seed)
     tokens = np.asarray(tokens)
-    q = tokenizer.encode(QUESTION).ids
+    bos = bos_id(tokenizer)        # a tokenizer that adds one (Gemma): once, at the start
+    head = [] if bos is None else [bos]
+    if bos is not None and len(tokens) and tokens[0] == bos:
+        tokens = tokens[1:]
+    q = tokenizer.encode(QUESTION, add_special_tokens=False).ids
     out = []
     for i, depth in enumerate(depths):
         if not 0.0 <= depth <= 1.0:
             raise ValueError(f"passkey_prompts: depth {depth} must be in [0, 1]")
         key = int(rng.integers(10000, 100000))
-        needle = tokenizer.encode(NEEDLE.format(key=key)).ids
-        n_fill = length - len(needle) - len(q)
+        needle = tokenizer.encode(NEEDLE.format(key=key), add_special_tokens=False).ids
+        n_fill = length - len(head) - len(needle) - len(q)
         if n_fill < 1:
             raise ValueError(f"passkey_prompts: length={length} is too short for the needle and "
                              f"question ({len(needle) + len(q)} tokens)")
@@ -44,7 +49,7 @@ def passkey_prompts(tokens: np.ndarray, tokenizer, length: int, depths: Sequence
         start = int(rng.integers(0, len(tokens) - n_fill + 1))
         fill = tokens[start:start + n_fill].tolist()
         at = int(round(depth * n_fill))
-        ids = fill[:at] + needle + fill[at:] + q
+        ids = head + fill[:at] + needle + fill[at:] + q
         assert len(ids) == length
         out.append({"ids": ids, "key": key, "depth": float(depth), "length": length})
     return out
