@@ -94,3 +94,23 @@ def test_austen_perplexity_with_bos(gemma):
     windows = data.eval_windows(tokens, 128, max_windows=2, bos=2)
     ppl = perplexity(gemma, windows, batch_size=2)["perplexity"]
     assert 5 < ppl < 80, ppl
+
+
+def test_passes_on_the_real_model(gemma, prompt_ids):
+    """remat leaves the loss and its gradient unchanged; layer streaming (offload), LoRA at
+    init and Mini-Sequence leave the logits unchanged (the real weights, a short prompt)."""
+    import chex
+    from memlab.nn.loss import model_loss
+    tokens = jnp.asarray([prompt_ids + prompt_ids[1:]])
+
+    def loss_grad(m):
+        return jax.jit(jax.value_and_grad(model_loss(m, impl="naive")))(m.params, tokens)
+
+    value, grads = loss_grad(gemma)
+    v2, g2 = loss_grad(ml.passes.remat("nothing_saveable")(gemma))
+    np.testing.assert_allclose(v2, value, rtol=1e-5)
+    chex.assert_trees_all_close(g2, grads, rtol=1e-3, atol=1e-6)
+    forward = jax.jit(lambda m: m(tokens))
+    logits = forward(gemma)
+    for p in (ml.passes.offload(1, 1), ml.passes.lora(rank=4), ml.passes.minisequence(2)):
+        np.testing.assert_allclose(forward(p(gemma)), logits, rtol=1e-4, atol=1e-4)
