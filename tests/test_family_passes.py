@@ -204,3 +204,14 @@ def test_policies_refuse_what_they_cannot_apply():
     cache = make_cache(m, 2, 32)
     with pytest.raises(NotImplementedError, match="soft-cap"):
         m(jnp.ones((2, 5), jnp.int32), cache=cache)
+
+
+def test_planner_searches_only_policies_a_family_can_run():
+    """Gemma 2's soft-capped layers: dense KV only and no chunked loss; Gemma 3: every
+    planned policy (its sliding layers keep their rings under any of them)."""
+    from memlab.planner.space import candidates
+    g2 = ml.models.config("gemma2-2b")
+    assert {c.kv for c in candidates(g2, "decode", 1, 8192)} == {"dense"}
+    assert {c.loss for c in candidates(g2, "train", 1, 2048)} == {"naive"}
+    g3 = ml.models.config("gemma3-270m")
+    assert len({c.kv for c in candidates(g3, "decode", 1, 8192)}) > 3

@@ -248,8 +248,13 @@ def candidates(cfg, task: str, batch: int, seq: int, devices: int = 1) -> list:
                         out.append(Candidate("bf16", "nothing_saveable", o, 0, loss, None, off,
                                              None, 1, fused=True))
     else:
+        kvs = kv_options(seq)
+        if getattr(cfg, "attn_softcap", None) is not None or \
+                getattr(cfg, "query_scale", None) is not None:
+            # layers with a soft-cap or their own softmax scale: only policies that apply them
+            kvs = [kv for kv in kvs if getattr(kv_policy(kv), "attention_options", False)]
         for w in planned_formats(task):
-            for kv in kv_options(seq):
+            for kv in kvs:
                 host_state = kv_fact(kv, "host_state", False)
                 for sh, n in shards:
                     for off in offloads:
