@@ -266,7 +266,11 @@ def train_features(cfg, batch: int, seq: int, policy: Optional[str], *, p_layers
     saved = cfg.n_layers * tokens * dev * saved_b
     saved_host = cfg.n_layers * tokens * host * cs
     work = tokens * work_elements(cfg) * 4 + dequant_bytes
-    att = cal.attention_blocks * batch * cfg.n_heads * min(seq, Q_CHUNK) * min(seq, KV_CHUNK) * 4
+    # score blocks of the chunked attention; soft-capped attention (Gemma 2,
+    # memlab.nn.attention.softcap_attention) materializes the whole [T, T] scores instead
+    q_block, kv_block = (seq, seq) if getattr(cfg, "attn_softcap", None) is not None else (
+        min(seq, Q_CHUNK), min(seq, KV_CHUNK))
+    att = cal.attention_blocks * batch * cfg.n_heads * q_block * kv_block * 4
     resid, phase = loss_bytes(cfg, tokens, loss, blocks=cal.loss_blocks)
     return TrainFeatures(float(p_layers), float(p_other), float(saved), float(saved_host),
                          float(work), float(att), float(resid), policy_family(policy),
