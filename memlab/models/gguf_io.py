@@ -487,8 +487,8 @@ class GGUFFile:
 
     The same interface as ``gguf.GGUFReader`` for what memlab reads (``fields[key]
     .contents()``, ``tensors`` with ``name``, ``tensor_type``, ``shape``, ``data``), built
-    with ``struct`` on a memory map instead of one numpy view per array element, which
-    makes a 262,144-token vocabulary a fraction of a second instead of many seconds.
+    with ``struct`` on a memory map rather than one numpy view per array element (a
+    vocabulary of hundreds of thousands of tokens is parsed in one pass over its bytes).
     Layout (the GGUF spec, ggml's ``docs/gguf.md``): magic ``GGUF``, version, tensor
     count, key/value count; the key/value pairs (key string, value type, value; strings
     are a uint64 length and UTF-8 bytes, arrays an element type, a uint64 count and the
