@@ -29,7 +29,8 @@ from memlab.planner.space import (  # noqa: F401
 
 def _weight_facts(fact: str) -> dict:
     from memlab.quant.formats import WEIGHT_FORMATS
-    return {n: WEIGHT_FORMATS.fact(n, fact) for n in WEIGHT_FORMATS.names()}
+    facts = {n: WEIGHT_FORMATS.fact(n, fact, None) for n in WEIGHT_FORMATS.names()}
+    return {n: v for n, v in facts.items() if v is not None}
 
 
 def _deprecated_tables() -> dict:

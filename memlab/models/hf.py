@@ -808,14 +808,13 @@ def quantize_pass(quantize, streaming: bool = True):
     """The quantize pass of ``quantize`` (a format, a method, or a format's name);
     ``streaming``: it quantizes tensors as they are read, so it cannot calibrate."""
     from memlab import passes
-    if isinstance(quantize, str):
-        from memlab.quant import formats
-        makers = {"int8": formats.int8, "int4": formats.int4, "nf4": formats.nf4,
-                  "fp8": formats.fp8, "fp4": formats.fp4}
-        if quantize not in makers:
-            raise ValueError(f"quantize={quantize!r}: name one of {sorted(makers)} or pass a "
+    if isinstance(quantize, str):  # a registered weight format's name
+        from memlab.quant.formats import WEIGHT_FORMATS
+        names = [n for n in WEIGHT_FORMATS.names() if WEIGHT_FORMATS.get(n)() is not None]
+        if quantize not in names:
+            raise ValueError(f"quantize={quantize!r}: name one of {sorted(names)} or pass a "
                              "format / calibration-free method (e.g. ml.quant.nf4(64))")
-        quantize = makers[quantize]()
+        quantize = WEIGHT_FORMATS.get(quantize)()
     qpass = passes.quantize(quantize)
     if streaming and qpass.method.needs_calibration:
         raise ValueError(f"load(quantize=...) streams one tensor at a time and cannot "

@@ -614,3 +614,8 @@ WEIGHT_FORMATS.register("int8", plan=("finetune", "prefill", "decode"),
                         quality_loss=measured(), compute_penalty=measured())(int8)
 WEIGHT_FORMATS.register("nf4", plan=("finetune", "prefill", "decode"),
                         quality_loss=measured(), compute_penalty=measured())(_nf4_double_quant)
+# formats a user names (``ml.models.load(path, quantize="int4")``) that the planner does not
+# search: no ``plan`` tasks, so no quality or cost facts are needed
+WEIGHT_FORMATS.register("int4", plan=())(int4)
+WEIGHT_FORMATS.register("fp8", plan=())(fp8)
+WEIGHT_FORMATS.register("fp4", plan=())(fp4)
