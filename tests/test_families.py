@@ -25,6 +25,7 @@ from memlab.models.llama import Llama, LlamaConfig
 
 import _hf_checkpoints as hc
 import _hf_reference as ref
+from _fast_compile import compiled
 
 FAMILIES = ["llama", "llama3", "llama-linear", "llama-dynamic", "mistral", "qwen2", "qwen3",
             "gemma2", "gemma3", "gemma3-linear"]
@@ -39,14 +40,9 @@ def _rel_err(got, want) -> float:
     return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
 
 
-# XLA CPU options that halve compile time of these tiny programs (numerics unchanged)
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
 def _run(fn, params, tokens):
-    """``fn(params, tokens)`` jitted, compiled with ``_FAST_COMPILE``."""
-    tokens = jnp.asarray(tokens)
-    return jax.jit(fn).lower(params, tokens).compile(_FAST_COMPILE)(params, tokens)
+    """``fn(params, tokens)`` compiled with the cheap XLA:CPU pipeline."""
+    return compiled(fn, params, jnp.asarray(tokens))
 
 
 def _logits(model, tokens):

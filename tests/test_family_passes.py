@@ -20,6 +20,8 @@ from memlab.memory.bytes import tree_bytes
 from memlab.nn.loss import model_loss
 from memlab.passes.kv_compress import policy_bytes
 
+from _fast_compile import OPTIONS, compiled
+
 _BASE = dict(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8,
              d_ff=48, max_seq_len=64)
 FAMILIES = {
@@ -43,12 +45,6 @@ SEQ = 11  # longer than every window above
 # (MEMLAB_SWEEPS=1) runs all of them
 SWEEP = os.environ.get("MEMLAB_SWEEPS") == "1"
 RUN = sorted(FAMILIES) if SWEEP else ["gemma2", "gemma3"]
-_FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-
-
-def _compiled(fn, *args):
-    """``fn(*args)`` jitted and compiled with the cheap XLA:CPU pipeline (tiny programs)."""
-    return jax.jit(fn).trace(*args).lower().compile(_FAST)(*args)
 
 
 def _config(name):
@@ -69,12 +65,12 @@ def family(request):
     model = _perturbed(ml.models.init(_config(request.param), jax.random.key(1)),
                        jax.random.key(2))
     tokens = jax.random.randint(jax.random.key(3), (2, SEQ + 1), 0, _BASE["vocab_size"])
-    logits = _compiled(lambda m, t: m(t), model, tokens[:, :-1])
+    logits = compiled(lambda m, t: m(t), model, tokens[:, :-1])
     return request.param, model, tokens, logits
 
 
 def _loss_and_grads(model, tokens):
-    return _compiled(jax.value_and_grad(model_loss(model, impl="naive")), model.params, tokens)
+    return compiled(jax.value_and_grad(model_loss(model, impl="naive")), model.params, tokens)
 
 
 def test_remat_and_minisequence_are_exact(family):
@@ -90,16 +86,16 @@ def test_offload_and_lora_at_init_are_exact(family):
     name, model, tokens, logits = family
     x = tokens[:, :-1]
     streamed = ml.passes.offload(1, 1)(model)
-    np.testing.assert_allclose(_compiled(lambda m: m(x), streamed), logits, rtol=1e-5,
+    np.testing.assert_allclose(compiled(lambda m: m(x), streamed), logits, rtol=1e-5,
                                atol=1e-5)
     lora = ml.passes.lora(rank=2)(model)
-    np.testing.assert_allclose(_compiled(lambda m: m(x), lora), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(compiled(lambda m: m(x), lora), logits, rtol=1e-5, atol=1e-5)
 
 
 def test_int8_weights_stay_close(family):
     name, model, tokens, logits = family
     q = ml.passes.quantize(ml.quant.int8())(model)
-    got = _compiled(lambda m: m(tokens[:, :-1]), q)
+    got = compiled(lambda m: m(tokens[:, :-1]), q)
     err = float(jnp.max(jnp.abs(got - logits)) / jnp.max(jnp.abs(logits)))
     assert 0 < err < 0.05, err
     assert tree_bytes(q.params) < tree_bytes(model.params)
@@ -121,7 +117,7 @@ def test_fused_sgd_step_equals_plain_step(family):
     tx = optax.sgd(0.1)
     _, grads = _loss_and_grads(model, tokens)
     want = optax.apply_updates(model.params, tx.update(grads, tx.init(model.params))[0])
-    params, _, _ = _compiled(fused.step_fn(model, tx), model.params, fused.init(model, tx),
+    params, _, _ = compiled(fused.step_fn(model, tx), model.params, fused.init(model, tx),
                              tokens)
     chex.assert_trees_all_close(params, want, rtol=1e-4, atol=1e-6)
 
@@ -164,7 +160,7 @@ def test_every_kv_policy_decodes_with_exact_bytes(family_name, policies):
         assert tree_bytes(cache) == policy_bytes(pol, cfg, 2, 32), spec
         ring = jax.tree_util.tree_leaves(cache.state["sliding"])[0]
         assert ring.shape[2] == cfg.sliding_window, spec
-        run = _prompt_then_decode.trace(m, tokens, cache).lower().compile(_FAST)
+        run = _prompt_then_decode.trace(m, tokens, cache).lower().compile(OPTIONS)
         logits, cache = run(m, tokens, cache)
         assert bool(jnp.all(jnp.isfinite(logits))), spec
         assert tree_bytes(cache) == policy_bytes(pol, cfg, 2, 32), spec
