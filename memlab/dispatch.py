@@ -93,8 +93,8 @@ def lowering_for(name: str):
 # The vocabulary of each dispatcher
 # ---------------------------------------------------------------------------
 #: :func:`memlab.nn.attention` implementations.
-ATTENTION_IMPLS = ("auto", "pallas_triton", "pallas_tpu", "cudnn", "xla", "chunked", "naive",
-                   "interpret")
+ATTENTION_IMPLS = ("auto", "pallas_triton", "pallas_tpu", "cudnn", "xla", "blocked", "chunked",
+                   "naive", "interpret")
 #: :func:`memlab.nn.decode_attention` implementations.
 DECODE_IMPLS = ("auto", "pallas_triton", "pallas_tpu", "interpret", "xla")
 #: :func:`memlab.nn.cross_entropy` implementations.

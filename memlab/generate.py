@@ -1,4 +1,4 @@
-"""Batched generation: one jitted prefill, then one jitted decode-and-sample step per token.
+"""Batched generation: one jitted prefill, then a device-side decode loop.
 
 Shapes are static: the cache (a :class:`memlab.cache.PolicyCache` under the model's
 ``kv_compress`` policy, the uncompressed ``Dense`` policy by default, built by
@@ -6,12 +6,24 @@ Shapes are static: the cache (a :class:`memlab.cache.PolicyCache` under the mode
 ``max(prompt) + max_new_tokens`` positions; prompts of different lengths are
 right-padded and each row keeps its own length, so padding is never attended.
 
-Sampling: greedy (``temperature=0``), temperature, and nucleus (``top_p < 1``,
-Holtzman et al. 2019) -- chosen per call without recompiling (they are traced
-values).  Stop tokens end a row (its later steps still run, the batch is
-static, but their tokens are discarded); all rows stopping ends the loop.
+The engine has two jitted parts:
 
-``stream(...)`` yields each step's new tokens as they are produced;
+* :func:`prefill` runs the prompts into the cache and returns each row's next-token
+  logits (only each row's last real token reaches the head: no ``[B, T, V]`` logits);
+* :func:`decode_chunks` samples and feeds tokens in chunks: one call runs up to
+  ``chunk`` steps in a ``lax.while_loop`` on the device (sample, model step, stop
+  check) with the cache donated, so it is updated in place, and ends early once every
+  row has stopped.  The host sees one transfer per chunk, not one per token.  Every
+  KV policy that is not paged (dense, quantized, evicting, low-rank) runs this loop.
+
+Sampling: greedy (``temperature=0``: an ``argmax``, no sort), temperature, and nucleus
+(``top_p < 1``, Holtzman et al. 2019: only then is the vocabulary sorted) -- chosen
+per call without recompiling (they are traced values; ``lax.cond`` runs one branch).
+Decode step ``i`` draws with ``fold_in(key(seed), i)``.  Stop tokens end a row (its
+later steps still run, the batch is static, but their tokens are discarded); all rows
+stopping ends the loop.
+
+``stream(...)`` yields each step's new tokens, a chunk at a time as each chunk ends;
 ``generate_ids`` and ``generate`` collect them.  ``progress=True`` shows a tqdm bar.
 
 With the ``paged`` KV policy (PagedAttention, Kwon et al. 2023) the engine drives a
@@ -25,6 +37,7 @@ step (static shapes).  ``pages=PageLog()`` records what it did.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -37,6 +50,8 @@ from memlab.model import Model
 if TYPE_CHECKING:
     from memlab.kv.paged import PageStats
 
+DEFAULT_CHUNK = 16   # decode steps per device loop: stream() yields after each
+
 
 def make_cache(model, batch: int, max_len: int, lengths: int = 0) -> PolicyCache:
     """The empty cache ``model`` generates with: its ``kv_policy`` extra (set by the
@@ -48,37 +63,156 @@ def make_cache(model, batch: int, max_len: int, lengths: int = 0) -> PolicyCache
     return cache._replace(lengths=jnp.full((batch,), lengths, jnp.int32), fresh=not lengths)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=3)
 def _prefill(model: Model, tokens, lengths, cache):
-    logits, cache = model(tokens, cache=cache, n_new=lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last, cache
+    """Prompts into ``cache`` (donated): each row's next-token logits ``[B, V]`` and the cache."""
+    logits, cache = model(tokens, cache=cache, n_new=lengths, last_only=True)
+    return logits[:, 0], cache
 
 
-def sample(logits, key, temperature, top_p):
-    """Next tokens ``[B]`` from ``logits [B, V]``: greedy when ``temperature <= 0``,
-    else softmax(logits / temperature) restricted to the smallest set of tokens whose
-    probability reaches ``top_p`` (the highest-probability token is always kept)."""
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _nucleus(logits, key, temperature, top_p):
     scaled = logits / jnp.maximum(temperature, 1e-6)
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     before = jnp.cumsum(probs, axis=-1) - probs          # mass of strictly better tokens
-    keep = before < top_p
-    sorted_logits = jnp.where(keep, sorted_logits, -jnp.inf)
+    sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)
     choice = jax.random.categorical(key, sorted_logits, axis=-1)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature <= 0, greedy, sampled)
+    return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample(logits, key, temperature, top_p):
+    """Next tokens ``[B]`` from ``logits [B, V]``: greedy when ``temperature <= 0``,
+    else softmax(logits / temperature) restricted to the smallest set of tokens whose
+    probability reaches ``top_p`` (the highest-probability token is always kept).
+    Only the chosen method runs: greedy is an ``argmax``, ``top_p >= 1`` draws from the
+    full softmax, and only ``top_p < 1`` sorts the vocabulary."""
+    logits = logits.astype(jnp.float32)
+    temperature = jnp.asarray(temperature, jnp.float32)
+    top_p = jnp.asarray(top_p, jnp.float32)
+
+    def greedy():
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def full():
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def stochastic():
+        return jax.lax.cond(top_p < 1, lambda: _nucleus(logits, key, temperature, top_p), full)
+    return jax.lax.cond(temperature <= 0, greedy, stochastic)
 
 
 @jax.jit
 def _step(model: Model, logits, cache, key, temperature, top_p):
-    """Sample from ``logits``, then run that token through the model."""
+    """Sample from ``logits``, then run that token through the model (one decode step)."""
     nxt = sample(logits, key, temperature, top_p)
     new_logits, cache = model(nxt[:, None], cache=cache, last_only=True)
     return nxt, new_logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnames="chunk", donate_argnums=(1, 2))
+def _decode_loop(model: Model, logits, cache, key, step0, n, done, stops, temperature, top_p,
+                 *, chunk: int):
+    """Up to ``n <= chunk`` decode steps in one ``while_loop``, ending once every row is
+    done.  Returns ``(tokens [chunk, B], logits, cache, done, steps run)``; a token is
+    ``-1`` where its row had stopped (or past the steps run)."""
+    b = logits.shape[0]
+
+    def cond(c):
+        return (c[0] < n) & ~jnp.all(c[3])
+
+    def body(c):
+        i, logits, cache, done, toks = c
+        nxt = sample(logits, jax.random.fold_in(key, step0 + i), temperature, top_p)
+        toks = toks.at[i].set(jnp.where(done, -1, nxt))
+        done = done | jnp.any(nxt[:, None] == stops[None, :], axis=-1)
+        new_logits, cache = model(nxt[:, None], cache=cache, last_only=True)
+        return i + 1, new_logits[:, 0].astype(logits.dtype), cache, done, toks
+
+    init = (jnp.int32(0), logits, cache, done, jnp.full((chunk, b), -1, jnp.int32))
+    i, logits, cache, done, toks = jax.lax.while_loop(cond, body, init)
+    return toks, logits, cache, done, i
+
+
+def prefill(model: Model, prompts, *, cache_len: Optional[int] = None, lengths=None):
+    """Run ``prompts`` into a fresh cache: ``(logits [B, V], cache)``, each row's
+    next-token logits and the cache holding the prompts.
+
+    ``prompts``: a list of token lists (right-padded here) or an int array ``[B, T]``
+    (``lengths``: each row's valid tokens, default ``T``).  ``cache_len``: the cache's
+    positions (default ``T``), with room for the tokens :func:`decode` adds."""
+    if isinstance(prompts, np.ndarray) or hasattr(prompts, "shape"):
+        tokens = np.asarray(prompts)
+        if tokens.ndim != 2 or tokens.shape[1] == 0 or not np.issubdtype(tokens.dtype,
+                                                                          np.integer):
+            raise ValueError(f"prefill: prompts must be [batch, seq] integer token ids, got "
+                             f"shape {tokens.shape} dtype {tokens.dtype}")
+        tokens = tokens.astype(np.int32)
+        lengths = (np.full((tokens.shape[0],), tokens.shape[1], np.int32) if lengths is None
+                   else np.asarray(lengths, np.int32))
+    else:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("prefill: prompts must be a non-empty list of non-empty token lists")
+        lengths = np.array([len(p) for p in prompts], np.int32)
+        tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = p
+    if lengths.shape != (tokens.shape[0],) or lengths.min() < 1 or \
+            lengths.max() > tokens.shape[1]:
+        raise ValueError(f"prefill: lengths must be [batch] ints in 1..{tokens.shape[1]}, got "
+                         f"{lengths.tolist()}")
+    cache_len = int(cache_len or tokens.shape[1])
+    if cache_len < int(lengths.max()):
+        raise ValueError(f"prefill: cache_len={cache_len} is shorter than the longest prompt "
+                         f"({int(lengths.max())}); pass cache_len >= prompt + new tokens")
+    batch = tokens.shape[0]
+    shard = model.extra("shard")      # ml.passes.shard: the cache is allocated in its shards
+    cache = (make_cache(model, batch, cache_len) if shard is None
+             else shard.make_cache(model, batch, cache_len))
+    return _prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
+
+
+def decode_chunks(model: Model, logits, cache, steps: int, *, temperature: float = 0.0,
+                  top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: int = 0,
+                  chunk: int = DEFAULT_CHUNK) -> Iterator[np.ndarray]:
+    """Decode up to ``steps`` tokens after :func:`prefill`, yielding ``[n, B]`` int arrays
+    (``-1`` where a row had already stopped) as each device loop of up to ``chunk``
+    steps ends; stops once every row has produced a stop token.  ``logits`` and
+    ``cache`` are donated: use only what this returns afterwards."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"decode: steps must be a positive int, got {steps!r}")
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"decode: chunk must be a positive int (steps per device loop), got "
+                         f"{chunk!r}")
+    stops = jnp.asarray(sorted({int(s) for s in stop_tokens}) or [-1], jnp.int32)
+    key = jax.random.key(seed)
+    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+    done = jnp.zeros((logits.shape[0],), bool)
+    chunk = int(min(chunk, steps))
+    made = 0
+    while made < steps:
+        want = min(chunk, steps - made)
+        toks, logits, cache, done, ran = _decode_loop(
+            model, logits, cache, key, jnp.int32(made), jnp.int32(want), done, stops,
+            temp, nucleus, chunk=chunk)
+        ran = int(ran)
+        made += ran
+        if ran:
+            yield np.asarray(toks[:ran])
+        if ran < want:                                   # every row had stopped
+            return
+
+
+def decode(model: Model, logits, cache, steps: int, **kwargs) -> np.ndarray:
+    """The ``[B, steps]`` tokens of :func:`decode_chunks` (same keywords), ``-1`` after a
+    row's stop token and past the last step run."""
+    out = np.full((logits.shape[0], steps), -1, np.int32)
+    at = 0
+    for block in decode_chunks(model, logits, cache, steps, **kwargs):
+        out[:, at:at + len(block)] = block.T
+        at += len(block)
+    return out
 
 
 def _check(model, prompts, max_new_tokens, temperature, top_p, cache_len):
@@ -105,9 +239,12 @@ def _check(model, prompts, max_new_tokens, temperature, top_p, cache_len):
 def stream(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32, *,
            temperature: float = 0.0, top_p: float = 1.0, stop_tokens: Iterable[int] = (),
            seed: int = 0, cache_len: Optional[int] = None, progress: bool = False,
-           share_prefix: bool = True,
+           share_prefix: bool = True, chunk: int = DEFAULT_CHUNK,
            pages: Optional["PageLog"] = None) -> Iterator[list[Optional[int]]]:
     """Yield, per step, each row's new token (``None`` for rows already stopped).
+
+    Tokens come from the device loop a ``chunk`` of steps at a time (:func:`decode_chunks`);
+    ``chunk=1`` yields each token as soon as it exists.
 
     Paged KV policy only: ``share_prefix`` stores a prefix common with an earlier
     prompt once (see :func:`shared_prefixes`); ``pages``, a :class:`PageLog`, is
@@ -127,27 +264,22 @@ def stream(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int =
     if pages is not None:
         raise ValueError("generate: pages=PageLog() records a paged KV cache, but this model's "
                          "cache is not paged; apply ml.passes.kv_compress('paged') first.")
-    shard = model.extra("shard")      # ml.passes.shard: the cache is allocated in its shards
-    cache = (make_cache(model, batch, cache_len) if shard is None
-             else shard.make_cache(model, batch, cache_len))
-    logits, cache = _prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
-    stop = set(int(s) for s in stop_tokens)
-    key = jax.random.key(seed)
-    done = np.zeros(batch, bool)
-    steps = range(max_new_tokens)
+    logits, cache = prefill(model, tokens, cache_len=cache_len, lengths=lengths)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="generate", unit="tok", leave=False)
-    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
-    for _ in steps:
-        key, sub = jax.random.split(key)
-        nxt, logits, cache = _step(model, logits, cache, sub, temp, nucleus)
-        host = np.asarray(nxt)
-        row = [None if done[i] else int(host[i]) for i in range(batch)]
-        done |= np.array([t is not None and t in stop for t in row])
-        yield row
-        if done.all():
-            break
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)
+    try:
+        for block in decode_chunks(model, logits, cache, max_new_tokens,
+                                   temperature=temperature, top_p=top_p,
+                                   stop_tokens=stop_tokens, seed=seed, chunk=chunk):
+            for step in block:
+                if bar is not None:
+                    bar.update(1)
+                yield [None if t < 0 else int(t) for t in step]
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def generate_ids(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,

@@ -545,7 +545,8 @@ def layer_apply(config: "LlamaConfig", layer_params, x, layer, positions, length
 class Llama(nn.Module):
     """``apply(params, tokens[B, T], cache=None) -> logits`` or ``(logits, cache)``.
 
-    ``last_only=True`` returns logits for the last position only ([B, 1, V]).
+    ``last_only=True`` returns logits for the last position only ([B, 1, V]); with a
+    cache, each row's last new token (position ``n_new - 1`` of the call).
     ``hidden_only=True`` (no cache) returns the final-norm hidden states [B, T, D]
     in the compute dtype instead of logits: the caller applies the head
     (``memlab.nn.model_loss``, cut cross-entropy without [B, T, V] logits).
@@ -645,7 +646,10 @@ class Llama(nn.Module):
         x = RMSNorm(c.norm_eps, c.compute_dtype, c.weight_dtype, c.norm_plus_one,
                     name="final_norm")(x)
         if last_only:  # only the next-token logits (prefill/decode): skip the [B, T, V] matmul
-            x = x[:, -1:]
+            if cache is None or t == 1:
+                x = x[:, -1:]
+            else:  # each row's last new token (a right-padded prompt ends before T)
+                x = jnp.take_along_axis(x, jnp.maximum(n_new - 1, 0)[:, None, None], axis=1)
         if hidden_only:
             if cache is not None:
                 raise ValueError("hidden_only=True returns hidden states for a loss; call it "

@@ -9,6 +9,9 @@ causal, sliding window, segment ids, explicit positions) and runs one of:
 ``"pallas_tpu"``     the same kernel's Mosaic backend (TPU)
 ``"cudnn"``          ``jax.nn.dot_product_attention(implementation="cudnn")``
 ``"xla"``            ``jax.nn.dot_product_attention(implementation="xla")`` (T x S)
+``"blocked"``        block-causal attention in plain XLA: only the blocks on and below
+                     the diagonal (causal self-attention, default positions; other
+                     calls run ``"naive"``)
 ``"chunked"``        Rabe & Staats chunked attention in plain JAX: O(T) memory anywhere
 ``"naive"``          the reference: materializes the ``[B, H, T, S]`` scores
 ``"interpret"``      the Pallas kernel in the HLO interpreter (tests, debugging)
@@ -20,9 +23,12 @@ causal, sliding window, segment ids, explicit positions) and runs one of:
   8 up to 128, no explicit positions or segment ids, causal only for T == S --
   cuDNN's causal mask is top-left aligned), else the Triton flash kernel.
 * TPU: the Mosaic flash kernel.
-* CPU and anything else: ``"naive"`` while the score matrix
-  (``B*H*T*S*4`` bytes) stays under :data:`NAIVE_MAX_SCORE_BYTES` (it is faster
-  for short sequences), else ``"chunked"``, so memory stays O(T).
+* CPU and anything else: causal self-attention (``T == S``, default positions, no
+  segment ids) runs ``"blocked"`` (O(T) memory, forward and gradient) while one block
+  of its scores (``B*H*128*S*4`` bytes) stays under :data:`NAIVE_MAX_SCORE_BYTES`;
+  other calls run ``"naive"`` while the whole score matrix (``B*H*T*S*4`` bytes) does
+  (it is faster for short sequences); longer ones run ``"chunked"``, so memory stays
+  O(T).
 
 Which implementation runs (:func:`memlab.dispatch.resolve`): ``impl=`` if given
 (a memlab Llama passes its ``LlamaConfig.attention``), else the model's static
@@ -49,6 +55,7 @@ import numpy as np
 
 from memlab import dispatch
 from memlab_kernels.attention_reference import attention_reference, check_attention_args
+from memlab_kernels.blocked_attention import blocked_attention
 from memlab_kernels.chunked_attention import chunked_attention
 
 __all__ = ["IMPLS", "NAIVE_MAX_SCORE_BYTES", "attention", "attention_hook", "choose",
@@ -58,6 +65,8 @@ IMPLS = dispatch.ATTENTION_IMPLS
 DECODE_IMPLS = dispatch.DECODE_IMPLS
 #: Above this many bytes of float32 scores the CPU path switches from naive to chunked.
 NAIVE_MAX_SCORE_BYTES = 64 * 2**20
+#: Query rows per block of the ``"blocked"`` path.
+BLOCKED_ROWS = 128
 
 # Trace-time overrides (see the module doc); a model's static Dispatch wins over them.
 _DEFAULT = contextvars.ContextVar("memlab_attention_impl", default="auto")
@@ -116,11 +125,24 @@ def choose(q, k, v, *, causal=False, window=None, segment_ids=None, q_positions=
     if platform == "tpu":
         return "pallas_tpu", "TPU"
     score_bytes = b * h * t * s * 4
+    block_bytes = b * h * min(t, BLOCKED_ROWS) * s * 4
+    if _blocked_fits(causal, t, s, segment_ids, q_positions, kv_positions) and \
+            block_bytes <= NAIVE_MAX_SCORE_BYTES:
+        return "blocked", (f"{platform}: causal self-attention; one block of scores "
+                           f"{block_bytes / 2**20:.1f} MiB <= "
+                           f"{NAIVE_MAX_SCORE_BYTES / 2**20:.0f} MiB, blocks above the "
+                           "diagonal skipped")
     if score_bytes <= NAIVE_MAX_SCORE_BYTES:
         return "naive", (f"{platform}: scores {score_bytes / 2**20:.1f} MiB <= "
                          f"{NAIVE_MAX_SCORE_BYTES / 2**20:.0f} MiB")
     return "chunked", (f"{platform}: scores would take {score_bytes / 2**20:.0f} MiB > "
                        f"{NAIVE_MAX_SCORE_BYTES / 2**20:.0f} MiB; chunked keeps O(T)")
+
+
+def _blocked_fits(causal, t, s, segment_ids, q_positions, kv_positions) -> bool:
+    """Can ``"blocked"`` run the call: causal self-attention at default positions."""
+    return bool(causal) and t == s and segment_ids is None and q_positions is None \
+        and kv_positions is None
 
 
 def _cudnn_unsupported(q, t, s, d, dv, causal, segment_ids, q_positions, kv_positions):
@@ -154,6 +176,11 @@ def attention(q, k, v, *, causal: bool = False, window: Optional[int] = None, se
         return hook(q, k, v, scale=scale, **mask)
     if impl == "auto":
         impl, _ = choose(q, k, v, **mask)
+    if impl == "blocked":
+        b, t, h, d, s, hkv, dv = check_attention_args(q, k, v, **mask)
+        if _blocked_fits(causal, t, s, segment_ids, q_positions, kv_positions):
+            return blocked_attention(q, k, v, window=window, scale=scale, block=BLOCKED_ROWS)
+        impl = "naive"                  # a cache, explicit positions or segments
     if impl == "naive":
         return attention_reference(q, k, v, scale=scale, precision=None, **mask)
     if impl == "chunked":
