@@ -62,6 +62,8 @@ flags.DEFINE_float("tolerance", 1e-4, "Largest logit difference allowed between 
                    "libraries, relative to the largest logit.")
 flags.DEFINE_string("json", "results/bench_cpu.json", "Results file.")
 flags.DEFINE_string("key", "vs_transformers", "Key of this run in the results file.")
+flags.DEFINE_string("table", None, "Print the README's Markdown tables from this results file "
+                    "and measure nothing.")
 
 PARTS = ("prefill", "decode", "train", "throughput")
 
@@ -131,8 +133,48 @@ def median_time(fn, repeats, setup=None):
     return float(np.median(times)), [round(t, 4) for t in times]
 
 
+def table(path: str) -> str:
+    """The README's tables: memlab against transformers, and memlab's research loops."""
+    with open(path) as f:
+        res = json.load(f)
+    r = res["vs_transformers"]
+    lines = [f"{r['model']} float32, {r['threads']} threads on {r['cpu']}; torch "
+             f"{r['torch']}, transformers {r['transformers']} ({r['transformers_attention']}); "
+             f"logits agree to {r['agreement']['relative']:.1e} (relative); medians of "
+             f"{r['repeats']} runs:", "",
+             "| measurement | memlab | transformers | memlab speed-up | peak RSS added, memlab / "
+             "transformers |", "|---|---|---|---|---|"]
+    mem = lambda row: (f"{row['memlab_mem']['rss_added_mib']:.0f} / "  # noqa: E731
+                       f"{row['transformers_mem']['rss_added_mib']:.0f} MiB")
+    for row in r.get("prefill", []):
+        lines.append(f"| prefill {row['tokens']} tokens | {row['memlab_s']:.3f} s | "
+                     f"{row['transformers_s']:.3f} s | **{row['speedup']:.2f}×** | {mem(row)} |")
+    for row in r.get("decode", []):
+        lines.append(f"| decode batch {row['batch']}, context {row['context']} | "
+                     f"{row['memlab_tok_s']:.1f} tok/s | {row['transformers_tok_s']:.1f} tok/s | "
+                     f"**{row['speedup']:.2f}×** | {mem(row)} |")
+    for row in r.get("train", []):
+        lines.append(f"| train step {row['batch']}×{row['seq']} (AdamW) | {row['memlab_s']:.2f} s "
+                     f"| {row['transformers_s']:.2f} s | **{row['speedup']:.2f}×** | {mem(row)} |")
+    before, after = res.get("throughput_before"), r.get("throughput")
+    if before and after:
+        lines += ["", "memlab's research loops on Austen, tokens/s (`throughput`; before: the "
+                  "same script on the engine before this work, `throughput_before`):", "",
+                  "| loop | before | after | ratio |", "|---|---|---|---|"]
+        names = {"perplexity": "perplexity, 4×512 windows",
+                 "decode_perplexity": "decode perplexity, 4×256 (prefix 128)",
+                 "finetune_step": "fine-tune step, 4×512 (AdamW)"}
+        for k, name in names.items():
+            b, a = before["throughput"][k]["tokens_s"], after[k]["tokens_s"]
+            lines.append(f"| {name} | {b:.0f} | {a:.0f} | **{a / b:.2f}×** |")
+    return "\n".join(lines)
+
+
 def main(argv):
     del argv
+    if FLAGS.table:
+        print(table(FLAGS.table))
+        return
     if not set(FLAGS.parts) <= set(PARTS):
         raise app.UsageError(f"--parts must be a subset of {PARTS}, got {FLAGS.parts}")
     prefills = _ints("prefill", FLAGS.prefill, 2)

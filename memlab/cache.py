@@ -389,6 +389,23 @@ class Dense(KVPolicy):
                      window=ctx.window, scale=ctx.scale, softcap=ctx.softcap)
         return out, state
 
+    def decode_stacked(self, stacked, index, q, k, v, ctx):
+        """:meth:`decode` on the whole ``[L, B, S, Hkv, D]`` stack for layer ``index``: the
+        token is written into the stack in place (a scatter of ``B`` rows), so the layer's
+        slots are read once for attention and never written back whole.  Plain decode
+        only (no ring, window or soft-cap: the model routes those through :meth:`decode`)."""
+        rows = jnp.arange(q.shape[0])
+        pos = ctx.positions[:, 0]
+        new = {}
+        for name, x in (("k", k), ("v", v)):
+            new[name] = stacked[name].at[index, rows, pos].set(
+                x[:, 0].astype(stacked[name].dtype), mode="drop")
+        layer = {n: jax.lax.dynamic_index_in_dim(a, index, 0, keepdims=False)
+                 for n, a in new.items()}
+        out = attend_decode(q, layer["k"], layer["v"], ctx.lengths + 1, impl=ctx.impl,
+                            scale=ctx.scale)
+        return out, new
+
     def decode(self, state, q, k, v, ctx):
         if ctx.ring:
             return self._ring_decode(state, q, k, v, ctx)

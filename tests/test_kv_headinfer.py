@@ -107,9 +107,9 @@ def test_tiny_model_equals_dense_and_cache_stays_on_host(tiny_model):
     assert {a.sharding.memory_kind for a in cache.state.values()} == {HOST}
     for i, n in enumerate([9 + 6, 3 + 6, 6 + 6]):      # every written position: the dense K, V
         np.testing.assert_allclose(np.asarray(cache.state["k"])[:, i, :n],
-                                   np.asarray(dense_cache.state["k"])[:, i, :n], atol=1e-6)
+                                   np.asarray(dense_cache.state["k"])[:, i, :n], atol=1e-5)
         np.testing.assert_allclose(np.asarray(cache.state["v"])[:, i, :n],
-                                   np.asarray(dense_cache.state["v"])[:, i, :n], atol=1e-6)
+                                   np.asarray(dense_cache.state["v"])[:, i, :n], atol=1e-5)
     assert generate_ids(model, prompts, 6) == generate_ids(tiny_model, prompts, 6)
 
 

@@ -319,11 +319,13 @@ def test_through_model_matches_reference(tiny4, dense_run):
 
 def test_retain_all_equals_dense(tiny4, dense_run):
     """retain=1: every token is retained, so prefill and decode logits equal the dense cache's
-    exactly (bit for bit), with ragged prompts (start=1: dense, pair, dense layers)."""
+    to float32 rounding (the dense prompt runs the blocked causal attention, this policy
+    attention at positions), with ragged prompts (start=1: dense, pair, dense layers)."""
     first, outs, _ = _run(tiny4, MiniCache(start=1, retain=1.0))
     for b in range(2):
-        chex.assert_trees_all_equal(first[b, :N_NEW[b]], dense_run[0][b, :N_NEW[b]])
-    chex.assert_trees_all_equal(outs, dense_run[1])
+        chex.assert_trees_all_close(first[b, :N_NEW[b]], dense_run[0][b, :N_NEW[b]], atol=2e-5,
+                                    rtol=0)
+    chex.assert_trees_all_close(outs, dense_run[1], atol=2e-5, rtol=0)
 
 
 # ---------------------------------------------------------------------------

@@ -409,7 +409,12 @@ def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta,
     if getattr(policy, "cross_layer", False):
         out, state = step(cache.state, q, k, v, ctx)
         return out, cache._replace(state=state)
-    out, state = _step_slice(step, state, index, q, k, v, ctx)
+    in_place = getattr(policy, "decode_stacked", None)
+    if q.shape[1] == 1 and in_place is not None and not ctx.ring and ctx.window is None \
+            and ctx.softcap is None:
+        out, state = in_place(state, index, q, k, v, ctx)   # the token written into the stack
+    else:
+        out, state = _step_slice(step, state, index, q, k, v, ctx)
     if groups is not None:
         state = {**cache.state, group: state}
     return out, cache._replace(state=state)

@@ -254,10 +254,36 @@ def decode_attention(q, k, v, lengths, *, scale: Optional[float] = None,
     if q.ndim != 3:
         raise ValueError(f"decode_attention: q must be [batch, heads, head_dim], got {q.shape}.")
     if impl == "xla":
-        kv_pos = jnp.where(jnp.arange(k.shape[1])[None, :] < jnp.asarray(lengths)[:, None],
-                           jnp.arange(k.shape[1])[None, :], np.iinfo(np.int32).max)
-        q_pos = jnp.full((q.shape[0], 1), k.shape[1], jnp.int32)
-        return attention_reference(q[:, None], k, v, causal=True, q_positions=q_pos,
-                                   kv_positions=kv_pos, scale=scale, precision=None)[:, 0]
+        return _decode_xla(q, k, v, jnp.asarray(lengths), scale)
     from memlab_kernels.decode_attention import decode_attention as kernel
     return kernel(q, k, v, lengths, scale=scale, backend=dispatch.kernel_backend_of(impl))
+
+
+def _decode_xla(q, k, v, lengths, scale):
+    """Decode attention as two batched GEMMs over the cache in its own ``[B, S, Hkv, D]``
+    layout, seen as ``[B, S, Hkv * D]``: no transposed copy of K or V.  The query becomes
+    a block-diagonal ``[Hkv * D, H]`` matrix (head ``h`` of KV head ``h // G`` in rows
+    ``(h // G) * D ...``), so one product gives every head's scores; the values' product
+    gives ``[H, Hkv * Dv]`` of which each head keeps its KV head's block.  That spends
+    ``Hkv`` times the (small) decode FLOPs to read the cache once, as it is stored.  A row
+    with ``lengths == 0`` gets zeros."""
+    b, h, d = q.shape
+    s, hkv, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = h // hkv
+    scale = d ** -0.5 if scale is None else scale
+    own = (jnp.arange(hkv)[:, None] == (jnp.arange(h) // g)[None, :])        # [Hkv, H]
+    qbd = jnp.where(own[None, :, None, :],                                  # [B, Hkv, D, H]
+                    (q.astype(jnp.float32) * scale).transpose(0, 2, 1)[:, None], 0.0)
+    qbd = qbd.reshape(b, hkv * d, h).astype(k.dtype)
+    scores = jnp.einsum("bsc,bch->bsh", k.reshape(b, s, hkv * d), qbd,
+                        preferred_element_type=jnp.float32)                 # [B, S, H]
+    visible = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None]
+    scores = jnp.where(visible, scores, -jnp.inf)
+    top = jnp.max(scores, axis=1, keepdims=True)
+    p = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(p, axis=1)                                               # [B, H]
+    full = jnp.einsum("bsh,bsc->bhc", p.astype(v.dtype), v.reshape(b, s, hkv * dv),
+                      preferred_element_type=jnp.float32).reshape(b, h, hkv, dv)
+    out = jnp.sum(jnp.where(own.T[None, :, :, None], full, 0.0), axis=2)    # [B, H, Dv]
+    out = out / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.astype(q.dtype)
