@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import platform
-import sys
 import tempfile
 import threading
 import time
@@ -343,7 +342,6 @@ def _peer_greedy(peer_model, logits, cache, steps):
 def _memlab_train(model, batch):
     """memlab's train step (the one :func:`memlab.train.train` runs) with AdamW."""
     import jax
-    import numpy as np
     from memlab import train as T
     from memlab import train_step
     from memlab.model import split_trainable

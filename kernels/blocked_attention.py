@@ -59,9 +59,8 @@ def blocked_attention(q, k, v, *, window: Optional[int] = None, scale: Optional[
 
 def _blocks(t, window, block):
     """``(r0, r1, lo)``: query rows ``r0..r1-1`` and their first visible key ``lo``, the
-    last rows first: each block's scores are no larger than the previous block's, so
-    XLA's buffer assignment reuses one block's space for the next (ascending sizes
-    would fragment the heap into a sum over all blocks)."""
+    last rows first: each block's scores are no larger than the previous block's, so a
+    freed block's space fits the next one in XLA's buffer assignment."""
     for r0 in reversed(range(0, t, block)):
         r1 = min(r0 + block, t)
         yield r0, r1, (0 if window is None else max(0, r0 - window + 1))
@@ -109,8 +108,6 @@ def _forward(q, k, v, window, scale, block):
                        vh[:, :, lo:r1], preferred_element_type=jnp.float32)
         outs.append(o.reshape(b, hkv, g, rows, dv) / total)
         lses.append((top + jnp.log(total))[..., 0])
-        # the next block starts after this one ends: one block of scores live at a time
-        outs[-1], qh, kh, vh = jax.lax.optimization_barrier((outs[-1], qh, kh, vh))
     cat = lambda xs: jnp.concatenate(xs[::-1], axis=3) if len(xs) > 1 else xs[0]  # noqa: E731
     return cat(outs), cat(lses)
 
@@ -157,8 +154,6 @@ def _blocked_bwd(window, scale, block, res, dout):
                    .reshape(b, hkv, g, rows, d))
         qb = qh[:, :, :, r0:r1].reshape(b, hkv, g * rows, d).astype(jnp.float32)
         dk = dk.at[:, :, lo:r1].add(jnp.einsum("bkms,bkmd->bksd", ds, qb))
-        # the next block starts after this one ends: one block of scores live at a time
-        dk, dvv, qh, kh, vh, do = jax.lax.optimization_barrier((dk, dvv, qh, kh, vh, do))
     dq = (jnp.concatenate(dqs[::-1], axis=3) if len(dqs) > 1 else dqs[0]) * scale
     return (_to_bthd(dq, q.dtype), dk.transpose(0, 2, 1, 3).astype(k.dtype),
             dvv.transpose(0, 2, 1, 3).astype(v.dtype))

@@ -51,7 +51,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from memlab import dispatch
 from memlab_kernels.attention_reference import attention_reference, check_attention_args
