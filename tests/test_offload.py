@@ -176,7 +176,7 @@ def test_remat_activation_offload_composes(model):
     chex.assert_trees_all_close(_np(g1), _np(g0), rtol=1e-6, atol=1e-7)
     text = jax.jit(lambda prm: vg(prm, both)).trace(both.params).lower(
         lowering_platforms=("cuda",)).as_text()
-    hidden = (2, 8, model.spec.d_ff)     # [B, T, d_ff] of the 8 input tokens
+    hidden = (2 * 8, model.spec.d_ff)    # [B * T, d_ff]: the MLP runs on the flattened tokens
     assert any(w == "pinned_host" and s == hidden for w, s, _ in off.transfers(text))
 
 

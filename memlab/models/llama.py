@@ -332,6 +332,7 @@ class Attention(nn.Module):
         dense = lambda n, name, bias=False: nn.Dense(  # noqa: E731
             n, use_bias=bias, dtype=c.compute_dtype, param_dtype=c.weight_dtype, name=name)
         b, t, _ = x.shape
+        x = x.reshape(b * t, -1)  # [B*T, D]: weight gradients contract one token axis
         q = dense(c.n_heads * c.head_dim, "q_proj", c.qkv_bias)(x).reshape(b, t, c.n_heads, c.head_dim)
         k = dense(c.n_kv_heads * c.head_dim, "k_proj", c.qkv_bias)(x).reshape(
             b, t, c.n_kv_heads, c.head_dim)
@@ -361,8 +362,8 @@ class Attention(nn.Module):
             is_sliding = jnp.asarray(kinds)[layer]
             out, kv = jax.lax.cond(is_sliding, functools.partial(core, True),
                                    functools.partial(core, False), q, k, v, kv)
-        out = checkpoint_name(out.reshape(b, t, c.n_heads * c.head_dim), "attn_out")
-        return dense(c.d_model, "o_proj")(out), kv
+        out = checkpoint_name(out.reshape(b * t, c.n_heads * c.head_dim), "attn_out")
+        return dense(c.d_model, "o_proj")(out).reshape(b, t, c.d_model), kv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +436,10 @@ class MLP(nn.Module):
     chunk at a time in the forward and again in the backward.  A ragged T is padded
     up to chunks of ``ceil(T / mlp_chunks)`` rows (rows are independent; the padding
     is sliced off).  Init, T = 1 and sown intermediates (calibration) run unchunked.
+
+    The projections see the tokens flattened to ``[B*T, D]``, so each weight gradient
+    is one GEMM contracting a single token axis, with no transposed copy of the
+    ``[B, T, d_ff]`` gradients (the attention projections do the same).
     """
 
     config: LlamaConfig
@@ -446,11 +451,13 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = dense(c.d_ff), dense(c.d_ff), dense(c.d_model)
 
     def ffn(self, x):
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [B*T, D]: weight gradients contract one token axis
         act = nn.silu if self.config.mlp_act == "silu" else functools.partial(
             nn.gelu, approximate=True)
         h = act(self.gate_proj(x)) * self.up_proj(x)
         h = checkpoint_name(h, "mlp_hidden")
-        return self.down_proj(h)
+        return self.down_proj(h).reshape(shape)
 
     def __call__(self, x):
         b, t, d = x.shape
