@@ -30,9 +30,12 @@ With the ``paged`` KV policy (PagedAttention, Kwon et al. 2023) the engine drive
 host :class:`memlab.kv.paged.BlockAllocator` between the jitted steps: prompts that
 share a prefix with an earlier row share its pages (``share_prefix``), pages are
 allocated as rows grow and freed when a row stops, a row writing into a shared,
-partly filled page gets a copy first (copy-on-write), and each step's block tables
-``[B, ceil(cache_len / page_size)]`` and copies ``[B, 2]`` are fed to one jitted
-step (static shapes).  ``pages=PageLog()`` records what it did.
+partly filled page gets a copy first (copy-on-write).  It runs the same device loop,
+a chunk at a time: before each chunk every live row gets pages for the chunk's tokens,
+and the block tables ``[B, ceil(cache_len / page_size)]`` and copies ``[B, 2]`` go
+with the loop (static shapes); a row that stops inside a chunk returns its pages when
+the chunk ends.  ``chunk=1`` allocates token by token.  ``pages=PageLog()`` records
+what it did.
 """
 from __future__ import annotations
 
@@ -103,17 +106,7 @@ def sample(logits, key, temperature, top_p):
     return jax.lax.cond(temperature <= 0, greedy, stochastic)
 
 
-@jax.jit
-def _step(model: Model, logits, cache, key, temperature, top_p):
-    """Sample from ``logits``, then run that token through the model (one decode step)."""
-    nxt = sample(logits, key, temperature, top_p)
-    new_logits, cache = model(nxt[:, None], cache=cache, last_only=True)
-    return nxt, new_logits[:, 0], cache
-
-
-@functools.partial(jax.jit, static_argnames="chunk", donate_argnums=(1, 2))
-def _decode_loop(model: Model, logits, cache, key, step0, n, done, stops, temperature, top_p,
-                 *, chunk: int):
+def _loop(model: Model, logits, cache, key, step0, n, done, stops, temperature, top_p, chunk):
     """Up to ``n <= chunk`` decode steps in one ``while_loop``, ending once every row is
     done.  Returns ``(tokens [chunk, B], logits, cache, done, steps run)``; a token is
     ``-1`` where its row had stopped (or past the steps run)."""
@@ -133,6 +126,13 @@ def _decode_loop(model: Model, logits, cache, key, step0, n, done, stops, temper
     init = (jnp.int32(0), logits, cache, done, jnp.full((chunk, b), -1, jnp.int32))
     i, logits, cache, done, toks = jax.lax.while_loop(cond, body, init)
     return toks, logits, cache, done, i
+
+
+@functools.partial(jax.jit, static_argnames="chunk", donate_argnums=(1, 2))
+def _decode_loop(model: Model, logits, cache, key, step0, n, done, stops, temperature, top_p,
+                 *, chunk: int):
+    """:func:`_loop` jitted, the logits and cache donated."""
+    return _loop(model, logits, cache, key, step0, n, done, stops, temperature, top_p, chunk)
 
 
 def prefill(model: Model, prompts, *, cache_len: Optional[int] = None, lengths=None):
@@ -182,9 +182,7 @@ def decode_chunks(model: Model, logits, cache, steps: int, *, temperature: float
     ``cache`` are donated: use only what this returns afterwards."""
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
         raise ValueError(f"decode: steps must be a positive int, got {steps!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"decode: chunk must be a positive int (steps per device loop), got "
-                         f"{chunk!r}")
+    _check_chunk(chunk)
     stops = jnp.asarray(sorted({int(s) for s in stop_tokens}) or [-1], jnp.int32)
     key = jax.random.key(seed)
     temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
@@ -202,6 +200,12 @@ def decode_chunks(model: Model, logits, cache, steps: int, *, temperature: float
             yield np.asarray(toks[:ran])
         if ran < want:                                   # every row had stopped
             return
+
+
+def _check_chunk(chunk) -> None:
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"decode: chunk must be a positive int (steps per device loop), got "
+                         f"{chunk!r}")
 
 
 def decode(model: Model, logits, cache, steps: int, **kwargs) -> np.ndarray:
@@ -251,6 +255,7 @@ def stream(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int =
     filled with the allocator's pages, copies and waste.
     """
     lengths, cache_len = _check(model, prompts, max_new_tokens, temperature, top_p, cache_len)
+    _check_chunk(chunk)
     batch = len(prompts)
     tokens = np.zeros((batch, int(lengths.max())), np.int32)
     for i, p in enumerate(prompts):
@@ -259,7 +264,7 @@ def stream(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int =
         yield from _stream_paged(model, prompts, tokens, lengths, cache_len, max_new_tokens,
                                  temperature=temperature, top_p=top_p, stop_tokens=stop_tokens,
                                  seed=seed, progress=progress, share_prefix=share_prefix,
-                                 log=pages)
+                                 chunk=chunk, log=pages)
         return
     if pages is not None:
         raise ValueError("generate: pages=PageLog() records a paged KV cache, but this model's "
@@ -353,10 +358,11 @@ class PageLog:
 
     ``shared[i] = (j, n)``: row ``i`` started with the first ``n`` prompt tokens of
     row ``j``, stored once in ``j``'s pages (``(None, 0)``: nothing shared).
-    ``copies``: ``(step, row, src_page, dst_page)`` copy-on-write copies.
+    ``copies``: ``(step, row, src_page, dst_page)`` copy-on-write copies, done before
+    the chunk that starts at decode step ``step``.
     ``freed``: ``(step, row, pages returned to the free list)`` when a row stopped.
-    ``pages_in_use[k]``: pages allocated during decode step ``k`` (the null page
-    excluded).  ``prefill`` / ``peak`` / ``final``: the allocator's
+    ``pages_in_use[k]``: pages allocated during the ``k``-th device loop (decode step
+    ``k`` with ``chunk=1``; the null page excluded).  ``prefill`` / ``peak`` / ``final``: the allocator's
     :class:`memlab.kv.paged.PageStats` after the prompts were allocated, at the
     step with the most pages, and after the last step (before the engine frees
     everything), each against a dense ``[live rows, cache_len]`` preallocation.
@@ -426,16 +432,27 @@ def shared_prefixes(prompts: Sequence[Sequence[int]], page_size: int) -> list:
     return out
 
 
-@jax.jit
-def _paged_step(model: Model, logits, cache, tables, copies, key, temperature, top_p):
-    """Copy-on-write copies, this step's block tables, then sample + decode (as ``_step``)."""
+@functools.partial(jax.jit, static_argnames="chunk", donate_argnums=(1, 2))
+def _paged_loop(model: Model, logits, cache, tables, copies, key, step0, n, done, stops,
+                temperature, top_p, *, chunk: int):
+    """The chunk's copy-on-write copies and block tables, then :func:`_loop`."""
     from memlab.kv.paged import copy_pages, with_block_tables
     cache = with_block_tables(copy_pages(cache, copies), tables)
-    return _step(model, logits, cache, key, temperature, top_p)
+    return _loop(model, logits, cache, key, step0, n, done, stops, temperature, top_p, chunk)
+
+
+def _pages_needed(alloc, rows, n: int) -> int:
+    """Free pages that ``n`` more tokens for each of ``rows`` take (copies-on-write included)."""
+    need = 0
+    for i in rows:
+        length, pages = alloc.length(i), alloc.pages(i)
+        need += alloc.pages_for(length + n) - len(pages)
+        need += bool(length % alloc.page_size and alloc.refcount(pages[-1]) > 1)
+    return need
 
 
 def _stream_paged(model, prompts, tokens, lengths, cache_len, max_new_tokens, *, temperature,
-                  top_p, stop_tokens, seed, progress, share_prefix, log):
+                  top_p, stop_tokens, seed, progress, share_prefix, chunk, log):
     from memlab.kv.paged import with_block_tables
     policy = model.extra("kv_policy")
     batch = len(prompts)
@@ -488,47 +505,61 @@ def _stream_paged(model, prompts, tokens, lengths, cache_len, max_new_tokens, *,
     logits, cache = _prefill(model, jnp.asarray(tokens), jnp.asarray(lengths), cache)
 
     stop = set(int(s) for s in stop_tokens)
+    stops = jnp.asarray(sorted(stop) or [-1], jnp.int32)
     key = jax.random.key(seed)
     done = np.zeros(batch, bool)
-    steps = range(max_new_tokens)
+    chunk = int(min(chunk, max_new_tokens))
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="generate", unit="tok", leave=False)
+        bar = tqdm(total=max_new_tokens, desc="generate", unit="tok", leave=False)
     temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
     null = alloc.null_page
+    made = 0
     try:
-        for step in steps:
+        while made < max_new_tokens and not done.all():
+            # the chunk's pages are allocated before it runs: each live row gets room for
+            # `want` more tokens (at most one copy-on-write, of the page it writes first)
+            live = [i for i in rows if not done[i]]
+            want = min(chunk, max_new_tokens - made)
+            while want > 1 and _pages_needed(alloc, live, want) > alloc.num_free:
+                want -= 1          # a nearly full pool: shorter loops, down to one token
             copies = np.full((batch, 2), null, np.int32)   # (null, null): a no-op copy
             for i in rows:
                 if done[i]:
                     continue
                 try:
-                    cow = alloc.append_token(i)
+                    cow = alloc.append_tokens(i, want)
                 except ValueError as e:
-                    raise ValueError(f"generate: the page pool ran out at decode step {step} "
+                    raise ValueError(f"generate: the page pool ran out at decode step {made} "
                                      f"(row {i}, {alloc.length(i)} tokens): {e}") from None
                 for src, dst in cow:
                     copies[i] = (src, dst)
-                    log.copies.append((step, i, src, dst))
+                    log.copies.append((made, i, src, dst))
             tables = alloc.block_table([None if done[i] else i for i in rows], max_pages)
             log.pages_in_use.append(alloc.num_allocated)
             st = alloc.stats(max_len=cache_len)
             if st.allocated_pages > log.peak.allocated_pages:
                 log.peak = st
-            key, sub = jax.random.split(key)
-            nxt, logits, cache = _paged_step(model, logits, cache, jnp.asarray(tables),
-                                             jnp.asarray(copies), sub, temp, nucleus)
-            host = np.asarray(nxt)
-            row = [None if done[i] else int(host[i]) for i in rows]
+            toks, logits, cache, _, ran = _paged_loop(
+                model, logits, cache, jnp.asarray(tables), jnp.asarray(copies), key,
+                jnp.int32(made), jnp.int32(want), jnp.asarray(done), stops, temp, nucleus,
+                chunk=chunk)
+            toks = np.asarray(toks[:int(ran)])
             log.final = alloc.stats(max_len=cache_len)
-            for i, t in enumerate(row):
-                if t is not None and t in stop:
-                    done[i] = True
-                    log.freed.append((step, i, len(alloc.free(i))))
-            yield row
-            if done.all():
-                break
+            for k, host in enumerate(toks):
+                row = [None if done[i] else int(host[i]) for i in rows]
+                for i, t in enumerate(row):
+                    if t is not None and t in stop:
+                        done[i] = True
+                        log.freed.append((made + k, i, len(alloc.free(i))))
+                if bar is not None:
+                    bar.update(1)
+                yield row
+            made += len(toks)
     finally:
+        if bar is not None:
+            bar.close()
         for i in list(alloc.seq_ids):
             alloc.free(i)
         log.free_after = alloc.num_free

@@ -98,7 +98,7 @@ def test_pages_grow_on_demand_are_freed_at_stop_and_waste_is_exact(models):
     stop = free_run[1][stop_at]                   # row 1 stops at its third token
     first = {i: (r.index(stop) if stop in r else None) for i, r in enumerate(free_run)}
     log = PageLog()
-    got = _ids(paged, prompts, stop_tokens=[stop], pages=log)
+    got = _ids(paged, prompts, stop_tokens=[stop], pages=log, chunk=1)   # token by token
     assert got == _ids(dense, prompts, stop_tokens=[stop])
     lengths = [len(p) for p in prompts]
     full = len(sys_prompt) // PS
@@ -182,3 +182,31 @@ def test_fork_prefix_allocator():
     for s in ("s", "t", "u", "e"):
         a.free(s)
     assert a.num_free == a.capacity
+
+
+def test_chunked_loop_allocates_a_chunk_ahead_and_frees_at_the_chunk_end(models):
+    """chunk=4 over NEW=6 tokens: two device loops (4 then 2 steps).  Each live row gets the
+    pages for the loop's tokens before it runs; a row stopping inside a loop gives back all
+    of them (its unused tail included) when that loop ends; tokens equal the dense cache's."""
+    dense, paged = models
+    sys_prompt, prompts = _prompts(2)
+    free_run = _ids(dense, prompts)
+    stop = free_run[1][2]                          # row 1 stops inside the first loop
+    first = {i: (r.index(stop) if stop in r else None) for i, r in enumerate(free_run)}
+    log = PageLog()
+    got = _ids(paged, prompts, stop_tokens=[stop], pages=log, chunk=4)
+    assert got == _ids(dense, prompts, stop_tokens=[stop])
+    lengths = [len(p) for p in prompts]
+    full, group = len(sys_prompt) // PS, (0, 1, 3)
+    ends = [4, 6]                                  # tokens per row once each loop ran
+    assert len(log.pages_in_use) == len(ends)
+    for k, (start, end) in enumerate(zip([0] + ends, ends)):
+        live = [first[i] is None or first[i] >= start for i in range(4)]
+        assert log.pages_in_use[k] == _expected_pages(lengths, group, full, end - 1, live), k
+    for st, r, n in log.freed:
+        end = next(e for e in ends if st < e)      # the loop the stop happened in
+        live_after = [first[i] is None or first[i] > st for i in range(4)]
+        keeps = r in group and any(live_after[i] for i in group)
+        assert (st, n) == (first[r], math.ceil((lengths[r] + end) / PS) - (full if keeps else 0))
+    assert sorted(r for _, r, _ in log.freed) == sorted(i for i in range(4) if first[i] is not None)
+    assert log.free_after == log.capacity
