@@ -103,9 +103,9 @@ A_OTHER = 0.57  # bytes per trainable embedding / head param (measured: V 1000 -
 # module docstring (the loss as the residual of loss_bytes); refit Dec 2026
 SIGMA = {"none": 2.732, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.793,
          "dots_saveable": 1.793, "save": 1.954, "offload": 1.0}
-KAPPA = {"none": 0.751, "nothing_saveable": 0.896, "dots_with_no_batch_dims_saveable": 0.976,
+KAPPA = {"none": 0.751, "nothing_saveable": 0.893, "dots_with_no_batch_dims_saveable": 0.976,
          "dots_saveable": 0.976, "save": 0.925, "offload": 0.925}
-C0 = {"none": 4.25e6, "nothing_saveable": 4.28e6, "dots_with_no_batch_dims_saveable": 4.11e6,
+C0 = {"none": 4.25e6, "nothing_saveable": 1.43e6, "dots_with_no_batch_dims_saveable": 4.11e6,
       "dots_saveable": 4.11e6, "save": 4.11e6, "offload": 4.11e6}
 ATT_BLOCKS = 2  # float32 [B, H, q_chunk, kv_chunk] score blocks live at once (s and p or ds)
 Q_CHUNK, KV_CHUNK = 512, 1024  # memlab_kernels.chunked_attention defaults
