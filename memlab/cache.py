@@ -44,6 +44,8 @@ as static metadata.  ``init_cache(policy, spec, batch, max_len)`` builds one.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -54,6 +56,27 @@ import numpy as np
 from memlab import dispatch
 from memlab.memory.bytes import tree_bytes
 from memlab.nn.attention import DECODE_IMPLS, attention, decode_attention
+
+_IN_PLACE = contextvars.ContextVar("memlab_in_place_decode", default=True)
+
+
+def in_place_decode() -> bool:
+    """Whether decode steps traced now may write into the ``[L, ...]`` layer stack in place
+    (a policy's ``decode_stacked``); False inside :func:`sliced_decode`."""
+    return _IN_PLACE.get()
+
+
+@contextlib.contextmanager
+def sliced_decode():
+    """Trace the enclosed decode steps with each layer's cache sliced out and written back
+    (the policy's ``decode``) instead of written into the stack in place.  For layer
+    runners other than the model's own scan: :mod:`memlab.offload` streams layers in
+    blocks, and there XLA copies the whole stack for the in-place write."""
+    token = _IN_PLACE.set(False)
+    try:
+        yield
+    finally:
+        _IN_PLACE.reset(token)
 
 __all__ = ["Dims", "Dense", "KVPolicy", "MAX_POS", "PolicyCache", "StepCtx", "attend",
            "attend_decode", "attend_prompt", "cache_bytes", "decode_impl", "init_cache",

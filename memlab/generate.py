@@ -106,6 +106,15 @@ def sample(logits, key, temperature, top_p):
     return jax.lax.cond(temperature <= 0, greedy, stochastic)
 
 
+@jax.jit
+def _step(model: Model, logits, cache, key, temperature, top_p):
+    """Sample from ``logits``, then run that token through the model: one decode step
+    (what the device loop's body does), jitted alone for inspecting its compiled program."""
+    nxt = sample(logits, key, temperature, top_p)
+    new_logits, cache = model(nxt[:, None], cache=cache, last_only=True)
+    return nxt, new_logits[:, 0], cache
+
+
 def _loop(model: Model, logits, cache, key, step0, n, done, stops, temperature, top_p, chunk):
     """Up to ``n <= chunk`` decode steps in one ``while_loop``, ending once every row is
     done.  Returns ``(tokens [chunk, B], logits, cache, done, steps run)``; a token is

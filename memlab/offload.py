@@ -350,7 +350,9 @@ def stream_layers(layer_fn: Callable, host_layers, carry, n_layers: int, k: int,
     ``(hidden, kv, layer_index)``.  Without a KV cache (``carry[1] is None``: training,
     scoring) the stack has a streaming ``custom_vjp``; with one it is forward only."""
     if carry[1] is not None:
-        return _forward(layer_fn, host_layers, carry, n_layers, k, p)[0]
+        from memlab.cache import sliced_decode
+        with sliced_decode():
+            return _forward(layer_fn, host_layers, carry, n_layers, k, p)[0]
     leaves, treedef = jax.tree_util.tree_flatten(host_layers)
     is_float = tuple(_float_leaf(a) for a in leaves)
     fl = tuple(a for a, f in zip(leaves, is_float) if f)

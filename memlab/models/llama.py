@@ -54,7 +54,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from memlab.cache import Dense, PolicyCache, StepCtx, group_index, init_cache, layer_groups
+from memlab.cache import (Dense, PolicyCache, StepCtx, group_index, in_place_decode, init_cache,
+                          layer_groups)
 from memlab.nn.attention import attention as nn_attention
 
 
@@ -410,7 +411,7 @@ def _policy_step(cache, layer, q, k, v, positions, lengths, n_new, k_pre, theta,
     if getattr(policy, "cross_layer", False):
         out, state = step(cache.state, q, k, v, ctx)
         return out, cache._replace(state=state)
-    in_place = getattr(policy, "decode_stacked", None)
+    in_place = getattr(policy, "decode_stacked", None) if in_place_decode() else None
     if q.shape[1] == 1 and in_place is not None and not ctx.ring and ctx.window is None \
             and ctx.softcap is None:
         out, state = in_place(state, index, q, k, v, ctx)   # the token written into the stack
