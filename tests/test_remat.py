@@ -73,17 +73,20 @@ def train_temps():
     return temps
 
 
-def test_nothing_saveable_cuts_train_temp_3x(train_temps):
-    # measured 122.9 MiB -> 23.3 MiB (5.3x)
-    assert train_temps[None] >= 3 * train_temps["nothing_saveable"], train_temps
+def test_nothing_saveable_cuts_train_temp_2x(train_temps):
+    # measured 37.1 MiB -> 15.8 MiB (2.35x); the no-remat step saves gate and up only
+    # (the gated unit's custom VJP) and no attention scores (blocked attention's VJP)
+    assert train_temps[None] >= 2 * train_temps["nothing_saveable"], train_temps
 
 
 def test_policies_save_in_order(train_temps):
-    # measured 23.3 <= 36.9 <= 50.3 <= 122.9 MiB
+    # measured 15.8 <= 28.5 <= 37.1 MiB, and dots_saveable 41.5 MiB
     t = train_temps
-    assert t["nothing_saveable"] <= t["dots_with_no_batch_dims_saveable"] \
-        <= t["dots_saveable"] <= t[None], t
-    assert t["dots_saveable"] < t[None], t
+    assert t["nothing_saveable"] <= t["dots_with_no_batch_dims_saveable"] < t[None], t
+    # dots_saveable also keeps the batched dots, the [B, H, T, T] attention scores, which
+    # the step without remat never stores (its attention recomputes them from the lse)
+    assert t["dots_with_no_batch_dims_saveable"] < t["dots_saveable"], t
+    assert t["dots_saveable"] > t[None], t
 
 
 # -- offload to host ---------------------------------------------------------------

@@ -101,7 +101,7 @@ OPT_BYTES_PER_PARAM = UpdateBytes("cpu")
 A_OTHER = 0.57  # bytes per trainable embedding / head param (measured: V 1000 -> 8000)
 # sigma, kappa, c0: fit(points, hold_a={"adamw": 6.35}) over the 24 d=256 compiles of the
 # module docstring (the loss as the residual of loss_bytes); refit Dec 2026
-SIGMA = {"none": 2.732, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.793,
+SIGMA = {"none": 2.217, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.793,
          "dots_saveable": 1.793, "save": 1.954, "offload": 1.0}
 KAPPA = {"none": 0.751, "nothing_saveable": 0.893, "dots_with_no_batch_dims_saveable": 0.976,
          "dots_saveable": 0.976, "save": 0.925, "offload": 0.925}
@@ -194,8 +194,8 @@ def saved_elements(policy: Optional[str], cfg) -> tuple:
         return float(d + q + 2 * kv + d + 2 * f + d + q), 0.0
     if fam == "offload_dots_with_no_batch_dims":
         return float(d), float(q + 2 * kv + d + 2 * f + d)
-    if fam == "none":  # everything the layer computes: norms, projections, SwiGLU pieces
-        return float(6 * d + q + 2 * kv + 4 * f), 0.0
+    if fam == "none":  # everything the layer computes: norms, projections, gate, up, hidden
+        return float(6 * d + q + 2 * kv + 3 * f), 0.0
     named = _named(policy, cfg)
     return float(d + named.get("save", 0.0)), named.get("offload", 0.0)
 
