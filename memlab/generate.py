@@ -371,10 +371,11 @@ class PageLog:
     the chunk that starts at decode step ``step``.
     ``freed``: ``(step, row, pages returned to the free list)`` when a row stopped.
     ``pages_in_use[k]``: pages allocated during the ``k``-th device loop (decode step
-    ``k`` with ``chunk=1``; the null page excluded).  ``prefill`` / ``peak`` / ``final``: the allocator's
-    :class:`memlab.kv.paged.PageStats` after the prompts were allocated, at the
-    step with the most pages, and after the last step (before the engine frees
-    everything), each against a dense ``[live rows, cache_len]`` preallocation.
+    ``k`` with ``chunk=1``; the null page excluded).  ``prefill`` / ``peak`` /
+    ``final``: the allocator's :class:`memlab.kv.paged.PageStats` after the prompts
+    were allocated, at the loop with the most pages, and after the last loop (before
+    the engine frees everything), each against a dense ``[live rows, cache_len]``
+    preallocation.
     ``free_after``: free pages once generation ended (== ``capacity``: all freed).
     ``tables``: the block tables ``[B, max_pages]`` after the prompts were allocated.
     """

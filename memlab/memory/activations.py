@@ -100,7 +100,8 @@ class UpdateBytes(Mapping):
 OPT_BYTES_PER_PARAM = UpdateBytes("cpu")
 A_OTHER = 0.57  # bytes per trainable embedding / head param (measured: V 1000 -> 8000)
 # sigma, kappa, c0: fit(points, hold_a={"adamw": 6.35}) over the 24 d=256 compiles of the
-# module docstring (the loss as the residual of loss_bytes); refit Dec 2026
+# module docstring (the loss as the residual of loss_bytes); none, dots and save refit for
+# the flattened projections and the gated unit's VJP, nothing_saveable kept from the earlier fit
 SIGMA = {"none": 2.217, "nothing_saveable": 1.0, "dots_with_no_batch_dims_saveable": 1.793,
          "dots_saveable": 1.793, "save": 1.954, "offload": 1.0}
 KAPPA = {"none": 0.751, "nothing_saveable": 0.893, "dots_with_no_batch_dims_saveable": 0.976,

@@ -183,7 +183,9 @@ class LlamaConfig:
 
 
 ROPE_TYPES = ("linear", "dynamic", "llama3")
-MLP_ACTS = ("silu", "gelu_tanh")
+# the gated MLP activations by name (memlab.models.llama.gated)
+_GATE_ACTS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
+MLP_ACTS = tuple(_GATE_ACTS)
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -427,9 +429,6 @@ def _step_slice(step, stacked, index, q, k, v, ctx):
     out, st = step(st, q, k, v, ctx)
     return out, jax.tree.map(lambda full, new: jax.lax.dynamic_update_index_in_dim(
         full, new.astype(full.dtype), index, 0), stacked, st)
-
-
-_GATE_ACTS = {"silu": jax.nn.silu, "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
